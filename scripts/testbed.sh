@@ -1,0 +1,130 @@
+#!/usr/bin/env bash
+# petal's local test bed: a Python environment and a real MinIO server, built into a cache
+# outside the repo and keyed by version (scripts/versions.env), so a warm machine reuses them.
+#
+#   scripts/testbed.sh install [python|minio|all]   build/install what is missing (idempotent)
+#   scripts/testbed.sh minio up|down|status         a MinIO on a free loopback port, data in the state dir
+#   eval "$(scripts/testbed.sh env)"                endpoint, credentials and PATH for this shell
+#
+# PETAL_CACHE (default ~/.cache/petal) holds builds; PETAL_STATE (default $PETAL_CACHE/state) holds
+# running services' data, PIDs, logs and generated credentials. PETAL_MINIO_PORT pins the port.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# shellcheck source=versions.env
+source "$ROOT/scripts/versions.env"
+CACHE=${PETAL_CACHE:-$HOME/.cache/petal}
+STATE=${PETAL_STATE:-$CACHE/state}
+PYTHON=${PYTHON:-python3}
+EXTRAS="train,dataset,submit,augment,dev"
+
+say() { printf 'testbed: %s\n' "$*" >&2; }
+die() { say "error: $*"; exit 1; }
+
+python_key() { { "$PYTHON" -c 'import sys; print(sys.version)'; echo "$EXTRAS"; cat "$ROOT/pyproject.toml"; } | sha256sum | cut -c1-12; }
+venv_dir() { echo "$CACHE/venv-$(python_key)"; }
+minio_bin() { echo "$CACHE/minio-$MINIO_VERSION/bin/minio"; }
+
+install_python() {
+  local venv; venv=$(venv_dir)
+  if [ -f "$venv/.complete" ]; then
+    say "python env $venv is already installed"
+  else
+    say "installing python env into $venv (torch is large: minutes on a cold cache)"
+    rm -rf "$venv"
+    "$PYTHON" -m venv "$venv"
+    "$venv/bin/pip" install --quiet --upgrade pip
+    "$venv/bin/pip" install --quiet -e "$ROOT[$EXTRAS]"
+    touch "$venv/.complete"
+  fi
+  # The editable install points at one checkout; re-point it when this is another (a CI clone).
+  if [ "$("$venv/bin/python" -c 'import training, os; print(os.path.dirname(os.path.dirname(training.__file__)))')" != "$ROOT" ]; then
+    "$venv/bin/pip" install --quiet --no-deps -e "$ROOT"
+  fi
+}
+
+install_minio() {
+  if [ -x "$(minio_bin)" ]; then say "minio $MINIO_VERSION is already built"; return; fi
+  say "building minio $MINIO_VERSION with go install (a few minutes on a cold cache)"
+  GOBIN="$(dirname "$(minio_bin)")" go install "$MINIO_MODULE@$MINIO_VERSION"
+}
+
+free_port() { "$PYTHON" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+pid_alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+
+minio_up() {
+  local dir="$STATE/minio"
+  mkdir -p "$dir/data"
+  [ -x "$(minio_bin)" ] || die "minio is not built: run scripts/testbed.sh install minio"
+  if pid_alive "$dir/pid"; then say "minio already running (pid $(cat "$dir/pid"), port $(cat "$dir/port"))"; return; fi
+  if [ ! -f "$dir/credentials" ]; then
+    (umask 077; printf '%s\n%s\n' "petal-$(head -c4 /dev/urandom | od -An -tx1 | tr -d ' \n')" \
+      "$(head -c24 /dev/urandom | od -An -tx1 | tr -d ' \n')" > "$dir/credentials")
+  fi
+  local port=${PETAL_MINIO_PORT:-$(cat "$dir/port" 2>/dev/null || free_port)}
+  echo "$port" > "$dir/port"
+  MINIO_ROOT_USER=$(sed -n 1p "$dir/credentials") MINIO_ROOT_PASSWORD=$(sed -n 2p "$dir/credentials") \
+    MINIO_BROWSER=off nohup "$(minio_bin)" server --quiet --address "127.0.0.1:$port" "$dir/data" \
+    > "$dir/log" 2>&1 < /dev/null &
+  echo $! > "$dir/pid"
+  local deadline=$((SECONDS + 60))
+  until curl -fsS "http://127.0.0.1:$port/minio/health/ready" >/dev/null 2>&1; do
+    if ! pid_alive "$dir/pid"; then tail -n 20 "$dir/log" >&2; die "minio exited during start-up (log: $dir/log)"; fi
+    if [ $SECONDS -ge $deadline ]; then tail -n 20 "$dir/log" >&2; die "minio not ready after 60s (log: $dir/log)"; fi
+    sleep 0.2
+  done
+  say "minio ready on http://127.0.0.1:$port (pid $(cat "$dir/pid"), data $dir/data)"
+}
+
+minio_down() {
+  local dir="$STATE/minio"
+  if pid_alive "$dir/pid"; then
+    local pid; pid=$(cat "$dir/pid")
+    kill "$pid"
+    while kill -0 "$pid" 2>/dev/null; do sleep 0.1; done
+    say "minio stopped (pid $pid)"
+  else
+    say "minio is not running"
+  fi
+  rm -f "$dir/pid"
+}
+
+print_env() {
+  local dir="$STATE/minio" venv; venv=$(venv_dir)
+  echo "export PATH=\"$venv/bin:$(dirname "$(minio_bin)"):\$PATH\""
+  if [ -f "$dir/port" ] && [ -f "$dir/credentials" ]; then
+    echo "export S3_ENDPOINT_URL=http://127.0.0.1:$(cat "$dir/port")"
+    echo "export AWS_ACCESS_KEY_ID=$(sed -n 1p "$dir/credentials")"
+    echo "export AWS_SECRET_ACCESS_KEY=$(sed -n 2p "$dir/credentials")"
+  fi
+}
+
+status() {
+  local dir="$STATE/minio"
+  if pid_alive "$dir/pid"; then
+    echo "minio: running, pid $(cat "$dir/pid"), http://127.0.0.1:$(cat "$dir/port"), log $dir/log"
+  else
+    echo "minio: stopped"
+  fi
+  echo "python env: $(venv_dir) $([ -f "$(venv_dir)/.complete" ] && echo installed || echo missing)"
+}
+
+case "${1:-}" in
+  install)
+    case "${2:-all}" in
+      python) install_python ;;
+      minio) install_minio ;;
+      all) install_python; install_minio ;;
+      *) die "unknown install target '${2}'; choose python, minio or all" ;;
+    esac ;;
+  minio)
+    case "${2:-}" in
+      up) minio_up ;;
+      down) minio_down ;;
+      status) status ;;
+      *) die "usage: scripts/testbed.sh minio up|down|status" ;;
+    esac ;;
+  env) print_env ;;
+  status) status ;;
+  *) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; [ -z "${1:-}" ] || die "unknown command '$1'"; exit 2 ;;
+esac

@@ -1,0 +1,1 @@
+"""petal's trainer: `python -m training --help`. Importing the package pulls in no torch."""

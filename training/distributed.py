@@ -1,0 +1,90 @@
+"""Everything distributed, in one place: who am I, which device, the process group, collectives.
+
+`World.from_env` is the only code in petal that reads the rendezvous environment — what
+torchrun and the Kubeflow PyTorchJob operator set:
+
+    RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT
+
+Without them (plain `python -m training`) the run is a world of one, still with a process group
+(an in-memory store), so the training code has a single path. NCCL with one GPU per local rank
+when CUDA is available, gloo on CPU.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def from_env(cls) -> World:
+        env = os.environ
+        rank = int(env.get("RANK", "0"))
+        world_size = int(env.get("WORLD_SIZE", "1"))
+        local_rank = int(env.get("LOCAL_RANK", "0"))
+        if not 0 <= rank < world_size:
+            raise ValueError(f"RANK={rank} is outside WORLD_SIZE={world_size}")
+        if world_size > 1 and not env.get("MASTER_ADDR"):
+            raise ValueError(f"WORLD_SIZE={world_size} but MASTER_ADDR is unset; start with torchrun or a PyTorchJob")
+        if torch.cuda.is_available():
+            device = torch.device("cuda", local_rank % torch.cuda.device_count())
+        else:
+            device = torch.device("cpu")
+        return cls(rank, world_size, local_rank, device)
+
+
+@contextmanager
+def process_group(world: World, timeout: timedelta = timedelta(minutes=30)) -> Iterator[World]:
+    """Joins the process group for the duration of the block and always leaves it."""
+    backend = "nccl" if world.device.type == "cuda" else "gloo"
+    if world.device.type == "cuda":
+        torch.cuda.set_device(world.device)
+    if world.world_size == 1:
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+    else:
+        dist.init_process_group(
+            backend,
+            init_method="env://",
+            rank=world.rank,
+            world_size=world.world_size,
+            timeout=timeout,
+            device_id=world.device if world.device.type == "cuda" else None,
+        )
+    try:
+        yield world
+    finally:
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The element-wise sum over ranks (moved through `device`, as NCCL needs)."""
+    reduced = tensor.to(device, dtype=torch.float64)
+    dist.all_reduce(reduced, op=dist.ReduceOp.SUM)
+    return reduced.cpu()
+
+
+def broadcast_object(obj: object, src: int = 0) -> object:
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=src)
+    return holder[0]
+
+
+def barrier() -> None:
+    dist.barrier()

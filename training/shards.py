@@ -1,0 +1,148 @@
+"""petal's dataset format: tar shards plus one `index.json`, under one s3:// prefix. No torch here.
+
+    s3://BUCKET/PREFIX/index.json
+    s3://BUCKET/PREFIX/shards/<split>-<nnnnn>-<sha256[:12]>.tar
+
+Each shard holds, per sample, `<key>.<ext>` (the image bytes as they came: jpg, png, ...) and
+`<key>.json` (`{"label": <class index>, "source": <where it came from>}`), WebDataset-style.
+Shard names carry their content hash, so a new version of a dataset never overwrites a shard an
+older index still names, and the index — written last — switches versions in one atomic put.
+
+index.json:
+
+    {"format": "petal-shards/1",
+     "classes": [{"id": "1", "name": "pink primrose"}, ...],     # label i is classes[i]
+     "splits": {"train": {"samples": 1020,
+                          "shards": [{"name": "shards/train-00000-0123456789ab.tar",
+                                      "samples": 64, "bytes": 2621440, "sha256": "..."}, ...]},
+                "valid": {...}}}
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import tarfile
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from training.storage import S3Url, Storage, StorageError, sha256_file
+
+FORMAT = "petal-shards/1"
+INDEX_NAME = "index.json"
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One image on its way into a shard."""
+
+    key: str
+    image: bytes
+    ext: str
+    label: int
+    source: str
+
+
+@dataclass(frozen=True)
+class SampleRef:
+    """Where one sample's image lies inside a local shard file."""
+
+    key: str
+    label: int
+    shard: Path
+    offset: int
+    size: int
+
+
+def read_index(storage: Storage, dataset: S3Url) -> dict:
+    url = dataset.join(INDEX_NAME)
+    if not storage.exists(url):
+        raise StorageError(f"no dataset at {dataset}: {url} does not exist (upload one with scripts/upload_dataset.py)")
+    index = json.loads(storage.read_bytes(url))
+    if index.get("format") != FORMAT:
+        raise StorageError(f"{url} has format {index.get('format')!r}; this petal reads {FORMAT!r}")
+    return index
+
+
+def write_index(storage: Storage, dataset: S3Url, index: dict) -> None:
+    payload = json.dumps(index, indent=1, sort_keys=True).encode()
+    storage.write_bytes(dataset.join(INDEX_NAME), payload, content_type="application/json")
+
+
+def split_names(index: dict, wanted: Iterable[str]) -> list[str]:
+    names = list(wanted)
+    missing = [n for n in names if n not in index["splits"]]
+    if missing:
+        raise StorageError(f"split(s) {', '.join(missing)} not in the dataset; it has {', '.join(index['splits'])}")
+    return names
+
+
+def shard_count(total_bytes: int, samples: int, min_shards: int, max_shard_bytes: int) -> int:
+    """Enough shards for many ranks x DataLoader workers, none larger than `max_shard_bytes`."""
+    return max(1, min(samples, max(min_shards, math.ceil(total_bytes / max_shard_bytes))))
+
+
+def _tar_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    # Fixed metadata makes a shard's bytes, and so its name, a function of its samples alone.
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mode = 0o644
+    info.mtime = 0
+    tar.addfile(info, io.BytesIO(data))
+
+
+def build_shard(samples: Sequence[Sample]) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for s in samples:
+            _tar_member(tar, f"{s.key}.{s.ext}", s.image)
+            _tar_member(tar, f"{s.key}.json", json.dumps({"label": s.label, "source": s.source}).encode())
+    return buffer.getvalue()
+
+
+def shard_entry(split: str, number: int, data: bytes, samples: int) -> dict:
+    digest = hashlib.sha256(data).hexdigest()
+    return {
+        "name": f"shards/{split}-{number:05d}-{digest[:12]}.tar",
+        "samples": samples,
+        "bytes": len(data),
+        "sha256": digest,
+    }
+
+
+def fetch_shard(storage: Storage, dataset: S3Url, shard: dict, cache_dir: Path) -> Path:
+    """The shard as a verified local file, downloaded only when the cache lacks a good copy."""
+    path = cache_dir / dataset.bucket / dataset.key / shard["name"]
+    if path.exists() and path.stat().st_size == shard["bytes"] and sha256_file(path) == shard["sha256"]:
+        return path
+    storage.download(dataset.join(shard["name"]), path)
+    actual = sha256_file(path)
+    if actual != shard["sha256"]:
+        path.unlink()
+        raise StorageError(
+            f"{dataset.join(shard['name'])} has sha256 {actual[:12]}…, the index says {shard['sha256'][:12]}…"
+        )
+    return path
+
+
+def read_shard_table(path: Path) -> list[SampleRef]:
+    """The samples of a local shard, in stored order, with the byte range of each image."""
+    images: dict[str, tarfile.TarInfo] = {}
+    labels: dict[str, int] = {}
+    with tarfile.open(path, mode="r:") as tar:
+        for member in tar:
+            key, _, ext = member.name.rpartition(".")
+            if ext == "json":
+                labels[key] = json.loads(tar.extractfile(member).read())["label"]
+            else:
+                images[key] = member
+    return [SampleRef(key, labels[key], path, m.offset_data, m.size) for key, m in images.items()]
+
+
+def read_image_bytes(ref: SampleRef) -> bytes:
+    with open(ref.shard, "rb") as f:
+        f.seek(ref.offset)
+        return f.read(ref.size)

@@ -1,0 +1,301 @@
+"""Transfer-learns a torchvision ResNet on a petal dataset in object storage, under DDP.
+
+One process per rank; rank 0 alone writes to --output. Runnable as it is:
+
+    python -m training --data s3://datasets/flowers102 --output s3://runs/flowers-1
+    torchrun --nproc-per-node 2 -m training --arch resnet18 --freeze none --pretrained none \\
+        --image-size 64 --epochs 4 --data s3://datasets/synthetic --output s3://runs/synthetic-1
+
+If --output already holds a checkpoint, the run resumes from it (same command, same result).
+stdout carries one JSON record per epoch and, last, {"event": "done", ...}; progress goes to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.distributed.algorithms.join import Join
+from torch.nn.parallel import DistributedDataParallel
+
+from training import checkpoint, plots
+from training.data import SplitStream, eval_transform, hash_seed, train_transform
+from training.distributed import World, all_reduce_sum, process_group
+from training.model import (
+    ARCHS,
+    FREEZE_CHOICES,
+    PretrainedWeightsError,
+    build_model,
+    freeze,
+    imagenet_state_dict,
+    set_train_mode,
+)
+from training.shards import read_index, split_names
+from training.storage import S3Url, Storage, StorageError, parse_url
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad value gets one line (the usage block is what --help is for)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _bounded(kind, low, name):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {name}") from None
+        if not (value >= low and math.isfinite(value)):
+            raise argparse.ArgumentTypeError(f"{text!r} must be >= {low}")
+        return value
+
+    return parse
+
+
+def _s3_url(text: str) -> str:
+    try:
+        parse_url(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text.rstrip("/")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = OneLineParser(
+        prog="python -m training",
+        description="Transfer-learn a ResNet on a petal dataset in object storage (DDP; resumes from --output).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--data", type=_s3_url, default="s3://datasets/flowers102", help="dataset prefix (index.json)")
+    p.add_argument("--output", type=_s3_url, default="s3://runs/flowers102", help="run directory; resumed if it holds a checkpoint")
+    p.add_argument("--train-splits", default="train", help="comma-separated splits to train on, e.g. train,augment")
+    p.add_argument("--val-split", default="valid", help="split to validate on")
+    p.add_argument("--arch", choices=ARCHS, default="resnet152", help="torchvision ResNet")
+    p.add_argument("--freeze", choices=FREEZE_CHOICES, default="fc",
+                   help="fc: train only the new head; layer4: also the last stage; none: everything")
+    p.add_argument("--pretrained", default="imagenet", help="backbone weights: imagenet, none, or s3://… state_dict")
+    p.add_argument("--epochs", type=_bounded(int, 1, "whole number"), default=12)
+    p.add_argument("--batch-size", type=_bounded(int, 1, "whole number"), default=32, help="per rank")
+    p.add_argument("--lr", type=_bounded(float, 1e-12, "number"), default=0.001)
+    p.add_argument("--optimizer", choices=("adam", "sgd"), default="adam", help="sgd uses momentum 0.9")
+    p.add_argument("--weight-decay", type=_bounded(float, 0, "number"), default=0.0)
+    p.add_argument("--lr-schedule", choices=("constant", "cosine"), default="cosine", help="per-epoch schedule")
+    p.add_argument("--image-size", type=_bounded(int, 16, "whole number"), default=224, help="crop side in pixels")
+    p.add_argument("--workers", type=_bounded(int, 0, "whole number"), default=4, help="DataLoader workers per rank")
+    p.add_argument("--seed", type=_bounded(int, 0, "whole number"), default=0, help="data order and augmentation")
+    p.add_argument("--keep-checkpoints", type=_bounded(int, 1, "whole number"), default=3,
+                   help="per-epoch checkpoints kept (best.pt is kept apart)")
+    p.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default="auto",
+                   help="mixed precision on CUDA (auto: bf16 where supported, else fp16); ignored on CPU")
+    p.add_argument("--cache-dir", type=Path, default=Path(os.environ.get("PETAL_CACHE_DIR", "/tmp/petal-cache")),
+                   help="pod-local shard cache (env PETAL_CACHE_DIR)")
+    p.add_argument("--log-every", type=_bounded(int, 1, "whole number"), default=20, help="progress line every N steps")
+    args = p.parse_args(argv)
+    if args.pretrained not in ("imagenet", "none"):
+        try:
+            parse_url(args.pretrained)
+        except ValueError:
+            p.error(f"argument --pretrained: {args.pretrained!r} is not imagenet, none or s3://BUCKET/KEY")
+    return args
+
+
+def log(message: str) -> None:
+    print(f"petal: {message}", file=sys.stderr, flush=True)
+
+
+def autocast_for(device: torch.device, amp: str):
+    """The autocast context and whether fp16 needs a GradScaler."""
+    if device.type != "cuda" or amp == "off":
+        return nullcontext, False
+    dtype = torch.float16 if amp == "fp16" or (amp == "auto" and not torch.cuda.is_bf16_supported()) else torch.bfloat16
+    return (lambda: torch.autocast("cuda", dtype=dtype)), dtype == torch.float16
+
+
+def train_one_epoch(model, loader, optimizer, scaler, autocast, device, epoch, epochs, log_every, is_main) -> dict:
+    set_train_mode(model.module)
+    sums = torch.zeros(3)  # loss * n, correct, n
+    steps = len(loader)
+    # Join lets a rank with one batch fewer finish without leaving the others in an all-reduce.
+    with Join([model]):
+        for step, (images, labels, _) in enumerate(loader, 1):
+            images = images.to(device, non_blocking=True, memory_format=memory_format(device))
+            labels = labels.to(device, non_blocking=True)
+            with autocast():
+                logits = model(images)
+                loss = F.cross_entropy(logits, labels)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            n = labels.numel()
+            sums += torch.tensor([loss.item() * n, (logits.argmax(1) == labels).sum().item(), n])
+            if is_main and (step % log_every == 0 or step == steps):
+                log(f"epoch {epoch}/{epochs} step {step}/{steps} loss {loss.item():.4f}")
+    total = all_reduce_sum(sums, device)
+    return {"train_loss": total[0].item() / total[2].item(), "train_acc": total[1].item() / total[2].item(),
+            "train_samples": int(total[2].item())}
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, num_classes: int, autocast, device) -> dict:
+    model.eval()
+    sums = torch.zeros(4)  # loss * n, top-1 correct, top-5 correct, n
+    per_class = torch.zeros(2, num_classes)  # correct, seen
+    for images, labels, _ in loader:
+        images = images.to(device, non_blocking=True, memory_format=memory_format(device))
+        labels = labels.to(device, non_blocking=True)
+        with autocast():
+            logits = model(images).float()
+        top = logits.topk(min(5, num_classes), dim=1).indices
+        hit1 = top[:, 0] == labels
+        hit5 = (top == labels[:, None]).any(dim=1)
+        n = labels.numel()
+        sums += torch.tensor([F.cross_entropy(logits, labels, reduction="sum").item(), hit1.sum().item(),
+                              hit5.sum().item(), n])
+        per_class[0] += torch.bincount(labels[hit1].cpu(), minlength=num_classes)
+        per_class[1] += torch.bincount(labels.cpu(), minlength=num_classes)
+    sums, per_class = all_reduce_sum(sums, device), all_reduce_sum(per_class, device)
+    n = sums[3].item()
+    return {
+        "val_loss": sums[0].item() / n,
+        "val_acc": sums[1].item() / n,
+        "val_top5": sums[2].item() / n,
+        "val_samples": int(n),
+        "val_per_class_acc": (per_class[0] / per_class[1].clamp(min=1)).tolist(),
+    }
+
+
+def memory_format(device: torch.device) -> torch.memory_format:
+    return torch.channels_last if device.type == "cuda" else torch.contiguous_format
+
+
+def make_optimizer(args, params):
+    if args.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
+    return torch.optim.Adam(params, lr=args.lr, weight_decay=args.weight_decay)
+
+
+def make_scheduler(args, optimizer):
+    if args.lr_schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs)
+    return torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
+
+
+def check_resumable(state: dict, args, class_names: list[str], output: S3Url) -> None:
+    """A run directory can only be resumed by the run that made it."""
+    if state["classes"] != class_names:
+        raise StorageError(
+            f"{args.data} has {len(class_names)} classes but the checkpoint in {output} was trained on "
+            f"{len(state['classes'])} (different classes); use a new --output"
+        )
+    for key in ("arch", "freeze"):
+        if state["config"][key] != getattr(args, key):
+            raise StorageError(
+                f"--{key} {getattr(args, key)} differs from the checkpoint in {output} "
+                f"({state['config'][key]}); use a new --output"
+            )
+
+
+def write_results(storage: Storage, output: S3Url, history: list[dict], class_names: list[str]) -> dict:
+    best = max(history, key=lambda r: r["val_acc"])
+    storage.write_bytes(output.join("curves.png"), plots.curves_png(history), "image/png")
+    storage.write_bytes(output.join("per_class.png"),
+                        plots.per_class_png(class_names, best["val_per_class_acc"], best["epoch"]), "image/png")
+    return best
+
+
+def run(args: argparse.Namespace) -> None:
+    world = World.from_env()
+    storage = Storage.from_env()
+    data, output = parse_url(args.data), parse_url(args.output)
+    index = read_index(storage, data)
+    train_splits = split_names(index, args.train_splits.split(","))
+    (val_split,) = split_names(index, [args.val_split])
+    class_names = [c["name"] for c in index["classes"]]
+    storage.require_bucket(output)
+    resumed = checkpoint.load_latest(storage, output)
+    if resumed is not None:
+        check_resumable(resumed, args, class_names, output)
+    # Backbone weights are only needed for a fresh run; a resumed one has them in its checkpoint.
+    backbone = None if resumed else imagenet_state_dict(args.arch, args.pretrained, storage)
+
+    with process_group(world):
+        device = world.device
+        torch.manual_seed(args.seed)
+        model = build_model(args.arch, len(class_names), backbone).to(device, memory_format=memory_format(device))
+        trainable = freeze(model, args.freeze)
+        optimizer = make_optimizer(args, trainable)
+        scheduler = make_scheduler(args, optimizer)
+        start_epoch, best_acc, history = 0, -1.0, []
+        if resumed is not None:
+            model.load_state_dict(resumed["model"])
+            optimizer.load_state_dict(resumed["optimizer"])
+            scheduler.load_state_dict(resumed["scheduler"])
+            torch.set_rng_state(resumed["rng_state"])
+            start_epoch, best_acc, history = resumed["epoch"], resumed["best_val_acc"], resumed["history"]
+            if world.is_main:
+                log(f"resuming {output} after epoch {start_epoch} (best val_acc {best_acc:.4f})")
+        # Frozen BatchNorm statistics are identical everywhere, so only broadcast buffers that train.
+        ddp = DistributedDataParallel(
+            model,
+            device_ids=[device] if device.type == "cuda" else None,
+            broadcast_buffers=args.freeze != "fc",
+        )
+        autocast, needs_scaler = autocast_for(device, args.amp)
+        scaler = torch.amp.GradScaler(device.type, enabled=needs_scaler)
+        train_data = SplitStream(storage, data, index, train_splits, args.cache_dir)
+        val_data = SplitStream(storage, data, index, [val_split], args.cache_dir)
+        common = dict(rank=world.rank, world_size=world.world_size, batch_size=args.batch_size,
+                      workers=args.workers, pin_memory=device.type == "cuda", seed=args.seed)
+
+        for epoch in range(start_epoch + 1, args.epochs + 1):
+            started = time.monotonic()
+            torch.manual_seed(hash_seed(args.seed, epoch, world.rank))
+            train_loader = train_data.loader(train_transform(args.image_size), epoch=epoch, shuffle=True, **common)
+            stats = train_one_epoch(ddp, train_loader, optimizer, scaler, autocast, device, epoch, args.epochs,
+                                    args.log_every, world.is_main)
+            val_loader = val_data.loader(eval_transform(args.image_size), epoch=epoch, shuffle=False, **common)
+            stats |= evaluate(model, val_loader, len(class_names), autocast, device)
+            record = {"event": "epoch", "epoch": epoch, "lr": scheduler.get_last_lr()[0], **stats,
+                      "seconds": round(time.monotonic() - started, 3)}
+            scheduler.step()
+            history.append(record)
+            is_best = record["val_acc"] > best_acc
+            best_acc = max(best_acc, record["val_acc"])
+            if world.is_main:
+                state = {
+                    "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "epoch": epoch, "rng_state": torch.get_rng_state(),
+                    "best_val_acc": best_acc, "config": vars(args) | {"cache_dir": str(args.cache_dir)},
+                    "classes": class_names, "history": history,
+                }
+                checkpoint.save(storage, output, state, epoch, is_best, args.keep_checkpoints)
+                metrics = "".join(json.dumps(r) + "\n" for r in history)
+                storage.write_bytes(output.join("metrics.jsonl"), metrics.encode(), "application/x-ndjson")
+                print(json.dumps({k: v for k, v in record.items() if k != "val_per_class_acc"}), flush=True)
+
+        if world.is_main:
+            best = write_results(storage, output, history, class_names)
+            print(json.dumps({"event": "done", "best_val_acc": best["val_acc"], "best_epoch": best["epoch"],
+                              "epochs": args.epochs, "checkpoint": str(output.join(checkpoint.BEST))}), flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        run(args)
+    except (StorageError, PretrainedWeightsError, ValueError) as err:
+        print(f"petal: error: {err}", file=sys.stderr, flush=True)
+        return 1
+    return 0
