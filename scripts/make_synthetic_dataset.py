@@ -20,8 +20,16 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFilter
 
-COLOURS = {"red": (220, 40, 40), "blue": (40, 80, 230), "yellow": (235, 210, 30), "green": (40, 170, 60),
-           "purple": (150, 50, 190), "orange": (245, 130, 20), "white": (245, 245, 245), "black": (20, 20, 20)}
+COLOURS = {
+    "red": (220, 40, 40),
+    "blue": (40, 80, 230),
+    "yellow": (235, 210, 30),
+    "green": (40, 170, 60),
+    "purple": (150, 50, 190),
+    "orange": (245, 130, 20),
+    "white": (245, 245, 245),
+    "black": (20, 20, 20),
+}
 SHAPES = ("circle", "square", "triangle", "cross", "ring", "star")
 MAX_CLASSES = len(COLOURS) * len(SHAPES)
 
@@ -57,16 +65,23 @@ def draw_sample(colour: str, shape: str, size: int, rng: random.Random) -> Image
     elif shape == "triangle":
         draw.polygon(polygon(cx, cy, radius, angle, [(k * 2 * math.pi / 3, 1.0) for k in range(3)]), fill=fill)
     elif shape == "star":
-        draw.polygon(polygon(cx, cy, radius, angle, [(k * math.pi / 5, 1.0 if k % 2 == 0 else 0.45)
-                                                      for k in range(10)]), fill=fill)
+        draw.polygon(
+            polygon(cx, cy, radius, angle, [(k * math.pi / 5, 1.0 if k % 2 == 0 else 0.45) for k in range(10)]),
+            fill=fill,
+        )
     elif shape == "cross":
         w = radius * 0.3
         for a in (angle, angle + math.pi / 2):
             dx, dy = math.cos(a), math.sin(a)
-            draw.polygon([(cx + radius * dx - w * dy, cy + radius * dy + w * dx),
-                          (cx + radius * dx + w * dy, cy + radius * dy - w * dx),
-                          (cx - radius * dx + w * dy, cy - radius * dy - w * dx),
-                          (cx - radius * dx - w * dy, cy - radius * dy + w * dx)], fill=fill)
+            draw.polygon(
+                [
+                    (cx + radius * dx - w * dy, cy + radius * dy + w * dx),
+                    (cx + radius * dx + w * dy, cy + radius * dy - w * dx),
+                    (cx - radius * dx + w * dy, cy - radius * dy - w * dx),
+                    (cx - radius * dx - w * dy, cy - radius * dy + w * dx),
+                ],
+                fill=fill,
+            )
     noise = Image.effect_noise((size, size), rng.uniform(10, 30)).convert("RGB")
     return Image.blend(image, noise, 0.12).filter(ImageFilter.GaussianBlur(rng.uniform(0, 0.8)))
 
@@ -88,26 +103,38 @@ def make_dataset(out: Path, classes: int, per_class: dict[str, int], size: int, 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     parser.add_argument("out", type=Path)
     parser.add_argument("--classes", type=int, default=5, help=f"2 to {MAX_CLASSES}")
     parser.add_argument("--per-class", type=int, default=40, help="training images per class")
-    parser.add_argument("--eval-per-class", type=int, default=None,
-                        help="images per class in valid and in test (default: per-class / 2)")
+    parser.add_argument(
+        "--eval-per-class",
+        type=int,
+        default=None,
+        help="images per class in valid and in test (default: per-class / 2)",
+    )
     parser.add_argument("--size", type=int, default=96, help="image side in pixels")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     eval_n = args.eval_per_class if args.eval_per_class is not None else max(1, args.per_class // 2)
-    problems = [f"--classes {args.classes} must be 2 to {MAX_CLASSES}" * (not 2 <= args.classes <= MAX_CLASSES),
-                f"--per-class {args.per_class} must be at least 1" * (args.per_class < 1),
-                f"--eval-per-class {eval_n} must be at least 1" * (eval_n < 1),
-                f"--size {args.size} must be at least 16" * (args.size < 16)]
+    problems = [
+        f"--classes {args.classes} must be 2 to {MAX_CLASSES}" * (not 2 <= args.classes <= MAX_CLASSES),
+        f"--per-class {args.per_class} must be at least 1" * (args.per_class < 1),
+        f"--eval-per-class {eval_n} must be at least 1" * (eval_n < 1),
+        f"--size {args.size} must be at least 16" * (args.size < 16),
+    ]
     if any(problems):
         print(f"make_synthetic_dataset: error: {next(p for p in problems if p)}", file=sys.stderr)
         return 2
-    counts = make_dataset(args.out, args.classes, {"train": args.per_class, "valid": eval_n, "test": eval_n},
-                          args.size, args.seed)
+    counts = make_dataset(
+        args.out,
+        args.classes,
+        {"train": args.per_class, "valid": eval_n, "test": eval_n},
+        args.size,
+        args.seed,
+    )
     print(json.dumps({"event": "synthetic", "out": str(args.out), "classes": args.classes, "splits": counts}))
     return 0
 

@@ -21,7 +21,14 @@ EXTRAS="train,dataset,submit,augment,dev"
 say() { printf 'testbed: %s\n' "$*" >&2; }
 die() { say "error: $*"; exit 1; }
 
-python_key() { { "$PYTHON" -c 'import sys; print(sys.version)'; echo "$EXTRAS"; cat "$ROOT/pyproject.toml"; } | sha256sum | cut -c1-12; }
+# Keyed by the interpreter and the declared dependencies, not by the rest of pyproject.toml.
+python_key() {
+  "$PYTHON" - "$ROOT/pyproject.toml" "$EXTRAS" <<'PY' | sha256sum | cut -c1-12
+import sys, tomllib
+project = tomllib.load(open(sys.argv[1], "rb"))["project"]
+print(sys.version, sys.argv[2], project["dependencies"], project["optional-dependencies"])
+PY
+}
 venv_dir() { echo "$CACHE/venv-$(python_key)"; }
 minio_bin() { echo "$CACHE/minio-$MINIO_VERSION/bin/minio"; }
 

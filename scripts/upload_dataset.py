@@ -117,24 +117,30 @@ def decoded_format(path: Path) -> str | None:
         return None
 
 
-def upload(src: Path, dest: S3Url, storage: Storage, *, valid_fraction: float, min_shards: int,
-           max_shard_mb: int) -> dict:
+def upload(
+    src: Path, dest: S3Url, storage: Storage, *, valid_fraction: float, min_shards: int, max_shard_mb: int
+) -> dict:
     if not src.is_dir():
         raise DatasetError(f"{src} is not a directory")
     layout, splits = read_layout(src, valid_fraction)
     class_ids = sorted({i.class_id for images in splits.values() for i in images}, key=natural_key)
     if not class_ids:
-        raise DatasetError(f"no images found under {src} (expected {', '.join(SEED_SPLITS)}/<class>/*.jpg, "
-                           "Flowers-102's jpg/ + .mat files, or <class>/*.jpg)")
+        raise DatasetError(
+            f"no images found under {src} (expected {', '.join(SEED_SPLITS)}/<class>/*.jpg, "
+            "Flowers-102's jpg/ + .mat files, or <class>/*.jpg)"
+        )
     label_of = {c: i for i, c in enumerate(class_ids)}
-    print(f"{src}: {layout} layout, {len(class_ids)} classes, "
-          + ", ".join(f"{s} {len(v)}" for s, v in splits.items()), file=sys.stderr)
+    print(
+        f"{src}: {layout} layout, {len(class_ids)} classes, " + ", ".join(f"{s} {len(v)}" for s, v in splits.items()),
+        file=sys.stderr,
+    )
     storage.ensure_bucket(dest)
 
     everything = [i for images in splits.values() for i in images]
     with ThreadPoolExecutor(max_workers=8) as pool:
-        formats = dict(zip(everything, tqdm(pool.map(lambda i: decoded_format(i.path), everything),
-                                            total=len(everything), desc="checking images", unit="img")))
+        checked = pool.map(lambda i: decoded_format(i.path), everything)
+        progress = tqdm(checked, total=len(everything), desc="checking images", unit="img")
+        formats = dict(zip(everything, progress, strict=True))
     rejected = sorted(str(i.path) for i, fmt in formats.items() if fmt is None)
 
     index = {"format": FORMAT, "classes": class_names(src, class_ids), "splits": {}}
@@ -146,9 +152,17 @@ def upload(src: Path, dest: S3Url, storage: Storage, *, valid_fraction: float, m
         count = shard_count(total_bytes, len(good), min_shards, max_shard_mb << 20)
         entries = []
         for number in tqdm(range(count), desc=f"uploading {split}", unit="shard"):
-            chunk = good[len(good) * number // count: len(good) * (number + 1) // count]
-            samples = [Sample(f"{split}-{len(good) * number // count + j:06d}", i.path.read_bytes(), formats[i],
-                              label_of[i.class_id], str(i.path.relative_to(src))) for j, i in enumerate(chunk)]
+            chunk = good[len(good) * number // count : len(good) * (number + 1) // count]
+            samples = [
+                Sample(
+                    f"{split}-{len(good) * number // count + j:06d}",
+                    i.path.read_bytes(),
+                    formats[i],
+                    label_of[i.class_id],
+                    str(i.path.relative_to(src)),
+                )
+                for j, i in enumerate(chunk)
+            ]
             data = build_shard(samples)
             entry = shard_entry(split, number, data, len(samples))
             url = dest.join(entry["name"])
@@ -162,19 +176,31 @@ def upload(src: Path, dest: S3Url, storage: Storage, *, valid_fraction: float, m
     write_index(storage, dest, index)
     if rejected:
         print(f"rejected {len(rejected)} image(s) that do not decode:", *rejected, sep="\n  ", file=sys.stderr)
-    return {"event": "uploaded", "dataset": str(dest), "layout": layout,
-            "splits": {s: v["samples"] for s, v in index["splits"].items()}, "classes": len(class_ids),
-            "rejected": len(rejected), "shards_uploaded": uploaded, "shards_already_there": skipped}
+    return {
+        "event": "uploaded",
+        "dataset": str(dest),
+        "layout": layout,
+        "splits": {s: v["samples"] for s, v in index["splits"].items()},
+        "classes": len(class_ids),
+        "rejected": len(rejected),
+        "shards_uploaded": uploaded,
+        "shards_already_there": skipped,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     parser.add_argument("src", type=Path, help="local dataset directory")
     parser.add_argument("dest", help="s3://BUCKET/PREFIX to write the dataset to (bucket created if missing)")
     parser.add_argument("--valid-fraction", type=float, default=0.2, help="imagefolder layout only")
-    parser.add_argument("--min-shards", type=int, default=16,
-                        help="per split, so that many ranks x DataLoader workers all get shards")
+    parser.add_argument(
+        "--min-shards",
+        type=int,
+        default=16,
+        help="per split, so that many ranks x DataLoader workers all get shards",
+    )
     parser.add_argument("--max-shard-mb", type=int, default=64)
     args = parser.parse_args(argv)
     try:
@@ -185,8 +211,14 @@ def main(argv: list[str] | None = None) -> int:
         dest = parse_url(args.dest)
         if not dest.key:
             raise DatasetError(f"{args.dest!r} names no prefix; expected s3://BUCKET/PREFIX")
-        summary = upload(args.src, dest, Storage.from_env(), valid_fraction=args.valid_fraction,
-                         min_shards=args.min_shards, max_shard_mb=args.max_shard_mb)
+        summary = upload(
+            args.src,
+            dest,
+            Storage.from_env(),
+            valid_fraction=args.valid_fraction,
+            min_shards=args.min_shards,
+            max_shard_mb=args.max_shard_mb,
+        )
     except (DatasetError, StorageError, ValueError) as err:
         print(f"upload_dataset: error: {err}", file=sys.stderr)
         return 2 if isinstance(err, (DatasetError, ValueError)) else 1

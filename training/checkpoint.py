@@ -43,7 +43,12 @@ def save(storage: Storage, output: S3Url, state: dict, epoch: int, is_best: bool
     storage.write_bytes(output.join(name), data)
     if is_best:
         storage.write_bytes(output.join(BEST), data)
-    pointer = {"checkpoint": name, "epoch": epoch, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    pointer = {
+        "checkpoint": name,
+        "epoch": epoch,
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "bytes": len(data),
+    }
     storage.write_bytes(output.join(LATEST), json.dumps(pointer).encode(), content_type="application/json")
     for old in sorted(storage.list(output.join("checkpoints")), key=str)[:-keep]:
         storage.delete(old)

@@ -108,7 +108,7 @@ class SplitStream:
         share = rank_share(self.shards, seed, epoch, rank, world_size, shuffle)
         with ThreadPoolExecutor(max_workers=8) as pool:
             paths = list(pool.map(lambda s: fetch_shard(self.storage, self.dataset, s[0], self.cache_dir), share))
-        refs = [ref for path, (_, first, last) in zip(paths, share) for ref in _table(path)[first:last]]
+        refs = [ref for path, (_, first, last) in zip(paths, share, strict=True) for ref in _table(path)[first:last]]
         if shuffle:
             random.Random(f"{seed}/{epoch}/{rank}").shuffle(refs)
         return refs

@@ -63,12 +63,16 @@ def build_model(arch: str, num_classes: int, backbone: dict[str, torch.Tensor] |
     if backbone is not None:
         # Whatever head the weights came with (ImageNet's 1000 classes, say) is replaced below.
         backbone = {k: v for k, v in backbone.items() if not k.startswith("fc.")}
-        missing, unexpected = model.load_state_dict(backbone, strict=False)
-        missing = [k for k in missing if not k.startswith("fc.")]
-        if missing or unexpected:
+        expected = {k: v.shape for k, v in model.state_dict().items() if not k.startswith("fc.")}
+        misfits = sorted(
+            k for k in expected.keys() | backbone.keys() if expected.get(k) != getattr(backbone.get(k), "shape", None)
+        )
+        if misfits:
             raise PretrainedWeightsError(
-                f"the pretrained weights do not fit {arch}: missing {missing[:3]}, unexpected {unexpected[:3]}"
+                f"the pretrained weights do not fit {arch}: {len(misfits)} tensors missing or of another shape, "
+                f"e.g. {misfits[0]}"
             )
+        model.load_state_dict(backbone, strict=False)
     model.fc = nn.Linear(model.fc.in_features, num_classes)
     return model
 

@@ -38,7 +38,11 @@ def per_class_png(class_names: list[str], accuracy: list[float], epoch: int) -> 
     order = sorted(range(len(class_names)), key=lambda i: accuracy[i])
     fig, ax = plt.subplots(figsize=(8, max(3, 0.22 * len(class_names) + 1)))
     ax.barh([class_names[i] for i in order], [accuracy[i] for i in order], color="tab:green")
-    ax.set(xlabel="validation top-1 accuracy", xlim=(0, 1), title=f"Per-class validation accuracy (epoch {epoch})")
+    ax.set(
+        xlabel="validation top-1 accuracy",
+        xlim=(0, 1),
+        title=f"Per-class validation accuracy (epoch {epoch})",
+    )
     ax.tick_params(axis="y", labelsize=7)
     ax.grid(axis="x", alpha=0.3)
     return _png(fig)

@@ -59,9 +59,14 @@ class SampleRef:
 
 def read_index(storage: Storage, dataset: S3Url) -> dict:
     url = dataset.join(INDEX_NAME)
-    if not storage.exists(url):
-        raise StorageError(f"no dataset at {dataset}: {url} does not exist (upload one with scripts/upload_dataset.py)")
-    index = json.loads(storage.read_bytes(url))
+    try:
+        index = json.loads(storage.read_bytes(url))
+    except StorageError as err:
+        if err.code != "NoSuchKey":
+            raise
+        raise StorageError(
+            f"no dataset at {dataset}: {url} does not exist (upload one with scripts/upload_dataset.py)"
+        ) from None
     if index.get("format") != FORMAT:
         raise StorageError(f"{url} has format {index.get('format')!r}; this petal reads {FORMAT!r}")
     return index

@@ -50,6 +50,10 @@ TRANSIENT_S3_CODES = {
 class StorageError(Exception):
     """A storage failure worth one line to the user; never carries a credential."""
 
+    def __init__(self, message: str, code: str | None = None):
+        super().__init__(message)
+        self.code = code  # the S3 error code, where the server gave one
+
 
 @dataclass(frozen=True)
 class S3Url:
@@ -153,7 +157,10 @@ class Storage:
                 return fn()
             except (MinioException, urllib3.exceptions.HTTPError, OSError) as err:
                 if not _is_transient(err) or time.monotonic() + delay > deadline:
-                    raise StorageError(f"{what}: {_describe(err)} (endpoint {self.endpoint_url})") from None
+                    raise StorageError(
+                        f"{what}: {_describe(err)} (endpoint {self.endpoint_url})",
+                        code=err.code if isinstance(err, S3Error) else None,
+                    ) from None
                 print(
                     f"petal: {what}: {_describe(err)}; retrying in {delay:.1f}s (attempt {attempt})",
                     file=sys.stderr,
@@ -226,12 +233,10 @@ class Storage:
         names = self._call(
             f"listing {prefix}",
             lambda: [
-                o.object_name
-                for o in self.client.list_objects(prefix.bucket, prefix=prefix.key + "/", recursive=True)
+                o.object_name for o in self.client.list_objects(prefix.bucket, prefix=prefix.key + "/", recursive=True)
             ],
         )
         return (S3Url(prefix.bucket, name) for name in names)
 
     def delete(self, url: S3Url) -> None:
         self._call(f"deleting {url}", lambda: self.client.remove_object(url.bucket, url.key))
-

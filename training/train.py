@@ -78,12 +78,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--data", type=_s3_url, default="s3://datasets/flowers102", help="dataset prefix (index.json)")
-    p.add_argument("--output", type=_s3_url, default="s3://runs/flowers102", help="run directory; resumed if it holds a checkpoint")
+    p.add_argument(
+        "--output",
+        type=_s3_url,
+        default="s3://runs/flowers102",
+        help="run directory; resumed if it holds a checkpoint",
+    )
     p.add_argument("--train-splits", default="train", help="comma-separated splits to train on, e.g. train,augment")
     p.add_argument("--val-split", default="valid", help="split to validate on")
     p.add_argument("--arch", choices=ARCHS, default="resnet152", help="torchvision ResNet")
-    p.add_argument("--freeze", choices=FREEZE_CHOICES, default="fc",
-                   help="fc: train only the new head; layer4: also the last stage; none: everything")
+    p.add_argument(
+        "--freeze",
+        choices=FREEZE_CHOICES,
+        default="fc",
+        help="fc: train only the new head; layer4: also the last stage; none: everything",
+    )
     p.add_argument("--pretrained", default="imagenet", help="backbone weights: imagenet, none, or s3://… state_dict")
     p.add_argument("--epochs", type=_bounded(int, 1, "whole number"), default=12)
     p.add_argument("--batch-size", type=_bounded(int, 1, "whole number"), default=32, help="per rank")
@@ -94,12 +103,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--image-size", type=_bounded(int, 16, "whole number"), default=224, help="crop side in pixels")
     p.add_argument("--workers", type=_bounded(int, 0, "whole number"), default=4, help="DataLoader workers per rank")
     p.add_argument("--seed", type=_bounded(int, 0, "whole number"), default=0, help="data order and augmentation")
-    p.add_argument("--keep-checkpoints", type=_bounded(int, 1, "whole number"), default=3,
-                   help="per-epoch checkpoints kept (best.pt is kept apart)")
-    p.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default="auto",
-                   help="mixed precision on CUDA (auto: bf16 where supported, else fp16); ignored on CPU")
-    p.add_argument("--cache-dir", type=Path, default=Path(os.environ.get("PETAL_CACHE_DIR", "/tmp/petal-cache")),
-                   help="pod-local shard cache (env PETAL_CACHE_DIR)")
+    p.add_argument(
+        "--keep-checkpoints",
+        type=_bounded(int, 1, "whole number"),
+        default=3,
+        help="per-epoch checkpoints kept (best.pt is kept apart)",
+    )
+    p.add_argument(
+        "--amp",
+        choices=("auto", "bf16", "fp16", "off"),
+        default="auto",
+        help="mixed precision on CUDA (auto: bf16 where supported, else fp16); ignored on CPU",
+    )
+    p.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=Path(os.environ.get("PETAL_CACHE_DIR", "/tmp/petal-cache")),
+        help="pod-local shard cache (env PETAL_CACHE_DIR)",
+    )
     p.add_argument("--log-every", type=_bounded(int, 1, "whole number"), default=20, help="progress line every N steps")
     args = p.parse_args(argv)
     if args.pretrained not in ("imagenet", "none"):
@@ -143,8 +164,11 @@ def train_one_epoch(model, loader, optimizer, scaler, autocast, device, epoch, e
             if is_main and (step % log_every == 0 or step == steps):
                 log(f"epoch {epoch}/{epochs} step {step}/{steps} loss {loss.item():.4f}")
     total = all_reduce_sum(sums, device)
-    return {"train_loss": total[0].item() / total[2].item(), "train_acc": total[1].item() / total[2].item(),
-            "train_samples": int(total[2].item())}
+    return {
+        "train_loss": total[0].item() / total[2].item(),
+        "train_acc": total[1].item() / total[2].item(),
+        "train_samples": int(total[2].item()),
+    }
 
 
 @torch.no_grad()
@@ -161,8 +185,9 @@ def evaluate(model: nn.Module, loader, num_classes: int, autocast, device) -> di
         hit1 = top[:, 0] == labels
         hit5 = (top == labels[:, None]).any(dim=1)
         n = labels.numel()
-        sums += torch.tensor([F.cross_entropy(logits, labels, reduction="sum").item(), hit1.sum().item(),
-                              hit5.sum().item(), n])
+        sums += torch.tensor(
+            [F.cross_entropy(logits, labels, reduction="sum").item(), hit1.sum().item(), hit5.sum().item(), n]
+        )
         per_class[0] += torch.bincount(labels[hit1].cpu(), minlength=num_classes)
         per_class[1] += torch.bincount(labels.cpu(), minlength=num_classes)
     sums, per_class = all_reduce_sum(sums, device), all_reduce_sum(per_class, device)
@@ -210,8 +235,11 @@ def check_resumable(state: dict, args, class_names: list[str], output: S3Url) ->
 def write_results(storage: Storage, output: S3Url, history: list[dict], class_names: list[str]) -> dict:
     best = max(history, key=lambda r: r["val_acc"])
     storage.write_bytes(output.join("curves.png"), plots.curves_png(history), "image/png")
-    storage.write_bytes(output.join("per_class.png"),
-                        plots.per_class_png(class_names, best["val_per_class_acc"], best["epoch"]), "image/png")
+    storage.write_bytes(
+        output.join("per_class.png"),
+        plots.per_class_png(class_names, best["val_per_class_acc"], best["epoch"]),
+        "image/png",
+    )
     return best
 
 
@@ -250,35 +278,61 @@ def run(args: argparse.Namespace) -> None:
         ddp = DistributedDataParallel(
             model,
             device_ids=[device] if device.type == "cuda" else None,
-            broadcast_buffers=args.freeze != "fc",
+            forward_sync_buffers=args.freeze != "fc",
         )
         autocast, needs_scaler = autocast_for(device, args.amp)
         scaler = torch.amp.GradScaler(device.type, enabled=needs_scaler)
         train_data = SplitStream(storage, data, index, train_splits, args.cache_dir)
         val_data = SplitStream(storage, data, index, [val_split], args.cache_dir)
-        common = dict(rank=world.rank, world_size=world.world_size, batch_size=args.batch_size,
-                      workers=args.workers, pin_memory=device.type == "cuda", seed=args.seed)
+        common = dict(
+            rank=world.rank,
+            world_size=world.world_size,
+            batch_size=args.batch_size,
+            workers=args.workers,
+            pin_memory=device.type == "cuda",
+            seed=args.seed,
+        )
 
         for epoch in range(start_epoch + 1, args.epochs + 1):
             started = time.monotonic()
             torch.manual_seed(hash_seed(args.seed, epoch, world.rank))
             train_loader = train_data.loader(train_transform(args.image_size), epoch=epoch, shuffle=True, **common)
-            stats = train_one_epoch(ddp, train_loader, optimizer, scaler, autocast, device, epoch, args.epochs,
-                                    args.log_every, world.is_main)
+            stats = train_one_epoch(
+                ddp,
+                train_loader,
+                optimizer,
+                scaler,
+                autocast,
+                device,
+                epoch,
+                args.epochs,
+                args.log_every,
+                world.is_main,
+            )
             val_loader = val_data.loader(eval_transform(args.image_size), epoch=epoch, shuffle=False, **common)
             stats |= evaluate(model, val_loader, len(class_names), autocast, device)
-            record = {"event": "epoch", "epoch": epoch, "lr": scheduler.get_last_lr()[0], **stats,
-                      "seconds": round(time.monotonic() - started, 3)}
+            record = {
+                "event": "epoch",
+                "epoch": epoch,
+                "lr": scheduler.get_last_lr()[0],
+                **stats,
+                "seconds": round(time.monotonic() - started, 3),
+            }
             scheduler.step()
             history.append(record)
             is_best = record["val_acc"] > best_acc
             best_acc = max(best_acc, record["val_acc"])
             if world.is_main:
                 state = {
-                    "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "epoch": epoch, "rng_state": torch.get_rng_state(),
-                    "best_val_acc": best_acc, "config": vars(args) | {"cache_dir": str(args.cache_dir)},
-                    "classes": class_names, "history": history,
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "epoch": epoch,
+                    "rng_state": torch.get_rng_state(),
+                    "best_val_acc": best_acc,
+                    "config": vars(args) | {"cache_dir": str(args.cache_dir)},
+                    "classes": class_names,
+                    "history": history,
                 }
                 checkpoint.save(storage, output, state, epoch, is_best, args.keep_checkpoints)
                 metrics = "".join(json.dumps(r) + "\n" for r in history)
@@ -287,8 +341,18 @@ def run(args: argparse.Namespace) -> None:
 
         if world.is_main:
             best = write_results(storage, output, history, class_names)
-            print(json.dumps({"event": "done", "best_val_acc": best["val_acc"], "best_epoch": best["epoch"],
-                              "epochs": args.epochs, "checkpoint": str(output.join(checkpoint.BEST))}), flush=True)
+            print(
+                json.dumps(
+                    {
+                        "event": "done",
+                        "best_val_acc": best["val_acc"],
+                        "best_epoch": best["epoch"],
+                        "epochs": args.epochs,
+                        "checkpoint": str(output.join(checkpoint.BEST)),
+                    }
+                ),
+                flush=True,
+            )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,96 @@
+"""Fixtures: a real MinIO (started through scripts/testbed.sh, as a user would) and a synthetic dataset in it."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+from support import ROOT, run_script
+
+from training.storage import Storage, parse_url
+
+TESTBED = str(ROOT / "scripts" / "testbed.sh")
+
+
+class MinioServer:
+    def __init__(self, state_dir: Path):
+        self.state_dir = state_dir
+        self.up()
+
+    def _testbed(self, *args: str) -> str:
+        env = os.environ | {"PETAL_STATE": str(self.state_dir)}
+        result = subprocess.run([TESTBED, *args], env=env, capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, f"testbed.sh {' '.join(args)} failed:\n{result.stderr}"
+        return result.stdout
+
+    def up(self) -> None:
+        self._testbed("minio", "up")
+        exports = dict(re.findall(r"^export (\w+)=(.*)$", self._testbed("env"), flags=re.M))
+        self.env = {k: v for k, v in exports.items() if k != "PATH"}
+        self.port = int(self.env["S3_ENDPOINT_URL"].rsplit(":", 1)[1])
+
+    def down(self) -> None:
+        self._testbed("minio", "down")
+
+    def restart(self) -> None:
+        """Same port, same data: what a pod restart of MinIO looks like to its clients."""
+        self.down()
+        self.up()
+
+
+@pytest.fixture(scope="session")
+def minio(tmp_path_factory) -> MinioServer:
+    server = MinioServer(tmp_path_factory.mktemp("testbed"))
+    yield server
+    server.down()
+
+
+@pytest.fixture(scope="session")
+def s3_env(minio) -> dict:
+    """The environment a user's shell has after `eval "$(scripts/testbed.sh env)"`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "S3_"))}
+    return env | minio.env | {"PETAL_S3_RETRY_SECONDS": "120"}
+
+
+@pytest.fixture(scope="session")
+def storage(minio) -> Storage:
+    return Storage(minio.env["S3_ENDPOINT_URL"], minio.env["AWS_ACCESS_KEY_ID"], minio.env["AWS_SECRET_ACCESS_KEY"])
+
+
+@pytest.fixture(scope="session")
+def synthetic_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("synthetic")
+    result = run_script(
+        os.environ.copy(),
+        "make_synthetic_dataset.py",
+        str(out),
+        "--classes",
+        "5",
+        "--per-class",
+        "40",
+        "--eval-per-class",
+        "20",
+    )
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+@pytest.fixture(scope="session")
+def synthetic_dataset(s3_env, synthetic_dir) -> str:
+    url = "s3://petal/datasets/synthetic"
+    result = run_script(s3_env, "upload_dataset.py", str(synthetic_dir), url)
+    assert result.returncode == 0, result.stderr
+    return url
+
+
+@pytest.fixture()
+def run_dir(storage, request) -> str:
+    """A fresh run directory (output prefix) per test."""
+    url = f"s3://petal/runs/{request.node.name}"
+    storage.ensure_bucket(parse_url(url))
+    for obj in storage.list(parse_url(url)):
+        storage.delete(obj)
+    return url

@@ -1,0 +1,202 @@
+"""What the tests share: running petal's commands as a user would, and watching them."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
+
+# Small enough for 2 CPU cores, big enough to learn the synthetic shapes well past 90 %.
+SMALL_TRAINING = [
+    "--arch",
+    "resnet18",
+    "--freeze",
+    "none",
+    "--pretrained",
+    "none",
+    "--image-size",
+    "48",
+    "--batch-size",
+    "16",
+    "--workers",
+    "1",
+    "--log-every",
+    "1",
+    "--epochs",
+    "4",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Watched:
+    """A child process whose stdout and stderr lines are collected as they come, so a test can
+    wait for a line (a condition) instead of sleeping."""
+
+    def __init__(self, argv: list[str], env: dict, cwd: Path = ROOT):
+        self.argv = argv
+        self.proc = subprocess.Popen(
+            argv,
+            cwd=cwd,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        self.stdout: list[str] = []
+        self.stderr: list[str] = []
+        self._lines: queue.Queue[tuple[str, str]] = queue.Queue()
+        for name, stream in (("stdout", self.proc.stdout), ("stderr", self.proc.stderr)):
+            threading.Thread(target=self._pump, args=(name, stream), daemon=True).start()
+
+    def _pump(self, name: str, stream) -> None:
+        for line in stream:
+            getattr(self, name).append(line.rstrip("\n"))
+            self._lines.put((name, line))
+        self._lines.put((name, None))
+
+    def wait_for_line(self, pattern: str, timeout: float) -> str:
+        regex = re.compile(pattern)
+        for line in self.stdout + self.stderr:
+            if regex.search(line):
+                return line
+        deadline = time.monotonic() + timeout
+        closed = 0
+        while closed < 2:
+            try:
+                _, line = self._lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                break
+            if line is None:
+                closed += 1
+            elif regex.search(line):
+                return line
+        raise AssertionError(
+            f"no line matching {pattern!r} within {timeout}s from {self.argv[:4]}…; "
+            f"stderr tail:\n" + "\n".join(self.stderr[-25:])
+        )
+
+    def wait(self, timeout: float) -> int:
+        try:
+            code = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise AssertionError(
+                f"{self.argv[:4]}… still running after {timeout}s; stderr tail:\n" + "\n".join(self.stderr[-25:])
+            ) from None
+        self._drain()
+        return code
+
+    def _drain(self) -> None:
+        # Both pump threads end once the pipes close; wait for them so no line is missed.
+        closed = 0
+        while closed < 2:
+            if self._lines.get(timeout=30)[1] is None:
+                closed += 1
+
+    def kill(self) -> None:
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
+
+    def children(self) -> list[int]:
+        text = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text()
+        return [int(pid) for pid in text.split()]
+
+    def rank_pid(self, rank: int) -> int:
+        """The pid of torchrun's worker with RANK=rank."""
+        for pid in self.children():
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            if f"RANK={rank}".encode() in environ:
+                return pid
+        raise AssertionError(f"no worker with RANK={rank} under torchrun pid {self.proc.pid}")
+
+    def json_lines(self) -> list[dict]:
+        return [json.loads(line) for line in self.stdout if line.startswith("{")]
+
+
+def trainer(env: dict, args: list[str], nproc: int = 2) -> Watched:
+    argv = [
+        TORCHRUN,
+        "--nproc-per-node",
+        str(nproc),
+        "--master-port",
+        str(free_port()),
+        "-m",
+        "training",
+        *args,
+    ]
+    return Watched(argv, env)
+
+
+def run_script(env: dict, script: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / script), *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+class StallingProxy:
+    """A TCP proxy in front of MinIO that forwards everything until a client request matches
+    `pattern`; from then on that connection's bytes are held, as if the network froze mid-request.
+    `matched` is set at that moment, so a test can kill the client in the middle of an upload."""
+
+    def __init__(self, upstream_port: int, pattern: bytes):
+        self.upstream_port = upstream_port
+        self.pattern = re.compile(pattern)
+        self.matched = threading.Event()
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
+            threading.Thread(target=self._pipe, args=(client, upstream, True), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(upstream, client, False), daemon=True).start()
+
+    def _pipe(self, src: socket.socket, dst: socket.socket, inspect: bool) -> None:
+        recent = b""
+        try:
+            while data := src.recv(65536):
+                if inspect:
+                    if self.pattern.search(recent + data):  # `recent` catches a match split across reads
+                        self.matched.set()
+                        return  # hold the request: nothing more reaches MinIO on this connection
+                    recent = data[-1024:]
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            if not (inspect and self.matched.is_set()):
+                for s in (src, dst):
+                    s.close()
+
+    def close(self) -> None:
+        self.server.close()

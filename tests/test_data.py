@@ -1,0 +1,87 @@
+"""How an epoch is cut across ranks: exactly once, disjoint, reproducible, cached and verified."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections import Counter
+
+import pytest
+from support import ROOT, TORCHRUN, free_port
+
+from training.data import rank_share
+from training.shards import fetch_shard, read_index, read_shard_table
+from training.storage import StorageError, parse_url
+
+
+def all_keys(storage, dataset: str, split: str, cache_dir) -> list[str]:
+    url = parse_url(dataset)
+    index = read_index(storage, url)
+    return [
+        ref.key
+        for shard in index["splits"][split]["shards"]
+        for ref in read_shard_table(fetch_shard(storage, url, shard, cache_dir))
+    ]
+
+
+def epoch_keys(s3_env, dataset: str, nproc: int, cache_dir, out_dir) -> list[dict]:
+    argv = [
+        TORCHRUN,
+        "--nproc-per-node",
+        str(nproc),
+        "--master-port",
+        str(free_port()),
+        str(ROOT / "tests" / "epoch_keys.py"),
+        dataset,
+        str(cache_dir),
+        str(out_dir),
+    ]
+    result = subprocess.run(argv, cwd=ROOT, env=s3_env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return [json.loads((out_dir / f"rank{r}.json").read_text()) for r in range(nproc)]
+
+
+@pytest.mark.parametrize("nproc", [2, 3])
+def test_every_sample_is_seen_exactly_once_per_epoch_across_ranks(nproc, s3_env, storage, synthetic_dataset, tmp_path):
+    expected = all_keys(storage, synthetic_dataset, "train", tmp_path / "verify")
+    assert len(expected) == 200
+    first = epoch_keys(s3_env, synthetic_dataset, nproc, tmp_path / "cache", tmp_path / "run1")
+    for epoch in ("1", "2"):
+        per_rank = [ranks[epoch] for ranks in first]
+        union = Counter(key for keys in per_rank for key in keys)
+        assert set(union) == set(expected) and max(union.values()) == 1, f"epoch {epoch}: duplicates or gaps"
+        assert max(map(len, per_rank)) - min(map(len, per_rank)) <= 1
+    assert [r["1"] for r in first] != [r["2"] for r in first], "the order should change with the epoch"
+
+    (tmp_path / "run2").mkdir()
+    again = epoch_keys(s3_env, synthetic_dataset, nproc, tmp_path / "cache", tmp_path / "run2")
+    assert again == first, "the order is a function of (seed, epoch)"
+
+
+@pytest.mark.parametrize("counts", [[5, 5, 5], [7, 1, 3, 9], [1], [2, 2]])
+@pytest.mark.parametrize("world_size", [1, 2, 3, 5])
+def test_rank_shares_partition_the_epoch(counts, world_size):
+    shards = [{"name": f"s{i}", "samples": n} for i, n in enumerate(counts)]
+    for shuffle in (False, True):
+        taken = Counter()
+        sizes = []
+        for rank in range(world_size):
+            share = rank_share(shards, seed=3, epoch=2, rank=rank, world_size=world_size, shuffle=shuffle)
+            sizes.append(sum(last - first for _, first, last in share))
+            taken.update((s["name"], i) for s, first, last in share for i in range(first, last))
+        assert taken == Counter((s["name"], i) for s in shards for i in range(s["samples"]))
+        assert max(sizes) - min(sizes) <= 1
+
+
+def test_a_corrupted_cached_shard_is_fetched_again_and_a_bad_download_refused(storage, synthetic_dataset, tmp_path):
+    url = parse_url(synthetic_dataset)
+    shard = read_index(storage, url)["splits"]["train"]["shards"][0]
+    path = fetch_shard(storage, url, shard, tmp_path)
+    good = path.read_bytes()
+    path.write_bytes(good[:-1] + bytes([good[-1] ^ 1]))
+    assert fetch_shard(storage, url, shard, tmp_path).read_bytes() == good
+
+    lying = shard | {"sha256": "0" * 64}
+    with pytest.raises(StorageError, match="has sha256"):
+        fetch_shard(storage, url, lying, tmp_path / "other")
+    assert not list((tmp_path / "other").rglob("*.tar")), "a shard that fails its checksum must not stay cached"

@@ -1,0 +1,212 @@
+"""The trainer end to end: real MinIO, real multi-process DDP under torchrun."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+
+import pytest
+import torch
+from support import SMALL_TRAINING, StallingProxy, Watched, run_script, trainer
+
+from training import checkpoint
+from training.storage import parse_url
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def wait_ok(proc: Watched, timeout: float = 900) -> None:
+    code = proc.wait(timeout)
+    assert code == 0, f"exit {code}; stderr tail:\n" + "\n".join(proc.stderr[-30:])
+
+
+def final_weights(storage, output: str, epoch: int) -> dict:
+    return checkpoint.deserialize(storage.read_bytes(parse_url(output).join(checkpoint.checkpoint_name(epoch))))
+
+
+@pytest.fixture(scope="session")
+def reference_run(s3_env, synthetic_dataset, storage):
+    """One uninterrupted 2-rank run that several tests compare against."""
+    output = "s3://petal/runs/reference"
+    for obj in storage.list(parse_url(output)):
+        storage.delete(obj)
+    proc = trainer(s3_env, ["--data", synthetic_dataset, "--output", output, *SMALL_TRAINING])
+    wait_ok(proc)
+    return output, proc
+
+
+def test_two_ranks_learn_the_synthetic_set_and_write_every_artifact(reference_run, storage):
+    output, proc = reference_run
+    records = proc.json_lines()
+    epochs = [r for r in records if r["event"] == "epoch"]
+    assert [r["epoch"] for r in epochs] == [1, 2, 3, 4]
+    assert all(r["train_samples"] == 200 and r["val_samples"] == 100 for r in epochs), epochs
+
+    done = json.loads(proc.stdout[-1])
+    assert done["event"] == "done" and done["epochs"] == 4
+    assert done["best_val_acc"] >= 0.9, epochs
+    assert done["best_val_acc"] == max(r["val_acc"] for r in epochs)
+    assert done["checkpoint"] == f"{output}/best.pt"
+
+    out = parse_url(output)
+    metrics = [json.loads(line) for line in storage.read_bytes(out.join("metrics.jsonl")).decode().splitlines()]
+    assert [{k: v for k, v in m.items() if k != "val_per_class_acc"} for m in metrics] == epochs
+    assert all(len(m["val_per_class_acc"]) == 5 for m in metrics)
+
+    best = checkpoint.deserialize(storage.read_bytes(out.join("best.pt")))
+    assert best["best_val_acc"] == done["best_val_acc"]
+    assert best["classes"] == ["red circle", "blue square", "yellow triangle", "green cross", "purple ring"]
+    assert best["config"]["arch"] == "resnet18" and set(best) >= {
+        "model",
+        "optimizer",
+        "scheduler",
+        "rng_state",
+    }
+
+    latest = json.loads(storage.read_bytes(out.join("latest")))
+    assert latest["checkpoint"] == "checkpoints/epoch-0004.pt"
+    kept = sorted(str(u).rsplit("/", 1)[1] for u in storage.list(out.join("checkpoints")))
+    assert kept == ["epoch-0002.pt", "epoch-0003.pt", "epoch-0004.pt"]  # --keep-checkpoints 3 (default)
+    for picture in ("curves.png", "per_class.png"):
+        assert storage.read_bytes(out.join(picture)).startswith(PNG_MAGIC)
+
+
+def test_predict_classifies_held_out_images_with_the_best_checkpoint(reference_run, s3_env, synthetic_dir):
+    output, _ = reference_run
+    images = sorted((synthetic_dir / "test").glob("*/*.jpg"))
+    names = json.loads((synthetic_dir / "cat_to_name.json").read_text())
+    result = run_script(s3_env, "predict.py", f"{output}/best.pt", *map(str, images), "--top-k", "3", "--json")
+    assert result.returncode == 0, result.stderr
+    predictions = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [p["image"] for p in predictions] == list(map(str, images))
+    assert all(len(p["top"]) == 3 and p["top"][0]["probability"] >= p["top"][1]["probability"] for p in predictions)
+    correct = sum(p["top"][0]["class"] == names[os.path.basename(os.path.dirname(p["image"]))] for p in predictions)
+    assert correct / len(predictions) >= 0.9
+
+
+def test_sigkill_mid_epoch_then_rerun_matches_the_uninterrupted_run(
+    reference_run, s3_env, synthetic_dataset, run_dir, storage
+):
+    args = ["--data", synthetic_dataset, "--output", run_dir, *SMALL_TRAINING]
+    first = trainer(s3_env, args)
+    first.wait_for_line(r"epoch 2/4 step 3/", timeout=600)
+    os.kill(first.rank_pid(1), signal.SIGKILL)
+    assert first.wait(120) != 0
+    assert json.loads(storage.read_bytes(parse_url(run_dir).join("latest")))["epoch"] == 1
+
+    second = trainer(s3_env, args)
+    wait_ok(second)
+    assert any("resuming" in line and "after epoch 1" in line for line in second.stderr)
+    assert [r["epoch"] for r in second.json_lines() if r["event"] == "epoch"] == [2, 3, 4]
+
+    reference_output, reference = reference_run
+    assert json.loads(second.stdout[-1])["best_val_acc"] == json.loads(reference.stdout[-1])["best_val_acc"]
+    resumed, uninterrupted = final_weights(storage, run_dir, 4), final_weights(storage, reference_output, 4)
+    for name, tensor in uninterrupted["model"].items():
+        torch.testing.assert_close(resumed["model"][name], tensor, atol=1e-6, rtol=0, msg=name)
+
+
+def test_kill_during_checkpoint_upload_never_leaves_latest_on_a_torn_object(
+    minio, s3_env, synthetic_dataset, run_dir, storage
+):
+    out = parse_url(run_dir)
+    proxy = StallingProxy(minio.port, rf"PUT /{out.bucket}/{out.key}/checkpoints/epoch-0002\.pt".encode())
+    args = ["--data", synthetic_dataset, "--output", run_dir, *SMALL_TRAINING]
+    proc = trainer(s3_env | {"S3_ENDPOINT_URL": f"http://127.0.0.1:{proxy.port}"}, args)
+    assert proxy.matched.wait(600), "the epoch-2 checkpoint upload never started:\n" + "\n".join(proc.stderr[-20:])
+    os.kill(proc.rank_pid(0), signal.SIGKILL)  # rank 0 is the writer, caught mid-upload
+    assert proc.wait(120) != 0
+    proxy.close()
+
+    latest = json.loads(storage.read_bytes(out.join("latest")))
+    assert latest["checkpoint"] == "checkpoints/epoch-0001.pt"
+    named = storage.read_bytes(out.join(latest["checkpoint"]))
+    assert len(named) == latest["bytes"] and checkpoint.deserialize(named)["epoch"] == 1
+    assert not storage.exists(out.join("checkpoints/epoch-0002.pt"))
+
+    rerun = trainer(s3_env, args)
+    wait_ok(rerun)
+    assert [r["epoch"] for r in rerun.json_lines() if r["event"] == "epoch"] == [2, 3, 4]
+
+
+def test_training_rides_out_a_minio_restart(minio, s3_env, synthetic_dataset, run_dir):
+    proc = trainer(s3_env, ["--data", synthetic_dataset, "--output", run_dir, *SMALL_TRAINING])
+    try:
+        proc.wait_for_line(r'"event": "epoch", "epoch": 1,', timeout=600)
+        minio.down()
+        proc.wait_for_line(r"retrying in", timeout=300)
+    finally:
+        minio.up()
+    wait_ok(proc)
+    assert json.loads(proc.stdout[-1])["event"] == "done"
+    assert [r["epoch"] for r in proc.json_lines() if r["event"] == "epoch"] == [1, 2, 3, 4]
+
+
+def test_uneven_rank_shares_finish_without_hanging(s3_env, synthetic_dataset, run_dir):
+    # 100 samples over 3 ranks at batch size 1: one rank has 34 steps, the others 33.
+    args = [
+        "--data",
+        synthetic_dataset,
+        "--output",
+        run_dir,
+        "--train-splits",
+        "valid",
+        *SMALL_TRAINING,
+        "--epochs",
+        "1",
+        "--batch-size",
+        "1",
+        "--log-every",
+        "50",
+    ]
+    proc = trainer(s3_env, args, nproc=3)
+    wait_ok(proc, timeout=600)
+    assert proc.json_lines()[0]["train_samples"] == 100
+
+
+def one_line_failure(env: dict, *args: str) -> str:
+    proc = Watched([sys.executable, "-m", "training", *args], env)
+    code = proc.wait(timeout=90)
+    assert code != 0
+    output = "\n".join(proc.stdout + proc.stderr)
+    assert env["AWS_SECRET_ACCESS_KEY"] not in output
+    assert len(proc.stderr) == 1 and not proc.stdout, output
+    return proc.stderr[0]
+
+
+@pytest.mark.parametrize(
+    ("change", "args", "expected"),
+    [
+        ({"AWS_SECRET_ACCESS_KEY": "not-the-secret-123"}, [], "SignatureDoesNotMatch"),
+        ({"AWS_ACCESS_KEY_ID": "nobody"}, [], "InvalidAccessKeyId"),
+        ({}, ["--output", "s3://no-such-bucket/run"], "bucket 'no-such-bucket' does not exist"),
+        ({}, ["--data", "s3://petal/datasets/absent"], "no dataset at s3://petal/datasets/absent"),
+        ({}, ["--arch", "resnet9"], "invalid choice: 'resnet9'"),
+        ({}, ["--freeze", "layer2"], "invalid choice: 'layer2'"),
+        ({}, ["--data", "/local/path"], "'/local/path' is not an object-storage URL"),
+        ({}, ["--epochs", "0"], "'0' must be >= 1"),
+        (
+            {},
+            ["--pretrained", "s3://petal/weights/absent.pt"],
+            "--pretrained s3://petal/weights/absent.pt does not exist",
+        ),
+        ({}, ["--pretrained", "imagenet-v9"], "'imagenet-v9' is not imagenet, none or s3://BUCKET/KEY"),
+    ],
+)
+def test_bad_input_gets_one_line_naming_the_problem(s3_env, synthetic_dataset, run_dir, change, args, expected):
+    env = s3_env | change
+    base = ["--data", synthetic_dataset, "--output", run_dir, "--arch", "resnet18", "--pretrained", "none"]
+    line = one_line_failure(env, *base, *args)
+    assert expected in line
+
+
+def test_resuming_with_a_dataset_of_other_classes_is_refused(reference_run, s3_env, tmp_path):
+    made = run_script(s3_env, "make_synthetic_dataset.py", str(tmp_path), "--classes", "3", "--per-class", "4")
+    assert made.returncode == 0, made.stderr
+    uploaded = run_script(s3_env, "upload_dataset.py", str(tmp_path), "s3://petal/datasets/three-classes")
+    assert uploaded.returncode == 0, uploaded.stderr
+    output, _ = reference_run
+    line = one_line_failure(s3_env, "--data", "s3://petal/datasets/three-classes", "--output", output, *SMALL_TRAINING)
+    assert "has 3 classes but the checkpoint" in line and "trained on 5" in line
