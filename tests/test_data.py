@@ -25,6 +25,7 @@ def all_keys(storage, dataset: str, split: str, cache_dir) -> list[str]:
 
 
 def epoch_keys(s3_env, dataset: str, nproc: int, cache_dir, out_dir) -> list[dict]:
+    out_dir.mkdir()
     argv = [
         TORCHRUN,
         "--nproc-per-node",
@@ -53,7 +54,6 @@ def test_every_sample_is_seen_exactly_once_per_epoch_across_ranks(nproc, s3_env,
         assert max(map(len, per_rank)) - min(map(len, per_rank)) <= 1
     assert [r["1"] for r in first] != [r["2"] for r in first], "the order should change with the epoch"
 
-    (tmp_path / "run2").mkdir()
     again = epoch_keys(s3_env, synthetic_dataset, nproc, tmp_path / "cache", tmp_path / "run2")
     assert again == first, "the order is a function of (seed, epoch)"
 
