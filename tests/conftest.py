@@ -8,7 +8,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from support import ROOT, run_script
+from support import ROOT, SMALL_TRAINING, run_script, trainer, wait_ok
 
 from training.storage import Storage, parse_url
 
@@ -89,8 +89,19 @@ def synthetic_dataset(s3_env, synthetic_dir) -> str:
 @pytest.fixture()
 def run_dir(storage, request) -> str:
     """A fresh run directory (output prefix) per test."""
-    url = f"s3://petal/runs/{request.node.name}"
+    url = f"s3://petal/runs/{re.sub(r'[^A-Za-z0-9._-]+', '-', request.node.name)[:100]}"
     storage.ensure_bucket(parse_url(url))
     for obj in storage.list(parse_url(url)):
         storage.delete(obj)
     return url
+
+
+@pytest.fixture(scope="session")
+def reference_run(s3_env, synthetic_dataset, storage):
+    """One uninterrupted 2-rank run on the synthetic set, which several tests use or compare against."""
+    output = "s3://petal/runs/reference"
+    for obj in storage.list(parse_url(output)):
+        storage.delete(obj)
+    proc = trainer(s3_env, ["--data", synthetic_dataset, "--output", output, *SMALL_TRAINING])
+    wait_ok(proc)
+    return output, proc

@@ -133,6 +133,11 @@ class Watched:
         return [json.loads(line) for line in self.stdout if line.startswith("{")]
 
 
+def wait_ok(proc: Watched, timeout: float = 900) -> None:
+    code = proc.wait(timeout)
+    assert code == 0, f"exit {code}; stderr tail:\n" + "\n".join(proc.stderr[-30:])
+
+
 def trainer(env: dict, args: list[str], nproc: int = 2) -> Watched:
     argv = [
         TORCHRUN,

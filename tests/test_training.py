@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from support import SMALL_TRAINING, StallingProxy, Watched, run_script, trainer
+from support import SMALL_TRAINING, StallingProxy, Watched, run_script, trainer, wait_ok
 
 from training import checkpoint
 from training.storage import parse_url
@@ -17,24 +17,8 @@ from training.storage import parse_url
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def wait_ok(proc: Watched, timeout: float = 900) -> None:
-    code = proc.wait(timeout)
-    assert code == 0, f"exit {code}; stderr tail:\n" + "\n".join(proc.stderr[-30:])
-
-
 def final_weights(storage, output: str, epoch: int) -> dict:
     return checkpoint.deserialize(storage.read_bytes(parse_url(output).join(checkpoint.checkpoint_name(epoch))))
-
-
-@pytest.fixture(scope="session")
-def reference_run(s3_env, synthetic_dataset, storage):
-    """One uninterrupted 2-rank run that several tests compare against."""
-    output = "s3://petal/runs/reference"
-    for obj in storage.list(parse_url(output)):
-        storage.delete(obj)
-    proc = trainer(s3_env, ["--data", synthetic_dataset, "--output", output, *SMALL_TRAINING])
-    wait_ok(proc)
-    return output, proc
 
 
 def test_two_ranks_learn_the_synthetic_set_and_write_every_artifact(reference_run, storage):

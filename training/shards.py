@@ -52,6 +52,7 @@ class SampleRef:
 
     key: str
     label: int
+    source: str
     shard: Path
     offset: int
     size: int
@@ -136,15 +137,18 @@ def fetch_shard(storage: Storage, dataset: S3Url, shard: dict, cache_dir: Path) 
 def read_shard_table(path: Path) -> list[SampleRef]:
     """The samples of a local shard, in stored order, with the byte range of each image."""
     images: dict[str, tarfile.TarInfo] = {}
-    labels: dict[str, int] = {}
+    meta: dict[str, dict] = {}
     with tarfile.open(path, mode="r:") as tar:
         for member in tar:
             key, _, ext = member.name.rpartition(".")
             if ext == "json":
-                labels[key] = json.loads(tar.extractfile(member).read())["label"]
+                meta[key] = json.loads(tar.extractfile(member).read())
             else:
                 images[key] = member
-    return [SampleRef(key, labels[key], path, m.offset_data, m.size) for key, m in images.items()]
+    return [
+        SampleRef(key, meta[key]["label"], meta[key]["source"], path, m.offset_data, m.size)
+        for key, m in images.items()
+    ]
 
 
 def read_image_bytes(ref: SampleRef) -> bytes:

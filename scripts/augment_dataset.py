@@ -1,0 +1,308 @@
+#!/usr/bin/env python3
+"""Grows a petal dataset with web images found by google_images_download, keeping the junk out.
+
+    python scripts/augment_dataset.py s3://petal/datasets/flowers102 --suffix flower --limit 100
+    python scripts/augment_dataset.py s3://petal/datasets/flowers102 --classes "pink primrose,7" \\
+        --relevance s3://petal/runs/r1/best.pt --chromedriver /usr/bin/chromedriver --limit 300
+
+For each class (named in the dataset's index.json) it searches for "<class name> <suffix>" and
+downloads up to --limit images (above 100 the library needs --chromedriver, e.g. Debian's
+chromium-driver). Every file is then checked, and rejected with its reason when it is:
+  empty / not-an-image / truncated / does-not-decode, too-small (shorter side < --min-side),
+  extreme-aspect (> --max-aspect), duplicate-url (already in the dataset), exact-duplicate (same
+  bytes) or near-duplicate (perceptual hash within --near-distance) of any image already in the
+  dataset — the valid and test splits included, since leaking them would fake accuracy — or of
+  another download, or, with --relevance CHECKPOINT, irrelevant (a trained petal model does not put
+  the target class in its top --relevance-top-k).
+What survives becomes new shards of the split --split (default augment); each sample keeps its
+source URL. The index is replaced only after every shard is stored, and a per-class report is
+printed and stored at <dataset>/reports/. Re-running stores no URL or image twice. Train on it with
+`python -m training --train-splits train,augment`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+import tempfile
+import time
+from collections import Counter
+from contextlib import redirect_stdout
+from dataclasses import dataclass, field
+from io import BytesIO
+from pathlib import Path
+
+import imagehash
+from google_images_download.google_images_download import googleimagesdownload
+from PIL import Image, UnidentifiedImageError
+from tqdm import tqdm
+
+from training.shards import (
+    Sample,
+    build_shard,
+    fetch_shard,
+    read_image_bytes,
+    read_index,
+    read_shard_table,
+    shard_count,
+    shard_entry,
+    write_index,
+)
+from training.storage import S3Url, Storage, StorageError, parse_url
+
+IMAGE_FORMATS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "GIF": "gif", "WEBP": "webp", "BMP": "bmp"}
+
+
+class AugmentError(Exception):
+    pass
+
+
+@dataclass
+class Known:
+    """Every image the dataset already holds, by content hash, perceptual hash and source."""
+
+    sha256: dict[str, str] = field(default_factory=dict)  # sha256 → "split/key"
+    phashes: list[tuple[imagehash.ImageHash, str]] = field(default_factory=list)
+    sources: set[str] = field(default_factory=set)
+
+    def add(self, data: bytes, image: Image.Image, where: str, source: str) -> None:
+        self.sha256[hashlib.sha256(data).hexdigest()] = where
+        self.phashes.append((imagehash.phash(image), where))
+        self.sources.add(source)
+
+    def near(self, image: Image.Image, distance: int) -> tuple[str, int] | None:
+        probe = imagehash.phash(image)
+        best = min(((probe - h, where) for h, where in self.phashes), default=None)
+        return (best[1], best[0]) if best and best[0] <= distance else None
+
+
+class RecordingDownloader(googleimagesdownload):
+    """The library's downloader, remembering which URL each saved file came from."""
+
+    def __init__(self):
+        super().__init__()
+        self.sources: dict[str, str] = {}
+
+    def download_image(self, image_url, *args):
+        status, message, name, path = super().download_image(image_url, *args)
+        if status == "success" and path:
+            self.sources[path] = image_url
+        return status, message, name, path
+
+
+def decode(data: bytes) -> tuple[Image.Image | None, str | None]:
+    """(RGB image, None) or (None, reason it is unusable)."""
+    if not data:
+        return None, "empty"
+    try:
+        image = Image.open(BytesIO(data))
+    except (UnidentifiedImageError, OSError):
+        return None, "not-an-image"
+    try:
+        image.load()
+    except OSError as err:
+        return None, "truncated" if "truncated" in str(err) else "does-not-decode"
+    except (SyntaxError, ValueError, Image.DecompressionBombError):
+        return None, "does-not-decode"
+    if image.format not in IMAGE_FORMATS:
+        return None, "not-an-image"
+    return image, None
+
+
+def load_known(storage: Storage, dataset: S3Url, index: dict, cache_dir: Path) -> Known:
+    known = Known()
+    shards = [(split, shard) for split, info in index["splits"].items() for shard in info["shards"]]
+    for split, shard in tqdm(shards, desc="hashing the dataset's images", unit="shard"):
+        for ref in read_shard_table(fetch_shard(storage, dataset, shard, cache_dir)):
+            data = read_image_bytes(ref)
+            image, _ = decode(data)
+            known.add(data, image.convert("RGB"), f"{split}/{ref.key}", ref.source)
+    return known
+
+
+def search_and_download(classes: list[dict], args, workdir: Path) -> dict[str, dict[str, str]]:
+    """class id → {downloaded file: source URL}, through google_images_download."""
+    found = {}
+    for cls in tqdm(classes, desc="searching", unit="class"):
+        downloader = RecordingDownloader()
+        with redirect_stdout(sys.stderr):  # the library talks on stdout; ours ends with the JSON summary
+            downloader.download(
+                {
+                    "keywords": cls["name"],
+                    "suffix_keywords": args.suffix or None,
+                    "limit": args.limit,
+                    "output_directory": str(workdir),
+                    "image_directory": cls["id"],
+                    "chromedriver": args.chromedriver,
+                    "silent_mode": True,
+                }
+            )
+        found[cls["id"]] = downloader.sources
+    return found
+
+
+class RelevanceCheck:
+    """Whether a trained petal model puts the target class in its top k (imports torch only when asked)."""
+
+    def __init__(self, storage: Storage, location: str, class_names: list[str], top_k: int):
+        from training import checkpoint
+        from training.data import eval_transform
+        from training.model import load_checkpoint_model
+
+        state = checkpoint.load(storage, location)
+        if state["classes"] != class_names:
+            raise AugmentError(f"--relevance {location} was trained on other classes than this dataset")
+        self.model = load_checkpoint_model(state)
+        self.transform = eval_transform(state["config"]["image_size"])
+        self.top_k = top_k
+
+    def rank_ok(self, image: Image.Image, label: int) -> bool:
+        import torch
+
+        with torch.no_grad():
+            logits = self.model(self.transform(image)[None])[0]
+        return label in logits.topk(min(self.top_k, len(logits))).indices.tolist()
+
+
+def augment(storage: Storage, dataset: S3Url, args) -> dict:
+    index = read_index(storage, dataset)
+    by_name = {c["name"]: i for i, c in enumerate(index["classes"])}
+    by_id = {c["id"]: i for i, c in enumerate(index["classes"])}
+    if args.classes:
+        wanted = [c.strip() for c in args.classes.split(",") if c.strip()]
+        unknown = [c for c in wanted if c not in by_name and c not in by_id]
+        if unknown:
+            raise AugmentError(f"--classes {', '.join(unknown)}: not in the dataset (names or ids from index.json)")
+        labels = sorted({by_name.get(c, by_id.get(c)) for c in wanted})
+    else:
+        labels = list(range(len(index["classes"])))
+    relevance = (
+        RelevanceCheck(storage, args.relevance, [c["name"] for c in index["classes"]], args.relevance_top_k)
+        if args.relevance
+        else None
+    )
+
+    known = load_known(storage, dataset, index, args.cache_dir)
+    workdir = Path(tempfile.mkdtemp(prefix="petal-augment-"))
+    downloads = search_and_download([index["classes"][i] for i in labels], args, workdir)
+
+    existing = index["splits"].get(args.split, {"samples": 0, "shards": []})
+    kept: list[Sample] = []
+    report, rejected = {}, []
+    for label in labels:
+        cls = index["classes"][label]
+        counts = Counter()
+        for path, url in tqdm(sorted(downloads[cls["id"]].items()), desc=f"checking {cls['name']}", leave=False):
+            counts["downloaded"] += 1
+            data = Path(path).read_bytes()
+            reason, detail = None, ""
+            if url in known.sources:
+                reason = "duplicate-url"
+            else:
+                image, reason = decode(data)
+            if reason is None:
+                width, height = image.size
+                rgb = image.convert("RGB")
+                if min(width, height) < args.min_side:
+                    reason, detail = "too-small", f"{width}x{height}"
+                elif max(width, height) / min(width, height) > args.max_aspect:
+                    reason, detail = "extreme-aspect", f"{width}x{height}"
+                elif (twin := known.sha256.get(hashlib.sha256(data).hexdigest())) is not None:
+                    reason, detail = "exact-duplicate", twin
+                elif (near := known.near(rgb, args.near_distance)) is not None:
+                    reason, detail = "near-duplicate", f"{near[0]} (distance {near[1]})"
+                elif relevance and not relevance.rank_ok(rgb, label):
+                    reason = "irrelevant"
+            if reason:
+                counts[reason] += 1
+                rejected.append({"class": cls["name"], "url": url, "reason": reason, "detail": detail})
+                continue
+            key = f"{args.split}-{existing['samples'] + len(kept):06d}"
+            known.add(data, rgb, f"{args.split}/{key}", url)  # later downloads must not duplicate it either
+            kept.append(Sample(key, data, IMAGE_FORMATS[image.format], label, url))
+            counts["kept"] += 1
+        report[cls["name"]] = dict(counts)
+
+    new_shards = []
+    if kept:
+        count = shard_count(sum(len(s.image) for s in kept), len(kept), args.min_shards, 64 << 20)
+        first = len(existing["shards"])
+        for number in tqdm(range(count), desc=f"uploading {args.split}", unit="shard"):
+            chunk = kept[len(kept) * number // count : len(kept) * (number + 1) // count]
+            data = build_shard(chunk)
+            entry = shard_entry(args.split, first + number, data, len(chunk))
+            storage.write_bytes(dataset.join(entry["name"]), data, "application/x-tar")
+            new_shards.append(entry)
+        index["splits"][args.split] = {
+            "samples": existing["samples"] + len(kept),
+            "shards": existing["shards"] + new_shards,
+        }
+        write_index(storage, dataset, index)  # only now does the dataset show the new samples
+
+    summary = {
+        "event": "augmented",
+        "dataset": str(dataset),
+        "split": args.split,
+        "kept": len(kept),
+        "rejected": len(rejected),
+        "classes": report,
+    }
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    storage.write_bytes(
+        dataset.join(f"reports/augment-{stamp}.json"),
+        json.dumps(summary | {"rejections": rejected}, indent=1).encode(),
+        "application/json",
+    )
+    return summary
+
+
+def print_report(summary: dict) -> None:
+    reasons = sorted({r for counts in summary["classes"].values() for r in counts} - {"downloaded", "kept"})
+    header = ["class", "downloaded", "kept", *reasons]
+    rows = [[name, *(str(c.get(h, 0)) for h in header[1:])] for name, c in summary["classes"].items()]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)), file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    parser.add_argument("dataset", help="s3://BUCKET/PREFIX of a petal dataset")
+    parser.add_argument("--classes", help="comma-separated class names or ids (default: every class)")
+    parser.add_argument("--suffix", default="", help='added to each search, e.g. "flower"')
+    parser.add_argument("--limit", type=int, default=100, help="images per class (over 100 needs --chromedriver)")
+    parser.add_argument("--chromedriver", help="path to chromedriver, e.g. /usr/bin/chromedriver")
+    parser.add_argument("--split", default="augment", help="the split the kept images are added to")
+    parser.add_argument("--min-side", type=int, default=64, help="shorter side in pixels, at least")
+    parser.add_argument("--max-aspect", type=float, default=3.0, help="longer side / shorter side, at most")
+    parser.add_argument("--near-distance", type=int, default=6, help="perceptual-hash Hamming distance")
+    parser.add_argument("--relevance", metavar="CHECKPOINT", help="petal checkpoint (path or s3://) to vet relevance")
+    parser.add_argument("--relevance-top-k", type=int, default=5)
+    parser.add_argument("--min-shards", type=int, default=4)
+    parser.add_argument("--cache-dir", type=Path, default=Path(tempfile.gettempdir()) / "petal-cache")
+    args = parser.parse_args(argv)
+    try:
+        problems = [
+            (args.limit < 1, f"--limit {args.limit} must be at least 1"),
+            (args.limit > 100 and not args.chromedriver, f"--limit {args.limit} above 100 needs --chromedriver"),
+            (args.max_aspect < 1, f"--max-aspect {args.max_aspect} must be at least 1"),
+            (args.split in ("train", "valid", "test"), f"--split {args.split} would change an original split"),
+        ]
+        for bad, message in problems:
+            if bad:
+                raise AugmentError(message)
+        summary = augment(Storage.from_env(), parse_url(args.dataset), args)
+    except (AugmentError, StorageError, ValueError) as err:
+        print(f"augment_dataset: error: {err}", file=sys.stderr)
+        return 2 if isinstance(err, (AugmentError, ValueError)) else 1
+    print_report(summary)
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
