@@ -143,3 +143,21 @@ class SplitStream:
 
 def hash_seed(*parts: int) -> int:
     return random.Random("/".join(map(str, parts))).getrandbits(63)
+
+
+class ImageEpochs:
+    """Each epoch decodes and transforms its images afresh: the whole model runs on every batch."""
+
+    def __init__(self, model, train: SplitStream, val: SplitStream, *, image_size: int, seed: int, rank: int,
+                 world_size: int, batch_size: int, workers: int, pin_memory: bool):  # fmt: skip
+        self.trained = self.evaluated = model
+        self.train, self.val = train, val
+        self.image_size = image_size
+        self.common = dict(seed=seed, rank=rank, world_size=world_size, batch_size=batch_size, workers=workers,
+                           pin_memory=pin_memory)  # fmt: skip
+
+    def train_loader(self, epoch: int) -> DataLoader:
+        return self.train.loader(train_transform(self.image_size), epoch=epoch, shuffle=True, **self.common)
+
+    def val_loader(self, epoch: int) -> DataLoader:
+        return self.val.loader(eval_transform(self.image_size), epoch=epoch, shuffle=False, **self.common)

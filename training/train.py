@@ -28,8 +28,9 @@ from torch.distributed.algorithms.join import Join
 from torch.nn.parallel import DistributedDataParallel
 
 from training import checkpoint, plots
-from training.data import SplitStream, eval_transform, hash_seed, train_transform
+from training.data import ImageEpochs, SplitStream, hash_seed
 from training.distributed import World, all_reduce_sum, process_group
+from training.features import FeatureCache, FeatureEpochs, backbone_of
 from training.model import (
     ARCHS,
     FREEZE_CHOICES,
@@ -116,6 +117,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="mixed precision on CUDA (auto: bf16 where supported, else fp16); ignored on CPU",
     )
     p.add_argument(
+        "--no-feature-cache",
+        dest="feature_cache",
+        action="store_false",
+        help="with --freeze fc, recompute the backbone every epoch (the seed's way) instead of caching its features",
+    )
+    p.add_argument(
+        "--cache-views",
+        type=_bounded(int, 1, "whole number"),
+        default=4,
+        help="feature cache: the eval view plus N-1 augmented views per training image",
+    )
+    p.add_argument(
+        "--feature-cache-dir",
+        type=Path,
+        default=None,
+        help="keep cached features in this pod-local directory (default: in memory)",
+    )
+    p.add_argument(
         "--cache-dir",
         type=Path,
         default=Path(os.environ.get("PETAL_CACHE_DIR", "/tmp/petal-cache")),
@@ -150,8 +169,7 @@ def train_one_epoch(model, loader, optimizer, scaler, autocast, device, epoch, e
     # Join lets a rank with one batch fewer finish without leaving the others in an all-reduce.
     with Join([model]):
         for step, (images, labels, _) in enumerate(loader, 1):
-            images = images.to(device, non_blocking=True, memory_format=memory_format(device))
-            labels = labels.to(device, non_blocking=True)
+            images, labels = to_device(images, device), labels.to(device, non_blocking=True)
             with autocast():
                 logits = model(images)
                 loss = F.cross_entropy(logits, labels)
@@ -177,8 +195,7 @@ def evaluate(model: nn.Module, loader, num_classes: int, autocast, device) -> di
     sums = torch.zeros(4)  # loss * n, top-1 correct, top-5 correct, n
     per_class = torch.zeros(2, num_classes)  # correct, seen
     for images, labels, _ in loader:
-        images = images.to(device, non_blocking=True, memory_format=memory_format(device))
-        labels = labels.to(device, non_blocking=True)
+        images, labels = to_device(images, device), labels.to(device, non_blocking=True)
         with autocast():
             logits = model(images).float()
         top = logits.topk(min(5, num_classes), dim=1).indices
@@ -203,6 +220,12 @@ def evaluate(model: nn.Module, loader, num_classes: int, autocast, device) -> di
 
 def memory_format(device: torch.device) -> torch.memory_format:
     return torch.channels_last if device.type == "cuda" else torch.contiguous_format
+
+
+def to_device(inputs: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Images go channels_last on CUDA; cached feature vectors have no channels to reorder."""
+    inputs = inputs.to(device, non_blocking=True)
+    return inputs.contiguous(memory_format=memory_format(device)) if inputs.dim() == 4 else inputs
 
 
 def make_optimizer(args, params):
@@ -243,6 +266,21 @@ def write_results(storage: Storage, output: S3Url, history: list[dict], class_na
     return best
 
 
+def epoch_source(args, model, storage, data, index, train_splits, val_split, world, autocast):
+    """Where each epoch's batches come from: decoded images, or cached backbone features."""
+    device = world.device
+    train = SplitStream(storage, data, index, train_splits, args.cache_dir)
+    val = SplitStream(storage, data, index, [val_split], args.cache_dir)
+    if args.freeze == "fc" and args.feature_cache:
+        cache = FeatureCache(backbone_of(model), device, args.image_size, args.seed, batch_size=args.batch_size,
+                             workers=args.workers, autocast=autocast, directory=args.feature_cache_dir)  # fmt: skip
+        return FeatureEpochs(model, train, val, cache=cache, views=args.cache_views, seed=args.seed,
+                             rank=world.rank, world_size=world.world_size, batch_size=args.batch_size)  # fmt: skip
+    return ImageEpochs(model, train, val, image_size=args.image_size, seed=args.seed, rank=world.rank,
+                       world_size=world.world_size, batch_size=args.batch_size, workers=args.workers,
+                       pin_memory=device.type == "cuda")  # fmt: skip
+
+
 def run(args: argparse.Namespace) -> None:
     world = World.from_env()
     storage = Storage.from_env()
@@ -274,32 +312,22 @@ def run(args: argparse.Namespace) -> None:
             start_epoch, best_acc, history = resumed["epoch"], resumed["best_val_acc"], resumed["history"]
             if world.is_main:
                 log(f"resuming {output} after epoch {start_epoch} (best val_acc {best_acc:.4f})")
-        # Frozen BatchNorm statistics are identical everywhere, so only broadcast buffers that train.
-        ddp = DistributedDataParallel(
-            model,
-            device_ids=[device] if device.type == "cuda" else None,
-            forward_sync_buffers=args.freeze != "fc",
-        )
         autocast, needs_scaler = autocast_for(device, args.amp)
         scaler = torch.amp.GradScaler(device.type, enabled=needs_scaler)
-        train_data = SplitStream(storage, data, index, train_splits, args.cache_dir)
-        val_data = SplitStream(storage, data, index, [val_split], args.cache_dir)
-        common = dict(
-            rank=world.rank,
-            world_size=world.world_size,
-            batch_size=args.batch_size,
-            workers=args.workers,
-            pin_memory=device.type == "cuda",
-            seed=args.seed,
+        epochs = epoch_source(args, model, storage, data, index, train_splits, val_split, world, autocast)
+        # Frozen BatchNorm statistics are identical everywhere, so only broadcast buffers that train.
+        ddp = DistributedDataParallel(
+            epochs.trained,
+            device_ids=[device] if device.type == "cuda" else None,
+            forward_sync_buffers=args.freeze != "fc",
         )
 
         for epoch in range(start_epoch + 1, args.epochs + 1):
             started = time.monotonic()
             torch.manual_seed(hash_seed(args.seed, epoch, world.rank))
-            train_loader = train_data.loader(train_transform(args.image_size), epoch=epoch, shuffle=True, **common)
             stats = train_one_epoch(
                 ddp,
-                train_loader,
+                epochs.train_loader(epoch),
                 optimizer,
                 scaler,
                 autocast,
@@ -309,8 +337,7 @@ def run(args: argparse.Namespace) -> None:
                 args.log_every,
                 world.is_main,
             )
-            val_loader = val_data.loader(eval_transform(args.image_size), epoch=epoch, shuffle=False, **common)
-            stats |= evaluate(model, val_loader, len(class_names), autocast, device)
+            stats |= evaluate(epochs.evaluated, epochs.val_loader(epoch), len(class_names), autocast, device)
             record = {
                 "event": "epoch",
                 "epoch": epoch,
@@ -330,7 +357,7 @@ def run(args: argparse.Namespace) -> None:
                     "epoch": epoch,
                     "rng_state": torch.get_rng_state(),
                     "best_val_acc": best_acc,
-                    "config": vars(args) | {"cache_dir": str(args.cache_dir)},
+                    "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
                     "classes": class_names,
                     "history": history,
                 }

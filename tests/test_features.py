@@ -1,0 +1,124 @@
+"""The frozen-backbone feature cache is exact: it changes how often the backbone runs, not what the head learns."""
+
+from __future__ import annotations
+
+import copy
+from contextlib import nullcontext
+
+import pytest
+import torch
+import torch.nn.functional as F
+from support import SMALL_TRAINING, trainer, wait_ok
+from torch import nn
+
+from training import checkpoint
+from training.data import SplitStream
+from training.features import FeatureCache, ViewSamples, backbone_of, view_for
+from training.model import build_model, freeze
+from training.shards import read_index
+from training.storage import parse_url
+
+IMAGE_SIZE = 48
+
+
+@pytest.fixture()
+def model_and_refs(storage, synthetic_dataset, tmp_path):
+    torch.manual_seed(0)
+    model = build_model("resnet18", 5, None).eval()
+    freeze(model, "fc")
+    url = parse_url(synthetic_dataset)
+    stream = SplitStream(storage, url, read_index(storage, url), ["train"], tmp_path / "shards")
+    return model, stream.epoch_refs(seed=0, epoch=1, rank=0, world_size=1, shuffle=True)[:40]
+
+
+def make_cache(backbone: nn.Module, directory=None) -> FeatureCache:
+    return FeatureCache(backbone, torch.device("cpu"), IMAGE_SIZE, seed=3, batch_size=8, workers=0,
+                        autocast=nullcontext, directory=directory)  # fmt: skip
+
+
+class CountingBackbone(nn.Module):
+    def __init__(self, backbone: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+        self.images_seen = 0
+
+    def forward(self, images):
+        self.images_seen += len(images)
+        return self.backbone(images)
+
+
+def test_cached_features_are_what_the_full_model_computes_for_that_view(model_and_refs):
+    model, refs = model_and_refs
+    items = [(ref, view) for ref in refs[:6] for view in (0, 1, 2)]
+    features = make_cache(backbone_of(model)).features(items)
+    views = ViewSamples(items, IMAGE_SIZE, seed=3)
+    images = torch.stack([views[i] for i in range(len(items))])
+    with torch.no_grad():
+        torch.testing.assert_close(model.fc(features), model(images), atol=1e-5, rtol=1e-4)
+    assert not torch.equal(views[0], views[1]), "an augmented view differs from the eval view"
+    assert torch.equal(views[1], ViewSamples(items, IMAGE_SIZE, seed=3)[1]), "a view is the same image every time"
+
+
+def test_head_trained_from_cached_features_equals_head_trained_from_recomputed_ones(model_and_refs):
+    model, refs = model_and_refs
+    views = 3
+
+    def train_head(reuse_cache: bool) -> tuple[dict, int]:
+        head = copy.deepcopy(model.fc).train()
+        optimizer = torch.optim.Adam(head.parameters(), lr=1e-3)
+        backbone = CountingBackbone(backbone_of(model))
+        cache = make_cache(backbone)
+        for epoch in range(1, 5):
+            if not reuse_cache:
+                cache = make_cache(backbone)  # nothing kept: every epoch recomputes its views
+            order = refs[epoch:] + refs[:epoch]
+            loader = cache.loader(order, [view_for(0, epoch, ref.key, views) for ref in order], batch_size=8)
+            for features, labels, _ in loader:
+                optimizer.zero_grad()
+                F.cross_entropy(head(features), labels).backward()
+                optimizer.step()
+        return head.state_dict(), backbone.images_seen
+
+    cached, cached_images = train_head(reuse_cache=True)
+    recomputed, recomputed_images = train_head(reuse_cache=False)
+    for name, tensor in recomputed.items():
+        torch.testing.assert_close(cached[name], tensor, atol=1e-6, rtol=0)
+    assert recomputed_images == 4 * len(refs)
+    assert cached_images <= views * len(refs) and cached_images < recomputed_images
+
+
+def test_a_feature_cache_directory_is_reused_without_running_the_backbone(model_and_refs, tmp_path):
+    model, refs = model_and_refs
+    items = [(ref, 1) for ref in refs[:10]]
+    first = make_cache(backbone_of(model), tmp_path / "features").features(items)
+
+    class MustNotRun(nn.Module):
+        def forward(self, images):
+            raise AssertionError("the backbone ran although every feature was on disk")
+
+    again = make_cache(MustNotRun(), tmp_path / "features").features(items)
+    assert torch.equal(first, again)
+
+
+def test_two_ranks_transfer_learn_a_head_from_cached_features_of_a_frozen_backbone(
+    s3_env, synthetic_dataset, reference_run, run_dir, storage
+):
+    # The backbone comes from the reference run's checkpoint, as ImageNet weights would from MinIO.
+    reference_output, _ = reference_run
+    pretrained = f"{reference_output}/best.pt"
+    args = ["--data", synthetic_dataset, "--output", run_dir, *SMALL_TRAINING, "--freeze", "fc", "--epochs", "3",
+            "--pretrained", pretrained]  # fmt: skip
+    proc = trainer(s3_env, args)
+    wait_ok(proc)
+    epochs = [r for r in proc.json_lines() if r["event"] == "epoch"]
+    assert [r["train_samples"] for r in epochs] == [200, 200, 200]
+    assert max(r["val_acc"] for r in epochs) >= 0.9
+
+    source = checkpoint.deserialize(storage.read_bytes(parse_url(pretrained)))["model"]
+    best = checkpoint.deserialize(storage.read_bytes(parse_url(run_dir).join("best.pt")))["model"]
+    for name, tensor in source.items():
+        if not name.startswith("fc."):
+            assert torch.equal(best[name], tensor), f"{name} is frozen (BatchNorm statistics included)"
+    assert best["fc.weight"].shape == source["fc.weight"].shape and not torch.equal(
+        best["fc.weight"], source["fc.weight"]
+    )

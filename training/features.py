@@ -1,0 +1,135 @@
+"""The frozen-backbone feature cache: with `--freeze fc` only the head trains, so the backbone's
+output for a given image view never changes — compute it once, train the head from it every epoch.
+
+Views: view 0 is the deterministic evaluation view; views 1..K-1 are training augmentations
+(the seed's random rotation) drawn from an RNG seeded by (seed, sample, view), so a view is the same
+image whoever computes it and whenever. Each epoch, every training sample uses one of its K views,
+chosen by (seed, epoch, sample); validation always uses view 0. The cache lives per rank, in memory
+or, with `--feature-cache-dir`, in a local directory that survives a restart of the process.
+Because the cached features are exactly what the backbone computes for those views, the head
+trains exactly as it would from recomputed features (tests/test_features.py checks this).
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from training.data import SplitStream, decode_image, eval_transform, hash_seed, train_transform
+from training.shards import SampleRef, read_image_bytes
+
+
+def backbone_of(model: nn.Module) -> nn.Module:
+    """Everything before a torchvision ResNet's `fc`: image → pooled feature vector."""
+    return nn.Sequential(*(m for name, m in model.named_children() if name != "fc"), nn.Flatten(1))
+
+
+class ViewSamples(Dataset):
+    """(sample, view) pairs decoded and transformed into that exact view."""
+
+    def __init__(self, items: list[tuple[SampleRef, int]], image_size: int, seed: int):
+        self.items = items
+        self.seed = seed
+        self.eval_view = eval_transform(image_size)
+        self.train_view = train_transform(image_size)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        ref, view = self.items[i]
+        image = decode_image(read_image_bytes(ref))
+        if view == 0:
+            return self.eval_view(image)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(hash_seed(self.seed, ref.key, view))
+            return self.train_view(image)
+
+
+def view_for(seed: int, epoch: int, key: str, views: int) -> int:
+    return random.Random(f"{seed}/{epoch}/{key}").randrange(views)
+
+
+class FeatureCache:
+    def __init__(self, backbone: nn.Module, device: torch.device, image_size: int, seed: int, *,
+                 batch_size: int, workers: int, autocast, directory: Path | None = None):  # fmt: skip
+        self.backbone = backbone.eval()
+        self.device = device
+        self.image_size = image_size
+        self.seed = seed
+        self.batch_size = batch_size
+        self.workers = workers
+        self.autocast = autocast
+        self.directory = directory
+        self.memory: dict[tuple[str, int], torch.Tensor] = {}
+
+    def _path(self, key: str, view: int) -> Path:
+        return self.directory / f"{key}.view{view}.pt"
+
+    def _load(self, key: str, view: int) -> torch.Tensor | None:
+        if (key, view) not in self.memory and self.directory is not None and self._path(key, view).exists():
+            self.memory[key, view] = torch.load(self._path(key, view), weights_only=True)
+        return self.memory.get((key, view))
+
+    @torch.no_grad()
+    def _compute(self, items: list[tuple[SampleRef, int]]) -> None:
+        loader = DataLoader(ViewSamples(items, self.image_size, self.seed), batch_size=self.batch_size,
+                            num_workers=self.workers, prefetch_factor=4 if self.workers else None)  # fmt: skip
+        done = 0
+        for images in loader:
+            images = images.to(self.device, non_blocking=True)
+            if self.device.type == "cuda":
+                images = images.contiguous(memory_format=torch.channels_last)
+            with self.autocast():
+                features = self.backbone(images).float().cpu()
+            for (ref, view), feature in zip(items[done : done + len(features)], features, strict=True):
+                self.memory[ref.key, view] = feature.clone()
+                if self.directory is not None:
+                    self.directory.mkdir(parents=True, exist_ok=True)
+                    partial = self._path(ref.key, view).with_suffix(".partial")
+                    torch.save(feature.clone(), partial)
+                    partial.replace(self._path(ref.key, view))
+            done += len(features)
+
+    def features(self, items: list[tuple[SampleRef, int]]) -> torch.Tensor:
+        """The backbone features of each (sample, view), computing only what is not cached yet."""
+        missing = [(ref, view) for ref, view in items if self._load(ref.key, view) is None]
+        if missing:
+            self._compute(missing)
+        return torch.stack([self.memory[ref.key, view] for ref, view in items])
+
+    def loader(self, refs: list[SampleRef], views_of: list[int], batch_size: int) -> DataLoader:
+        """Batches of (features, label, index) in the order of `refs`, for train_one_epoch / evaluate."""
+        features = self.features(list(zip(refs, views_of, strict=True)))
+        labels = torch.tensor([ref.label for ref in refs], dtype=torch.long)
+        return DataLoader(TensorDataset(features, labels, torch.arange(len(refs))), batch_size=batch_size)
+
+
+class FeatureEpochs:
+    """`--freeze fc` with the cache: the head trains from cached backbone features of K views.
+
+    A rank keeps the same samples every epoch (the (seed, 0) cut of the split), so it computes
+    features for its own part only; the order within the rank and the view of each sample change
+    with the epoch."""
+
+    def __init__(self, model, train: SplitStream, val: SplitStream, *, cache: FeatureCache, views: int, seed: int,
+                 rank: int, world_size: int, batch_size: int):  # fmt: skip
+        self.trained = self.evaluated = model.fc
+        self.cache = cache
+        self.views = views
+        self.seed, self.rank, self.batch_size = seed, rank, batch_size
+        self.train_refs = train.epoch_refs(seed, 0, rank, world_size, shuffle=True)
+        self.val_refs = val.epoch_refs(seed, 0, rank, world_size, shuffle=False)
+
+    def train_loader(self, epoch: int) -> DataLoader:
+        order = list(self.train_refs)
+        random.Random(f"{self.seed}/{epoch}/{self.rank}").shuffle(order)
+        views = [view_for(self.seed, epoch, ref.key, self.views) for ref in order]
+        return self.cache.loader(order, views, self.batch_size)
+
+    def val_loader(self, epoch: int) -> DataLoader:
+        return self.cache.loader(self.val_refs, [0] * len(self.val_refs), self.batch_size)
