@@ -164,6 +164,7 @@ def autocast_for(device: torch.device, amp: str):
 
 def train_one_epoch(model, loader, optimizer, scaler, autocast, device, epoch, epochs, log_every, is_main) -> dict:
     set_train_mode(model.module)
+    started = time.monotonic()
     sums = torch.zeros(3)  # loss * n, correct, n
     steps = len(loader)
     # Join lets a rank with one batch fewer finish without leaving the others in an all-reduce.
@@ -186,6 +187,7 @@ def train_one_epoch(model, loader, optimizer, scaler, autocast, device, epoch, e
         "train_loss": total[0].item() / total[2].item(),
         "train_acc": total[1].item() / total[2].item(),
         "train_samples": int(total[2].item()),
+        "train_seconds": round(time.monotonic() - started, 3),
     }
 
 

@@ -1,0 +1,42 @@
+"""Runs petal's benchmarks; each prints a table and, with --json, writes every figure.
+
+    scripts/testbed.sh minio up && eval "$(scripts/testbed.sh env)"
+    python -m benchmarks data --json runs/bench/data.json
+    python -m benchmarks all --json runs/bench/all.json
+
+Names: data, feature_cache, ddp, all. What each measures and its goal: benchmarks/data.py and
+benchmarks/trainer_runs.py. Ratios, not absolute numbers, are what to compare across machines.
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+from benchmarks import data, trainer_runs
+
+BENCHMARKS = {"data": data.run, "feature_cache": trainer_runs.feature_cache, "ddp": trainer_runs.ddp}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
+    parser.add_argument("name", choices=[*BENCHMARKS, "all"])
+    parser.add_argument("--json", type=Path, help="write the figures here")
+    parser.add_argument("--workdir", help="scratch directory (default: a new temporary one)")
+    parser.add_argument("--rounds", type=int, default=2, help="data: rounds per contender, best kept")
+    parser.add_argument("--workers", type=int, default=2, help="data: DataLoader workers for every contender")
+    parser.add_argument("--images", type=int, default=480, help="data: images in the set")
+    parser.add_argument("--image-side", type=int, default=400, help="data: pixels per side of each JPEG")
+    parser.add_argument("--per-class", type=int, default=60, help="feature_cache, ddp: training images per class")
+    args = parser.parse_args()
+    if args.name != "all":
+        BENCHMARKS[args.name](args)
+        return
+    combined = {}
+    for name, run in BENCHMARKS.items():
+        combined[name] = run(argparse.Namespace(**{**vars(args), "json": None}))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(combined, indent=1))
+
+
+main()

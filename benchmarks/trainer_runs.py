@@ -1,0 +1,106 @@
+"""Benchmarks that time the trainer itself: the feature cache against the seed's recomputation, and
+DDP scaling on CPU. Each contender is a real `python -m training` (or torchrun) process on the same
+dataset in MinIO, run one after the other on the same machine.
+
+  feature_cache  12 epochs of --freeze fc: recomputing the backbone every epoch (--no-feature-cache,
+                 the seed's way) against the feature cache; both from the same pretrained backbone.
+                 speedup = ratio of the 12 epochs' wall time; acc_delta = cache - recompute (points
+                 of best validation accuracy). Goal: speedup >= 5, |acc_delta| <= 1 point.
+  ddp            training throughput (images/s of train_one_epoch, median of epochs after the first)
+                 of 2 ranks x 1 thread against 1 rank x 1 thread, same per-rank batch. Goal >= 1.7x.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from statistics import median
+
+from benchmarks.common import ROOT, make_images, report, run_script, storage_from_env
+from training.storage import parse_url
+
+DATASET = "s3://petal/bench/trainer-shapes"
+
+
+def prepare_dataset(workdir: Path, per_class: int) -> str:
+    images = make_images(workdir / "images", classes=8, per_class=per_class, size=128)
+    run_script("upload_dataset.py", str(images), DATASET)
+    return DATASET
+
+
+def clear(output: str) -> None:
+    storage = storage_from_env()
+    for url in storage.list(parse_url(output)):
+        storage.delete(url)
+
+
+def train(output: str, args: list[str], nproc: int = 1, threads: int | None = None) -> tuple[list[dict], float]:
+    """Runs the trainer to completion in a fresh --output; returns its epoch records and wall time."""
+    clear(output)
+    env = os.environ | ({"OMP_NUM_THREADS": str(threads)} if threads else {})
+    launcher = (
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc)]
+        if nproc > 1
+        else [sys.executable]
+    )
+    argv = [*launcher, "-m", "training", "--data", DATASET, "--output", output, "--arch", "resnet18", *args]
+    started = time.perf_counter()
+    result = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - started
+    if result.returncode != 0:
+        raise SystemExit(f"benchmarks: trainer failed:\n{result.stderr[-2000:]}")
+    records = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    return [r for r in records if r["event"] == "epoch"], wall
+
+
+def feature_cache(args) -> dict:
+    prepare_dataset(Path(args.workdir or tempfile.mkdtemp(prefix="petal-bench-fc-")), per_class=args.per_class)
+    common = ["--image-size", "160", "--batch-size", "32", "--workers", "1", "--epochs", "12", "--freeze", "fc"]
+    # A backbone that has learnt something, as ImageNet weights would have: a short full training.
+    backbone = "s3://petal/bench/fc-backbone"
+    train(backbone, ["--image-size", "160", "--batch-size", "32", "--workers", "1", "--epochs", "3",
+                     "--freeze", "none", "--pretrained", "none"])  # fmt: skip
+    pretrained = ["--pretrained", f"{backbone}/best.pt", "--lr", "0.01"]
+    runs = {
+        "recompute": train("s3://petal/bench/fc-recompute", [*common, *pretrained, "--no-feature-cache"]),
+        "feature_cache": train("s3://petal/bench/fc-cache", [*common, *pretrained]),
+    }
+    epoch_seconds = {name: sum(r["seconds"] for r in records) for name, (records, _) in runs.items()}
+    best = {name: max(r["val_acc"] for r in records) for name, (records, _) in runs.items()}
+    speedup = epoch_seconds["recompute"] / epoch_seconds["feature_cache"]
+    acc_delta = 100 * (best["feature_cache"] - best["recompute"])
+    rows = [(f"{name} 12 epochs (s)", f"{epoch_seconds[name]:7.1f}   best val_acc {best[name]:.3f}   "
+             f"process wall {runs[name][1]:.1f}s") for name in runs]  # fmt: skip
+    rows += [("speedup", f"{speedup:7.2f}x  (goal >= 5x{'' if speedup >= 5 else ', MISSED'})"),
+             ("acc_delta", f"{acc_delta:+7.2f} points  (goal within +-1)")]  # fmt: skip
+    result = {
+        "epoch_seconds": epoch_seconds,
+        "process_wall_seconds": {name: wall for name, (_, wall) in runs.items()},
+        "best_val_acc": best,
+        "speedup": speedup,
+        "acc_delta": acc_delta,
+        "goals": {"speedup": 5.0, "acc_delta_abs": 1.0},
+    }
+    return report("feature_cache", rows, result, args.json)
+
+
+def ddp(args) -> dict:
+    prepare_dataset(Path(args.workdir or tempfile.mkdtemp(prefix="petal-bench-ddp-")), per_class=args.per_class)
+    common = ["--image-size", "64", "--batch-size", "16", "--workers", "0", "--epochs", "3", "--freeze", "none",
+              "--pretrained", "none"]  # fmt: skip
+
+    def throughput(records: list[dict]) -> float:
+        return median([r["train_samples"] / r["train_seconds"] for r in records[1:]])
+
+    one, _ = train("s3://petal/bench/ddp-1", common, nproc=1, threads=1)
+    two, _ = train("s3://petal/bench/ddp-2", common, nproc=2, threads=1)
+    rate = {"1_rank": throughput(one), "2_ranks": throughput(two)}
+    scaling = rate["2_ranks"] / rate["1_rank"]
+    rows = [(f"{name} x 1 thread images/s", f"{value:7.1f}") for name, value in rate.items()]
+    rows.append(("scaling", f"{scaling:7.2f}x  (goal >= 1.7x{'' if scaling >= 1.7 else ', MISSED'})"))
+    return report("ddp", rows, {"images_per_s": rate, "scaling": scaling, "goals": {"scaling": 1.7}}, args.json)
