@@ -22,7 +22,7 @@ def main() -> None:
     parser.add_argument("name", choices=[*BENCHMARKS, "all"])
     parser.add_argument("--json", type=Path, help="write the figures here")
     parser.add_argument("--workdir", help="scratch directory (default: a new temporary one)")
-    parser.add_argument("--rounds", type=int, default=2, help="data: rounds per contender, best kept")
+    parser.add_argument("--rounds", type=int, default=3, help="data: rounds per contender, best kept")
     parser.add_argument("--workers", type=int, default=2, help="data: DataLoader workers for every contender")
     parser.add_argument("--images", type=int, default=480, help="data: images in the set")
     parser.add_argument("--image-side", type=int, default=400, help="data: pixels per side of each JPEG")

@@ -40,11 +40,6 @@ def make_images(out: Path, classes: int, per_class: int, size: int) -> Path:
     return out
 
 
-def best_of(rounds: int, measure: Callable[[], float]) -> float:
-    """The best of several rounds: on a shared machine noise only ever slows a contender down."""
-    return max(measure() for _ in range(rounds))
-
-
 def timed(fn: Callable[[], object]) -> float:
     started = time.perf_counter()
     fn()

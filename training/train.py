@@ -125,7 +125,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--cache-views",
         type=_bounded(int, 1, "whole number"),
-        default=4,
+        default=2,
         help="feature cache: the eval view plus N-1 augmented views per training image",
     )
     p.add_argument(
@@ -322,6 +322,7 @@ def run(args: argparse.Namespace) -> None:
             epochs.trained,
             device_ids=[device] if device.type == "cuda" else None,
             forward_sync_buffers=args.freeze != "fc",
+            gradient_as_bucket_view=True,  # gradients live in the all-reduce buckets: one copy fewer per step
         )
 
         for epoch in range(start_epoch + 1, args.epochs + 1):

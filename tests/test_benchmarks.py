@@ -1,0 +1,30 @@
+"""The benchmarks keep running and keep reporting what the README quotes (their numbers are not asserted)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from support import ROOT
+
+
+def test_the_data_benchmark_reports_every_contender_and_ratio(s3_env, tmp_path):
+    argv = [sys.executable, "-m", "benchmarks", "data", "--json", str(tmp_path / "data.json"), "--images", "32",
+            "--image-side", "96", "--rounds", "1", "--workers", "1", "--workdir", str(tmp_path)]  # fmt: skip
+    result = subprocess.run(argv, cwd=ROOT, env=s3_env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    figures = json.loads((tmp_path / "data.json").read_text())
+    assert set(figures["images_per_s"]) == {"shards", "imagefolder", "per_object_get", "decode_limit"}
+    assert all(value > 0 for value in figures["images_per_s"].values())
+    assert set(figures["ratios"]) == {"shards_vs_imagefolder", "shards_vs_per_object_get", "shards_vs_decode_limit"}
+    assert "shards_vs_imagefolder" in result.stdout
+
+
+def test_the_gpu_benchmark_runs_its_code_paths_on_cpu(tmp_path):
+    argv = [sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--smoke", "--json", str(tmp_path / "gpu.json")]
+    result = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    figures = json.loads((tmp_path / "gpu.json").read_text())
+    assert len(figures["train_img_per_s"]) == 6
+    assert figures["resnet152/fc_only"]["flowers_12_epoch_speedup"] > 1
