@@ -4,17 +4,22 @@
     python -m benchmarks data --json runs/bench/data.json
     python -m benchmarks all --json runs/bench/all.json
 
-Names: data, feature_cache, ddp, all. What each measures and its goal: benchmarks/data.py and
-benchmarks/trainer_runs.py. Ratios, not absolute numbers, are what to compare across machines.
+Names: data, feature_cache, ddp, submit, all. What each measures and its goal: benchmarks/data.py,
+benchmarks/trainer_runs.py, benchmarks/submitter.py. Ratios, not absolute numbers, are what to compare across machines.
 """
 
 import argparse
 import json
 from pathlib import Path
 
-from benchmarks import data, trainer_runs
+from benchmarks import data, submitter, trainer_runs
 
-BENCHMARKS = {"data": data.run, "feature_cache": trainer_runs.feature_cache, "ddp": trainer_runs.ddp}
+BENCHMARKS = {
+    "data": data.run,
+    "feature_cache": trainer_runs.feature_cache,
+    "ddp": trainer_runs.ddp,
+    "submit": submitter.run,
+}
 
 
 def main() -> None:

@@ -8,4 +8,5 @@ scripts/testbed.sh install all
 eval "$(scripts/testbed.sh env)"
 ruff check .
 ruff format --check .
+hadolint Dockerfile
 exec python -m pytest "$@"

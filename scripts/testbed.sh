@@ -2,7 +2,8 @@
 # petal's local test bed: a Python environment and a real MinIO server, built into a cache
 # outside the repo and keyed by version (scripts/versions.env), so a warm machine reuses them.
 #
-#   scripts/testbed.sh install [python|minio|all]   build/install what is missing (idempotent)
+#   scripts/testbed.sh install [python|minio|helm|all]   build/install what is missing (idempotent)
+#   scripts/testbed.sh install kube                 Kubernetes components from source (the cluster to come)
 #   scripts/testbed.sh minio up|down|status         a MinIO on a free loopback port, data in the state dir
 #   eval "$(scripts/testbed.sh env)"                endpoint, credentials and PATH for this shell
 #
@@ -31,6 +32,7 @@ PY
 }
 venv_dir() { echo "$CACHE/venv-$(python_key)"; }
 minio_bin() { echo "$CACHE/minio-$MINIO_VERSION/bin/minio"; }
+helm_bin() { echo "$CACHE/helm-$HELM_VERSION/bin/helm"; }
 
 install_python() {
   local venv; venv=$(venv_dir)
@@ -54,6 +56,45 @@ install_minio() {
   if [ -x "$(minio_bin)" ]; then say "minio $MINIO_VERSION is already built"; return; fi
   say "building minio $MINIO_VERSION with go install (a few minutes on a cold cache)"
   GOBIN="$(dirname "$(minio_bin)")" go install "$MINIO_MODULE@$MINIO_VERSION"
+}
+
+kube_dir() { echo "$CACHE/kubernetes-$KUBERNETES_VERSION"; }
+KUBE_COMMANDS="kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy kubectl"
+
+install_kube() {
+  local dir; dir=$(kube_dir)
+  if [ -f "$dir/.complete" ]; then say "kubernetes $KUBERNETES_VERSION is already built"; return; fi
+  say "building kubernetes $KUBERNETES_VERSION ($KUBE_COMMANDS) with go build: tens of minutes on a cold cache"
+  local src="$dir/src" staging_version="v0${KUBERNETES_VERSION#v1}"
+  mkdir -p "$src" "$dir/bin"
+  # k8s.io/kubernetes requires its staging modules at v0.0.0 through local replaces, which a module
+  # download does not carry; this wrapper module replaces each with its published release instead.
+  (
+    cd "$src"
+    go mod download k8s.io/kubernetes@"$KUBERNETES_VERSION"
+    local kube_mod; kube_mod=$(go mod download -json k8s.io/kubernetes@"$KUBERNETES_VERSION" | sed -n 's/.*"GoMod": "\(.*\)".*/\1/p')
+    {
+      echo "module petal.local/kubernetes-build"
+      echo "go 1.24.0"
+      echo "require k8s.io/kubernetes $KUBERNETES_VERSION"
+      echo "replace ("
+      sed -n 's#^\s*\(k8s.io/[a-z0-9-]*\) => ./staging/.*#\1 => \1 '"$staging_version"'#p' "$kube_mod"
+      echo ")"
+    } > go.mod
+    local packages=""
+    for command in $KUBE_COMMANDS; do packages="$packages k8s.io/kubernetes/cmd/$command"; done
+    # shellcheck disable=SC2086
+    go get $(for p in $packages; do echo "$p@$KUBERNETES_VERSION"; done)
+    # shellcheck disable=SC2086
+    CGO_ENABLED=0 go build -trimpath -ldflags "-s -w -X k8s.io/component-base/version.gitVersion=$KUBERNETES_VERSION" -o "$dir/bin/" $packages
+  )
+  touch "$dir/.complete"
+}
+
+install_helm() {
+  if [ -x "$(helm_bin)" ]; then say "helm $HELM_VERSION is already built"; return; fi
+  say "building helm $HELM_VERSION with go install"
+  GOBIN="$(dirname "$(helm_bin)")" go install "helm.sh/helm/v3/cmd/helm@$HELM_VERSION"
 }
 
 free_port() { "$PYTHON" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
@@ -98,7 +139,7 @@ minio_down() {
 
 print_env() {
   local dir="$STATE/minio" venv; venv=$(venv_dir)
-  echo "export PATH=\"$venv/bin:$(dirname "$(minio_bin)"):\$PATH\""
+  echo "export PATH=\"$venv/bin:$(dirname "$(minio_bin)"):$(dirname "$(helm_bin)"):\$PATH\""
   if [ -f "$dir/port" ] && [ -f "$dir/credentials" ]; then
     echo "export S3_ENDPOINT_URL=http://127.0.0.1:$(cat "$dir/port")"
     echo "export AWS_ACCESS_KEY_ID=$(sed -n 1p "$dir/credentials")"
@@ -121,8 +162,10 @@ case "${1:-}" in
     case "${2:-all}" in
       python) install_python ;;
       minio) install_minio ;;
-      all) install_python; install_minio ;;
-      *) die "unknown install target '${2}'; choose python, minio or all" ;;
+      kube) install_kube ;;
+      helm) install_helm ;;
+      all) install_python; install_minio; install_helm ;;
+      *) die "unknown install target '${2}'; choose python, minio, helm, kube or all" ;;
     esac ;;
   minio)
     case "${2:-}" in

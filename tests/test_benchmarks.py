@@ -28,3 +28,11 @@ def test_the_gpu_benchmark_runs_its_code_paths_on_cpu(tmp_path):
     figures = json.loads((tmp_path / "gpu.json").read_text())
     assert len(figures["train_img_per_s"]) == 6
     assert figures["resnet152/fc_only"]["flowers_12_epoch_speedup"] > 1
+
+
+def test_the_submit_benchmark_times_the_dry_run_without_torch(tmp_path):
+    argv = [sys.executable, "-m", "benchmarks", "submit", "--json", str(tmp_path / "submit.json")]
+    result = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    figures = json.loads((tmp_path / "submit.json").read_text())
+    assert figures["seconds"] > 0 and len(figures["all_seconds"]) == 5 and figures["imports_torch"] is False

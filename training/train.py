@@ -13,6 +13,7 @@ stdout carries one JSON record per epoch and, last, {"event": "done", ...}; prog
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import math
 import os
@@ -42,6 +43,13 @@ from training.model import (
 )
 from training.shards import read_index, split_names
 from training.storage import S3Url, Storage, StorageError, parse_url
+
+# torch 2.14 renamed DDP's broadcast_buffers; the pinned container base (torch 2.9) knows only the old name.
+SYNC_BUFFERS = next(
+    name
+    for name in ("forward_sync_buffers", "broadcast_buffers")
+    if name in inspect.signature(DistributedDataParallel).parameters
+)
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -321,7 +329,7 @@ def run(args: argparse.Namespace) -> None:
         ddp = DistributedDataParallel(
             epochs.trained,
             device_ids=[device] if device.type == "cuda" else None,
-            forward_sync_buffers=args.freeze != "fc",
+            **{SYNC_BUFFERS: args.freeze != "fc"},
             gradient_as_bucket_view=True,  # gradients live in the all-reduce buckets: one copy fewer per step
         )
 

@@ -1,0 +1,30 @@
+# The image every PyTorchJob pod runs: ENTRYPOINT `python -m training` (see `--help`).
+#   docker build -t petal:0.1.0 .
+#   docker build --build-arg BASE_IMAGE=petal-base:bookworm -t petal:dev .   # the local test bed's base
+# The base must provide python with pip; the pinned default brings torch and CUDA.
+ARG BASE_IMAGE=pytorch/pytorch:2.9.0-cuda12.8-cudnn9-runtime
+FROM ${BASE_IMAGE}
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PETAL_CACHE_DIR=/cache
+
+WORKDIR /opt/petal
+
+# Dependencies first, from pyproject.toml alone, so code changes do not reinstall them.
+COPY pyproject.toml README.md ./
+COPY training/__init__.py training/
+# Versions are pinned where they are declared, in pyproject.toml.
+# hadolint ignore=DL3013
+RUN pip install ".[train]"
+
+COPY training/ training/
+COPY scripts/predict.py scripts/collect_run.py scripts/
+RUN pip install --no-deps --force-reinstall . \
+    && mkdir -p /cache \
+    && chown 1000:1000 /cache
+
+USER 1000:1000
+ENTRYPOINT ["python", "-m", "training"]

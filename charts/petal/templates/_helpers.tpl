@@ -1,0 +1,136 @@
+{{/* The job's name: the release name, cut to a DNS-1035 label short enough for "<job>-worker-NN" pods. */}}
+{{- define "petal.name" -}}
+{{- .Release.Name | trunc 45 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "petal.labels" -}}
+app.kubernetes.io/name: petal
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/component: training
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
+{{- end -}}
+
+{{- define "petal.image" -}}
+{{- printf "%s:%s" .Values.image.repository (.Values.image.tag | default .Chart.AppVersion) -}}
+{{- end -}}
+
+{{- define "petal.secretName" -}}
+{{- if .Values.s3.createSecret }}{{ printf "%s-s3" (include "petal.name" .) }}{{ else }}{{ .Values.s3.existingSecret }}{{ end -}}
+{{- end -}}
+
+{{- define "petal.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}{{ .Values.serviceAccount.name | default (include "petal.name" .) }}{{ else }}{{ .Values.serviceAccount.name }}{{ end -}}
+{{- end -}}
+
+{{- define "petal.output" -}}
+{{- .Values.training.output | default (printf "%s/%s" (trimSuffix "/" .Values.training.outputPrefix) (include "petal.name" .)) -}}
+{{- end -}}
+
+{{/* Storage settings, the way the trainer and every petal tool read them; credentials only by secretKeyRef. */}}
+{{- define "petal.s3Env" -}}
+- name: S3_ENDPOINT_URL
+  value: {{ .Values.s3.endpoint | quote }}
+{{- with .Values.s3.region }}
+- name: AWS_REGION
+  value: {{ . | quote }}
+{{- end }}
+- name: AWS_ACCESS_KEY_ID
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "petal.secretName" . }}
+      key: AWS_ACCESS_KEY_ID
+- name: AWS_SECRET_ACCESS_KEY
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "petal.secretName" . }}
+      key: AWS_SECRET_ACCESS_KEY
+{{- end -}}
+
+{{- define "petal.podTemplate" -}}
+metadata:
+  labels:
+    {{- include "petal.labels" . | nindent 4 }}
+    {{- with .Values.podLabels }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+  {{- with .Values.podAnnotations }}
+  annotations:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+spec:
+  {{- with (include "petal.serviceAccountName" .) }}
+  serviceAccountName: {{ . }}
+  {{- end }}
+  {{- with .Values.priorityClassName }}
+  priorityClassName: {{ . }}
+  {{- end }}
+  {{- with .Values.imagePullSecrets }}
+  imagePullSecrets:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  securityContext:
+    {{- toYaml .Values.podSecurityContext | nindent 4 }}
+  containers:
+    - name: pytorch  # the name the PyTorchJob operator requires
+      image: {{ include "petal.image" . }}
+      imagePullPolicy: {{ .Values.image.pullPolicy }}
+      args:
+        - --data={{ .Values.training.data }}
+        - --output={{ include "petal.output" . }}
+        - --arch={{ .Values.training.arch }}
+        - --freeze={{ .Values.training.freeze }}
+        - --pretrained={{ .Values.training.pretrained }}
+        - --epochs={{ .Values.training.epochs }}
+        - --batch-size={{ .Values.training.batchSize }}
+        - --lr={{ .Values.training.lr }}
+        - --image-size={{ .Values.training.imageSize }}
+        - --workers={{ .Values.training.workers }}
+        {{- range .Values.training.extraArgs }}
+        - {{ . | quote }}
+        {{- end }}
+      env:
+        {{- include "petal.s3Env" . | nindent 8 }}
+        - name: PETAL_CACHE_DIR
+          value: /cache
+      resources:
+        requests:
+          {{- toYaml .Values.resources.requests | nindent 10 }}
+        {{- if or .Values.resources.limits .Values.gpusPerReplica }}
+        limits:
+          {{- with .Values.resources.limits }}
+          {{- toYaml . | nindent 10 }}
+          {{- end }}
+          {{- if .Values.gpusPerReplica }}
+          nvidia.com/gpu: {{ .Values.gpusPerReplica }}
+          {{- end }}
+        {{- end }}
+      securityContext:
+        {{- toYaml .Values.securityContext | nindent 8 }}
+      volumeMounts:
+        - name: dshm
+          mountPath: /dev/shm
+        - name: cache
+          mountPath: /cache
+  volumes:
+    - name: dshm
+      emptyDir:
+        medium: Memory
+        sizeLimit: {{ .Values.shmSize }}
+    - name: cache
+      emptyDir:
+        sizeLimit: {{ .Values.cacheSize }}
+  {{- with .Values.nodeSelector }}
+  nodeSelector:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with .Values.tolerations }}
+  tolerations:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with .Values.affinity }}
+  affinity:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+{{- end -}}

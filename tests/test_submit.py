@@ -1,0 +1,135 @@
+"""scripts/submit.py and charts/petal without a cluster: rendering, validation, exit codes, drift."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+from support import ROOT
+
+CHART = ROOT / "charts" / "petal"
+
+
+def submit(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "scripts" / "submit.py"), *args], cwd=ROOT,
+                          env=env or os.environ, capture_output=True, text=True, timeout=60)  # fmt: skip
+
+
+def helm(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["helm", *args], cwd=ROOT, capture_output=True, text=True, timeout=60)
+
+
+def job_of(text: str) -> dict:
+    (job,) = [d for d in yaml.safe_load_all(text) if d and d["kind"] == "PyTorchJob"]
+    return job
+
+
+def test_replicas_4_is_one_master_and_three_workers_running_the_trainer_as_non_root():
+    result = submit("--dry-run", "--replicas", "4", "--name", "flowers-1", "--dataset", "s3://data/flowers",
+                    "--arch", "resnet50", "--freeze", "layer4", "--epochs", "7", "--batch-size", "24", "--lr", "0.01",
+                    "--image", "registry.example:5000/petal:1.2", "--gpus-per-replica", "2")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    job = job_of(result.stdout)
+    specs = job["spec"]["pytorchReplicaSpecs"]
+    assert job["apiVersion"] == "kubeflow.org/v1" and job["metadata"]["name"] == "flowers-1"
+    assert specs["Master"]["replicas"] == 1 and specs["Worker"]["replicas"] == 3
+    for spec in specs.values():
+        pod = spec["template"]["spec"]
+        (container,) = pod["containers"]
+        assert container["name"] == "pytorch" and container["image"] == "registry.example:5000/petal:1.2"
+        assert container["args"][:9] == [
+            "--data=s3://data/flowers", "--output=s3://petal/runs/flowers-1", "--arch=resnet50", "--freeze=layer4",
+            "--pretrained=imagenet", "--epochs=7", "--batch-size=24", "--lr=0.01", "--image-size=224",
+        ]  # fmt: skip
+        assert container["resources"]["limits"]["nvidia.com/gpu"] == 2
+        assert pod["securityContext"]["runAsNonRoot"] and pod["securityContext"]["runAsUser"] != 0
+        assert container["securityContext"] == {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+        shm = next(v for v in pod["volumes"] if v["name"] == "dshm")
+        assert shm["emptyDir"]["medium"] == "Memory"
+        env = {e["name"]: e for e in container["env"]}
+        assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "petal-s3"
+        assert "value" not in env["AWS_ACCESS_KEY_ID"] and "value" not in env["AWS_SECRET_ACCESS_KEY"]
+        labels = spec["template"]["metadata"]["labels"]
+        assert labels["app.kubernetes.io/name"] == "petal" and labels["app.kubernetes.io/instance"] == "flowers-1"
+
+
+def test_one_replica_is_a_master_alone():
+    specs = job_of(submit("--dry-run", "--replicas", "1", "--name", "solo").stdout)["spec"]["pytorchReplicaSpecs"]
+    assert set(specs) == {"Master"}
+
+
+def test_the_submitter_renders_exactly_what_helm_renders(tmp_path):
+    values = tmp_path / "values.yaml"
+    values.write_text(yaml.safe_dump({"training": {"epochs": 3}, "nodeSelector": {"pool": "gpu"}}))
+    ours = submit("--dry-run", "--name", "same", "--replicas", "3", "--values", str(values), "--set", "shmSize=4Gi")
+    theirs = helm("template", "same", str(CHART), "--namespace", "default", "--skip-tests", "--values", str(values),
+                  "--set", "replicas=3", "--set", "shmSize=4Gi")  # fmt: skip
+    assert ours.returncode == 0 and theirs.returncode == 0, ours.stderr + theirs.stderr
+    assert [d for d in yaml.safe_load_all(ours.stdout) if d] == [d for d in yaml.safe_load_all(theirs.stdout) if d]
+
+
+def test_manifests_have_not_drifted_from_the_chart():
+    rendered = submit("--dry-run", "--name", "petal", "--replicas", "4")
+    committed = (ROOT / "manifests" / "pytorchjob.yaml").read_text()
+    assert list(yaml.safe_load_all(committed)) == list(yaml.safe_load_all(rendered.stdout)), (
+        "manifests/pytorchjob.yaml drifted from charts/petal: run scripts/render_manifests.sh"
+    )
+
+
+def test_the_dry_run_imports_neither_torch_nor_the_kubernetes_client():
+    result = subprocess.run([sys.executable, "-X", "importtime", str(ROOT / "scripts" / "submit.py"), "--dry-run"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    imported = {line.split("|")[-1].strip().split(".")[0] for line in result.stderr.splitlines() if "|" in line}
+    assert "yaml" in imported and not imported & {"torch", "kubernetes", "kubeflow"}
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--replicas", "0"], "'0' must be at least 1"),
+        (["--replicas", "-1"], "'-1' must be at least 1"),
+        (["--replicas", "abc"], "'abc' is not a whole number"),
+        (["--image", ""], "--image '' names no image"),
+        (["--arch", "resnet9"], "at '/training/arch': value must be one of"),
+        (["--name", "Flowers_1"], "--name 'Flowers_1' is not a DNS-1035 label"),
+        (["--gpus-per-replica", "-1"], "'-1' must be at least 0"),
+        (["--set", "traning.epochs=3"], "additional properties 'traning' not allowed"),
+        (["--set", "restartPolicy=Always"], "at '/restartPolicy': value must be one of 'OnFailure', 'ExitCode'"),
+        (["--dataset", "/data/flowers"], "--dataset '/data/flowers' is not an object-storage URL"),
+        (["--values", "{bad_values}"], "at '/replicas': minimum: got 0, want 1"),
+    ],
+)
+def test_bad_arguments_exit_2_with_one_line_before_any_cluster_is_contacted(tmp_path, args, expected):
+    bad_values = tmp_path / "bad.yaml"
+    bad_values.write_text("replicas: 0\n")
+    env = os.environ | {"KUBECONFIG": str(tmp_path / "no-cluster")}  # a cluster contact would exit 3, not 2
+    result = submit(*[a.format(bad_values=bad_values) for a in args], env=env)
+    assert result.returncode == 2, result.stderr
+    assert expected in result.stderr and result.stderr.strip().count("\n") == 0 and not result.stdout
+
+
+def test_no_kubeconfig_exits_3_and_says_so(tmp_path):
+    env = os.environ | {"KUBECONFIG": str(tmp_path / "absent"), "HOME": str(tmp_path)}
+    result = submit("--replicas", "2", env=env)
+    assert result.returncode == 3 and "no usable kubeconfig" in result.stderr
+
+
+@pytest.mark.parametrize("values", [None, *sorted((CHART / "ci").glob("*.yaml"))], ids=lambda v: v and v.name)
+def test_the_chart_lints_strictly(values):
+    result = helm("lint", "--strict", str(CHART), *(["--values", str(values)] if values else []))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_a_development_secret_is_rendered_only_when_asked_for():
+    plain = submit("--dry-run", "--name", "dev")
+    assert "kind: Secret" not in plain.stdout
+    made = submit("--dry-run", "--name", "dev", "--set", "s3.createSecret=true", "--set", "s3.accessKey=dev",
+                  "--set", "s3.secretKey=devsecret")  # fmt: skip
+    secret = next(d for d in yaml.safe_load_all(made.stdout) if d["kind"] == "Secret")
+    container = job_of(made.stdout)["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]
+    refs = {e["valueFrom"]["secretKeyRef"]["name"] for e in container["env"] if "valueFrom" in e}
+    assert refs == {secret["metadata"]["name"]}
