@@ -1,7 +1,8 @@
 # The image every PyTorchJob pod runs: ENTRYPOINT `python -m training` (see `--help`).
 #   docker build -t petal:0.1.0 .
 #   docker build --build-arg BASE_IMAGE=petal-base:bookworm -t petal:dev .   # the local test bed's base
-# The base must provide python with pip; the pinned default brings torch and CUDA.
+# The base must provide python with pip; the pinned default brings torch and CUDA. HOME is the
+# writable cache (an emptyDir in pods): torch hub weights and matplotlib's config land there.
 ARG BASE_IMAGE=pytorch/pytorch:2.9.0-cuda12.8-cudnn9-runtime
 FROM ${BASE_IMAGE}
 
@@ -9,7 +10,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    PETAL_CACHE_DIR=/cache
+    PETAL_CACHE_DIR=/cache \
+    HOME=/cache
 
 WORKDIR /opt/petal
 
