@@ -2,7 +2,7 @@
 # petal's local test bed: a Python environment and a real MinIO server, built into a cache
 # outside the repo and keyed by version (scripts/versions.env), so a warm machine reuses them.
 #
-#   scripts/testbed.sh install [python|minio|helm|all]   build/install what is missing (idempotent)
+#   scripts/testbed.sh install [python|minio|helm|chart-tools|all]   build what is missing (idempotent)
 #   scripts/testbed.sh install kube                 Kubernetes components from source (the cluster to come)
 #   scripts/testbed.sh minio up|down|status         a MinIO on a free loopback port, data in the state dir
 #   eval "$(scripts/testbed.sh env)"                endpoint, credentials and PATH for this shell
@@ -33,6 +33,9 @@ PY
 venv_dir() { echo "$CACHE/venv-$(python_key)"; }
 minio_bin() { echo "$CACHE/minio-$MINIO_VERSION/bin/minio"; }
 helm_bin() { echo "$CACHE/helm-$HELM_VERSION/bin/helm"; }
+helm_plugins() { echo "$CACHE/helm-plugins-$HELM_UNITTEST_VERSION"; }
+kubeconform_bin() { echo "$CACHE/kubeconform-$KUBECONFORM_VERSION/bin/kubeconform"; }
+schema_dir() { echo "$CACHE/schemas-training-operator-$TRAINING_OPERATOR_VERSION"; }
 
 install_python() {
   local venv; venv=$(venv_dir)
@@ -97,6 +100,35 @@ install_helm() {
   GOBIN="$(dirname "$(helm_bin)")" go install "helm.sh/helm/v3/cmd/helm@$HELM_VERSION"
 }
 
+# Chart checks: the helm-unittest plugin, kubeconform, and the PyTorchJob JSON schema made from the
+# training-operator's own CRD.
+install_chart_tools() {
+  local plugin; plugin="$(helm_plugins)/unittest"
+  if [ -x "$plugin/untt" ]; then
+    say "helm-unittest $HELM_UNITTEST_VERSION is already built"
+  else
+    say "building helm-unittest $HELM_UNITTEST_VERSION"
+    local src; src=$(go mod download -json "github.com/helm-unittest/helm-unittest@$HELM_UNITTEST_VERSION" | sed -n 's/.*"Dir": "\(.*\)".*/\1/p')
+    mkdir -p "$plugin"
+    # Its go.mod has replace directives, so it is built inside its module rather than go-installed.
+    (cd "$src" && go build -o "$plugin/untt" ./cmd/helm-unittest)
+    printf 'name: unittest\nversion: "%s"\nusage: unittest for helm charts\ndescription: helm-unittest, built from source\ncommand: "$HELM_PLUGIN_DIR/untt"\n' \
+      "${HELM_UNITTEST_VERSION#v}" > "$plugin/plugin.yaml"
+  fi
+  if [ -x "$(kubeconform_bin)" ]; then
+    say "kubeconform $KUBECONFORM_VERSION is already built"
+  else
+    say "building kubeconform $KUBECONFORM_VERSION"
+    GOBIN="$(dirname "$(kubeconform_bin)")" go install "github.com/yannh/kubeconform/cmd/kubeconform@$KUBECONFORM_VERSION"
+  fi
+  if [ -f "$(schema_dir)/pytorchjob-kubeflow.org-v1.json" ]; then
+    say "the PyTorchJob schema of training-operator $TRAINING_OPERATOR_VERSION is already made"
+  else
+    local operator; operator=$(go mod download -json "github.com/kubeflow/training-operator@$TRAINING_OPERATOR_VERSION" | sed -n 's/.*"Dir": "\(.*\)".*/\1/p')
+    "$(venv_dir)/bin/python" "$ROOT/scripts/crd_to_jsonschema.py" "$operator/manifests/base/crds/kubeflow.org_pytorchjobs.yaml" "$(schema_dir)"
+  fi
+}
+
 free_port() { "$PYTHON" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 pid_alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
 
@@ -139,7 +171,9 @@ minio_down() {
 
 print_env() {
   local dir="$STATE/minio" venv; venv=$(venv_dir)
-  echo "export PATH=\"$venv/bin:$(dirname "$(minio_bin)"):$(dirname "$(helm_bin)"):\$PATH\""
+  echo "export PATH=\"$venv/bin:$(dirname "$(minio_bin)"):$(dirname "$(helm_bin)"):$(dirname "$(kubeconform_bin)"):\$PATH\""
+  echo "export HELM_PLUGINS=\"$(helm_plugins)\""
+  echo "export PETAL_PYTORCHJOB_SCHEMAS=\"$(schema_dir)\""
   if [ -f "$dir/port" ] && [ -f "$dir/credentials" ]; then
     echo "export S3_ENDPOINT_URL=http://127.0.0.1:$(cat "$dir/port")"
     echo "export AWS_ACCESS_KEY_ID=$(sed -n 1p "$dir/credentials")"
@@ -164,8 +198,9 @@ case "${1:-}" in
       minio) install_minio ;;
       kube) install_kube ;;
       helm) install_helm ;;
-      all) install_python; install_minio; install_helm ;;
-      *) die "unknown install target '${2}'; choose python, minio, helm, kube or all" ;;
+      chart-tools) install_chart_tools ;;
+      all) install_python; install_minio; install_helm; install_chart_tools ;;
+      *) die "unknown install target '${2}'; choose python, minio, helm, chart-tools, kube or all" ;;
     esac ;;
   minio)
     case "${2:-}" in

@@ -133,3 +133,42 @@ def test_a_development_secret_is_rendered_only_when_asked_for():
     container = job_of(made.stdout)["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]
     refs = {e["valueFrom"]["secretKeyRef"]["name"] for e in container["env"] if "valueFrom" in e}
     assert refs == {secret["metadata"]["name"]}
+
+
+def test_the_helm_unittest_suites_pass():
+    result = helm("unittest", str(CHART))
+    assert result.returncode == 0 and "Tests:" in result.stdout, result.stdout + result.stderr
+
+
+def kubeconform(path) -> subprocess.CompletedProcess:
+    location = (
+        os.environ["PETAL_PYTORCHJOB_SCHEMAS"] + "/{{ .ResourceKind }}-{{ .Group }}-{{ .ResourceAPIVersion }}.json"
+    )
+    return subprocess.run(["kubeconform", "-strict", "-summary", "-schema-location", location, str(path)],
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        [],
+        ["--values", str(CHART / "ci" / "cpu-values.yaml")],
+        ["--values", str(CHART / "ci" / "gpu-values.yaml")],
+        ["--set", "elasticPolicy.minReplicas=2", "--set", "elasticPolicy.maxReplicas=4",
+         "--set", "schedulingPolicy.minAvailable=4", "--set", "runPolicy.activeDeadlineSeconds=3600"],
+    ],
+    ids=["defaults", "cpu-values", "gpu-values", "elastic-and-gang"],
+)  # fmt: skip
+def test_the_rendered_job_is_valid_against_the_training_operators_own_crd(args, tmp_path):
+    rendered = submit("--dry-run", "--name", "checked", "--replicas", "4", *args)
+    assert rendered.returncode == 0, rendered.stderr
+    (tmp_path / "job.yaml").write_text(rendered.stdout)
+    result = kubeconform(tmp_path / "job.yaml")
+    assert result.returncode == 0 and "Valid: 1, Invalid: 0" in result.stdout, result.stdout + result.stderr
+
+
+def test_the_crd_check_catches_a_field_the_operator_does_not_know(tmp_path):
+    rendered = submit("--dry-run", "--name", "checked").stdout
+    (tmp_path / "job.yaml").write_text(rendered.replace("  nprocPerNode:", "  nprocsPerNode:"))
+    result = kubeconform(tmp_path / "job.yaml")
+    assert result.returncode != 0 and "nprocsPerNode" in result.stdout
