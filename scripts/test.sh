@@ -9,4 +9,5 @@ eval "$(scripts/testbed.sh env)"
 ruff check .
 ruff format --check .
 hadolint Dockerfile
+actionlint
 exec python -m pytest "$@"

@@ -2,7 +2,7 @@
 # petal's local test bed: a Python environment and a real MinIO server, built into a cache
 # outside the repo and keyed by version (scripts/versions.env), so a warm machine reuses them.
 #
-#   scripts/testbed.sh install [python|minio|helm|chart-tools|all]   build what is missing (idempotent)
+#   scripts/testbed.sh install [python|minio|helm|lint-tools|all]   build what is missing (idempotent)
 #   scripts/testbed.sh install kube                 Kubernetes components from source (the cluster to come)
 #   scripts/testbed.sh minio up|down|status         a MinIO on a free loopback port, data in the state dir
 #   eval "$(scripts/testbed.sh env)"                endpoint, credentials and PATH for this shell
@@ -35,6 +35,7 @@ minio_bin() { echo "$CACHE/minio-$MINIO_VERSION/bin/minio"; }
 helm_bin() { echo "$CACHE/helm-$HELM_VERSION/bin/helm"; }
 helm_plugins() { echo "$CACHE/helm-plugins-$HELM_UNITTEST_VERSION"; }
 kubeconform_bin() { echo "$CACHE/kubeconform-$KUBECONFORM_VERSION/bin/kubeconform"; }
+actionlint_bin() { echo "$CACHE/actionlint-$ACTIONLINT_VERSION/bin/actionlint"; }
 schema_dir() { echo "$CACHE/schemas-training-operator-$TRAINING_OPERATOR_VERSION"; }
 
 install_python() {
@@ -100,9 +101,9 @@ install_helm() {
   GOBIN="$(dirname "$(helm_bin)")" go install "helm.sh/helm/v3/cmd/helm@$HELM_VERSION"
 }
 
-# Chart checks: the helm-unittest plugin, kubeconform, and the PyTorchJob JSON schema made from the
-# training-operator's own CRD.
-install_chart_tools() {
+# Lint tools: the helm-unittest plugin, kubeconform with the PyTorchJob JSON schema made from the
+# training-operator's own CRD, and actionlint for the GitHub workflow.
+install_lint_tools() {
   local plugin; plugin="$(helm_plugins)/unittest"
   if [ -x "$plugin/untt" ]; then
     say "helm-unittest $HELM_UNITTEST_VERSION is already built"
@@ -126,6 +127,12 @@ install_chart_tools() {
   else
     local operator; operator=$(go mod download -json "github.com/kubeflow/training-operator@$TRAINING_OPERATOR_VERSION" | sed -n 's/.*"Dir": "\(.*\)".*/\1/p')
     "$(venv_dir)/bin/python" "$ROOT/scripts/crd_to_jsonschema.py" "$operator/manifests/base/crds/kubeflow.org_pytorchjobs.yaml" "$(schema_dir)"
+  fi
+  if [ -x "$(actionlint_bin)" ]; then
+    say "actionlint $ACTIONLINT_VERSION is already built"
+  else
+    say "building actionlint $ACTIONLINT_VERSION"
+    GOBIN="$(dirname "$(actionlint_bin)")" go install "github.com/rhysd/actionlint/cmd/actionlint@$ACTIONLINT_VERSION"
   fi
 }
 
@@ -171,7 +178,7 @@ minio_down() {
 
 print_env() {
   local dir="$STATE/minio" venv; venv=$(venv_dir)
-  echo "export PATH=\"$venv/bin:$(dirname "$(minio_bin)"):$(dirname "$(helm_bin)"):$(dirname "$(kubeconform_bin)"):\$PATH\""
+  echo "export PATH=\"$venv/bin:$(dirname "$(minio_bin)"):$(dirname "$(helm_bin)"):$(dirname "$(kubeconform_bin)"):$(dirname "$(actionlint_bin)"):\$PATH\""
   echo "export HELM_PLUGINS=\"$(helm_plugins)\""
   echo "export PETAL_PYTORCHJOB_SCHEMAS=\"$(schema_dir)\""
   if [ -f "$dir/port" ] && [ -f "$dir/credentials" ]; then
@@ -198,9 +205,9 @@ case "${1:-}" in
       minio) install_minio ;;
       kube) install_kube ;;
       helm) install_helm ;;
-      chart-tools) install_chart_tools ;;
-      all) install_python; install_minio; install_helm; install_chart_tools ;;
-      *) die "unknown install target '${2}'; choose python, minio, helm, chart-tools, kube or all" ;;
+      lint-tools) install_lint_tools ;;
+      all) install_python; install_minio; install_helm; install_lint_tools ;;
+      *) die "unknown install target '${2}'; choose python, minio, helm, lint-tools, kube or all" ;;
     esac ;;
   minio)
     case "${2:-}" in

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# One small CPU training run through Kubernetes, against whatever cluster the current kubeconfig
+# points at and whatever object storage S3_ENDPOINT_URL (+ AWS_* credentials) points at from here:
+# synthetic images → upload → scripts/submit.py (PyTorchJob, gloo) → Succeeded → collected run in
+# runs/<name>/ → held-out images classified with its best.pt at >= 90 %.
+#
+#   PETAL_IMAGE=petal:dev PETAL_NAMESPACE=petal PETAL_POD_S3_ENDPOINT=http://minio.petal.svc.cluster.local:9000 \
+#     scripts/smoke.sh
+#
+# PETAL_IMAGE           training image the cluster can run (required)
+# PETAL_NAMESPACE       namespace holding the petal-s3 Secret (default petal)
+# PETAL_POD_S3_ENDPOINT storage endpoint as pods reach it (default: S3_ENDPOINT_URL)
+# PETAL_REPLICAS        pods (default 2)
+set -euo pipefail
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+: "${PETAL_IMAGE:?set PETAL_IMAGE to a training image the cluster can run}"
+: "${S3_ENDPOINT_URL:?set S3_ENDPOINT_URL and the AWS_* credentials for the object storage}"
+namespace=${PETAL_NAMESPACE:-petal}
+name="smoke-$(date +%Y%m%d-%H%M%S)"
+work="$ROOT/runs/$name"
+dataset="s3://petal/datasets/smoke-shapes"
+
+python scripts/make_synthetic_dataset.py "$work/data" --classes 4 --per-class 50 --eval-per-class 20 >/dev/null
+python scripts/upload_dataset.py "$work/data" "$dataset" | tail -n 1
+python scripts/submit.py --name "$name" --namespace "$namespace" --replicas "${PETAL_REPLICAS:-2}" \
+  --image "$PETAL_IMAGE" --values charts/petal/ci/cpu-values.yaml --dataset "$dataset" --epochs 5 \
+  --set "s3.endpoint=${PETAL_POD_S3_ENDPOINT:-$S3_ENDPOINT_URL}" --collect "$work" --timeout 1800 --follow
+
+python scripts/predict.py "$work/best.pt" "$work"/data/test/*/*.jpg --top-k 1 --json > "$work/predictions.jsonl"
+python - "$work" <<'PY'
+import json, pathlib, sys
+work = pathlib.Path(sys.argv[1])
+names = json.loads((work / "data" / "cat_to_name.json").read_text())
+rows = [json.loads(line) for line in (work / "predictions.jsonl").read_text().splitlines()]
+right = sum(r["top"][0]["class"] == names[pathlib.Path(r["image"]).parent.name] for r in rows)
+print(f"smoke: {right}/{len(rows)} held-out images right ({right / len(rows):.1%})")
+sys.exit(0 if right / len(rows) >= 0.9 else 1)
+PY
+echo "smoke: passed; the run is in $work"
