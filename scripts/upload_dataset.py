@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Turns a local image dataset into petal's tar shards + index.json in object storage.
 
-    python scripts/upload_dataset.py flower_data s3://datasets/flowers102
-    python scripts/upload_dataset.py ~/data/flowers-102 s3://datasets/flowers102-official
+    python scripts/upload_dataset.py flower_data s3://petal/datasets/flowers102
+    python scripts/upload_dataset.py ~/data/flowers-102 s3://petal/datasets/flowers102-official
 
 Layouts it understands (class names from an optional SRC/cat_to_name.json, else the class ids):
   seed         SRC/{train,valid[,test]}/<class-id>/*.jpg

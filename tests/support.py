@@ -138,18 +138,12 @@ def wait_ok(proc: Watched, timeout: float = 900) -> None:
     assert code == 0, f"exit {code}; stderr tail:\n" + "\n".join(proc.stderr[-30:])
 
 
+def torchrun(nproc: int, *target: str) -> list[str]:
+    return [TORCHRUN, "--nproc-per-node", str(nproc), "--master-port", str(free_port()), *target]
+
+
 def trainer(env: dict, args: list[str], nproc: int = 2) -> Watched:
-    argv = [
-        TORCHRUN,
-        "--nproc-per-node",
-        str(nproc),
-        "--master-port",
-        str(free_port()),
-        "-m",
-        "training",
-        *args,
-    ]
-    return Watched(argv, env)
+    return Watched(torchrun(nproc, "-m", "training", *args), env)
 
 
 def run_script(env: dict, script: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:

@@ -2,9 +2,9 @@
 
 One process per rank; rank 0 alone writes to --output. Runnable as it is:
 
-    python -m training --data s3://datasets/flowers102 --output s3://runs/flowers-1
+    python -m training --data s3://petal/datasets/flowers102 --output s3://petal/runs/flowers-1
     torchrun --nproc-per-node 2 -m training --arch resnet18 --freeze none --pretrained none \\
-        --image-size 64 --epochs 4 --data s3://datasets/synthetic --output s3://runs/synthetic-1
+        --image-size 64 --epochs 4 --data s3://petal/datasets/synthetic --output s3://petal/runs/synthetic-1
 
 If --output already holds a checkpoint, the run resumes from it (same command, same result).
 stdout carries one JSON record per epoch and, last, {"event": "done", ...}; progress goes to stderr.
@@ -86,11 +86,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description="Transfer-learn a ResNet on a petal dataset in object storage (DDP; resumes from --output).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--data", type=_s3_url, default="s3://datasets/flowers102", help="dataset prefix (index.json)")
+    p.add_argument("--data", type=_s3_url, default="s3://petal/datasets/flowers102", help="dataset prefix (index.json)")
     p.add_argument(
         "--output",
         type=_s3_url,
-        default="s3://runs/flowers102",
+        default="s3://petal/runs/flowers102",
         help="run directory; resumed if it holds a checkpoint",
     )
     p.add_argument("--train-splits", default="train", help="comma-separated splits to train on, e.g. train,augment")
