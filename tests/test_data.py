@@ -75,3 +75,27 @@ def test_a_corrupted_cached_shard_is_fetched_again_and_a_bad_download_refused(st
     with pytest.raises(StorageError, match="has sha256"):
         fetch_shard(storage, url, lying, tmp_path / "other")
     assert not list((tmp_path / "other").rglob("*.tar")), "a shard that fails its checksum must not stay cached"
+
+
+def test_storage_used_in_forked_dataloader_workers_returns_each_object_whole(storage):
+    from torch.utils.data import DataLoader, Dataset
+
+    from training.storage import S3Url
+
+    objects = {S3Url("petal", f"fork-test/{i}.bin"): bytes([i]) * (200_000 + i) for i in range(120)}
+    storage.ensure_bucket(next(iter(objects)))
+    for url, data in objects.items():
+        storage.write_bytes(url, data)
+    urls = list(objects)
+
+    class Objects(Dataset):
+        def __len__(self):
+            return len(urls)
+
+        def __getitem__(self, i):
+            return storage.read_bytes(urls[i]) == objects[urls[i]]
+
+    for _ in range(3):  # sharing a socket garbles responses only when requests overlap: give them chances
+        storage.read_bytes(urls[0])  # the parent's pool now holds a live connection the workers inherit
+        intact = [ok for batch in DataLoader(Objects(), batch_size=4, num_workers=4) for ok in batch.tolist()]
+        assert intact == [True] * len(urls)

@@ -116,23 +116,28 @@ class Storage:
             raise StorageError(f"S3_ENDPOINT_URL {endpoint_url!r} is not http(s)://HOST[:PORT]")
         self.endpoint_url = endpoint_url
         self.retry_seconds = retry_seconds
+        self._settings = dict(
+            endpoint=parsed.netloc,
+            access_key=access_key,
+            secret_key=secret_key,
+            region=region,
+            secure=parsed.scheme == "https",
+            cert_check=tls_verify,
+        )
+        self._ca_bundle = ca_bundle
+        self._connect()
+
+    def _connect(self) -> None:
         # Our own retry loop owns backoff; urllib3 must not hide failures behind its own.
         http = urllib3.PoolManager(
             timeout=urllib3.Timeout(connect=5, read=120),
             retries=urllib3.Retry(total=0, connect=0, read=0, redirect=0),
             maxsize=16,
-            cert_reqs="CERT_REQUIRED" if tls_verify else "CERT_NONE",
-            ca_certs=ca_bundle or certifi.where(),
+            cert_reqs="CERT_REQUIRED" if self._settings["cert_check"] else "CERT_NONE",
+            ca_certs=self._ca_bundle or certifi.where(),
         )
-        self.client = Minio(
-            parsed.netloc,
-            access_key=access_key,
-            secret_key=secret_key,
-            region=region,
-            secure=parsed.scheme == "https",
-            http_client=http,
-            cert_check=tls_verify,
-        )
+        self.client = Minio(**self._settings, http_client=http)
+        self._pid = os.getpid()
 
     @classmethod
     def from_env(cls) -> Storage:
@@ -149,6 +154,10 @@ class Storage:
 
     def _call(self, what: str, fn: Callable[[], T]) -> T:
         """Runs one storage operation, retrying transient failures with capped exponential backoff."""
+        if os.getpid() != self._pid:
+            # A forked child (a DataLoader worker) must not share its parent's pooled sockets: two
+            # processes reading one connection get each other's bytes.
+            self._connect()
         deadline = time.monotonic() + self.retry_seconds
         delay = 0.5
         attempt = 1
