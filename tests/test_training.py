@@ -194,3 +194,11 @@ def test_resuming_with_a_dataset_of_other_classes_is_refused(reference_run, s3_e
     output, _ = reference_run
     line = one_line_failure(s3_env, "--data", "s3://petal/datasets/three-classes", "--output", output, *SMALL_TRAINING)
     assert "has 3 classes but the checkpoint" in line and "trained on 5" in line
+
+
+def test_sigterm_ends_the_run_with_143_which_an_exitcode_restart_policy_retries(s3_env, synthetic_dataset, run_dir):
+    proc = Watched([sys.executable, "-m", "training", "--data", synthetic_dataset, "--output", run_dir,
+                    *SMALL_TRAINING], s3_env)  # fmt: skip
+    proc.wait_for_line(r"epoch 1/4 step 2/", timeout=300)
+    os.kill(proc.proc.pid, signal.SIGTERM)
+    assert proc.wait(120) == 143

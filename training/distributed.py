@@ -78,13 +78,3 @@ def all_reduce_sum(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     reduced = tensor.to(device, dtype=torch.float64)
     dist.all_reduce(reduced, op=dist.ReduceOp.SUM)
     return reduced.cpu()
-
-
-def broadcast_object(obj: object, src: int = 0) -> object:
-    holder = [obj]
-    dist.broadcast_object_list(holder, src=src)
-    return holder[0]
-
-
-def barrier() -> None:
-    dist.barrier()

@@ -17,6 +17,7 @@ import inspect
 import json
 import math
 import os
+import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -395,6 +396,9 @@ def run(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # SIGTERM (pod deletion, torchrun stopping a failed world) unwinds like an exception, so the process
+    # group is left cleanly; 143 tells a PyTorchJob with restartPolicy ExitCode to retry.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
         run(args)
     except (StorageError, PretrainedWeightsError, ValueError) as err:
