@@ -251,24 +251,29 @@ def pod_event_lines(cluster: Cluster, pod: str, warnings_only: bool = False) -> 
 
 
 def follow_master_log(cluster: Cluster, name: str) -> None:
-    """Streams the master's log once its container runs (and again after a restart)."""
+    """Streams the master's log to stderr once its container runs, and again after each restart."""
+    from kubernetes.client.exceptions import ApiException
+    from urllib3.exceptions import HTTPError
+
     pod = f"{name}-master-0"
 
     def stream():
-        seen_restarts = -1
+        streamed_restarts = -1
         while True:
             try:
                 status = cluster.core.read_namespaced_pod(pod, cluster.namespace).status
-            except cluster.client.exceptions.ApiException:
-                status = None
-            restarts = status.container_statuses[0].restart_count if status and status.container_statuses else -1
-            running = status is not None and status.phase in ("Running", "Succeeded", "Failed")
-            if running and restarts != seen_restarts:
-                seen_restarts = restarts
-                response = cluster.core.read_namespaced_pod_log(pod, cluster.namespace, container="pytorch",
-                                                                follow=True, _preload_content=False)  # fmt: skip
-                for line in response.stream():
-                    sys.stderr.write(line.decode(errors="replace"))
+                statuses = status.container_statuses or []
+                running = [s for s in statuses if s.name == "pytorch" and (s.state.running or s.state.terminated)]
+                if running and running[0].restart_count != streamed_restarts:
+                    streamed_restarts = running[0].restart_count
+                    response = cluster.core.read_namespaced_pod_log(pod, cluster.namespace, container="pytorch",
+                                                                    follow=True, _preload_content=False)  # fmt: skip
+                    for line in response.stream():
+                        sys.stderr.write(line.decode(errors="replace"))
+            except (ApiException, HTTPError) as err:
+                # Not there yet, or the kubelet cannot serve logs: keep polling, the wait goes on regardless.
+                reason = getattr(err, "reason", None) or type(err).__name__
+                print(f"submit: cannot follow {pod} yet ({reason})", file=sys.stderr)
             time.sleep(2)
 
     threading.Thread(target=stream, daemon=True).start()
