@@ -3,7 +3,9 @@
 # outside the repo and keyed by version (scripts/versions.env), so a warm machine reuses them.
 #
 #   scripts/testbed.sh install [python|minio|helm|lint-tools|all]   build what is missing (idempotent)
-#   scripts/testbed.sh install kube                 Kubernetes components from source (the cluster to come)
+#   scripts/testbed.sh install cluster              Debian packages + Kubernetes, CoreDNS, training-operator builds
+#   scripts/testbed.sh cluster up|down|status       a one-node cluster from those programs (scripts/cluster.sh)
+#   scripts/testbed.sh load-image IMAGE             a local Docker image into the cluster's containerd
 #   scripts/testbed.sh minio up|down|status         a MinIO on a free loopback port, data in the state dir
 #   eval "$(scripts/testbed.sh env)"                endpoint, credentials and PATH for this shell
 #
@@ -136,6 +138,9 @@ install_lint_tools() {
   fi
 }
 
+# shellcheck source=cluster.sh
+source "$ROOT/scripts/cluster.sh"
+
 free_port() { "$PYTHON" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 pid_alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
 
@@ -181,6 +186,10 @@ print_env() {
   echo "export PATH=\"$venv/bin:$(dirname "$(minio_bin)"):$(dirname "$(helm_bin)"):$(dirname "$(kubeconform_bin)"):$(dirname "$(actionlint_bin)"):\$PATH\""
   echo "export HELM_PLUGINS=\"$(helm_plugins)\""
   echo "export PETAL_PYTORCHJOB_SCHEMAS=\"$(schema_dir)\""
+  if [ -f "$(cluster_dir)/kubeconfig" ]; then
+    echo "export KUBECONFIG=\"$(cluster_dir)/kubeconfig\""
+    echo "export PATH=\"$(kube_dir)/bin:\$PATH\""
+  fi
   if [ -f "$dir/port" ] && [ -f "$dir/credentials" ]; then
     echo "export S3_ENDPOINT_URL=http://127.0.0.1:$(cat "$dir/port")"
     echo "export AWS_ACCESS_KEY_ID=$(sed -n 1p "$dir/credentials")"
@@ -206,8 +215,9 @@ case "${1:-}" in
       kube) install_kube ;;
       helm) install_helm ;;
       lint-tools) install_lint_tools ;;
+      cluster) install_cluster ;;
       all) install_python; install_minio; install_helm; install_lint_tools ;;
-      *) die "unknown install target '${2}'; choose python, minio, helm, lint-tools, kube or all" ;;
+      *) die "unknown install target '${2}'; choose python, minio, helm, lint-tools, kube, cluster or all" ;;
     esac ;;
   minio)
     case "${2:-}" in
@@ -216,7 +226,15 @@ case "${1:-}" in
       status) status ;;
       *) die "usage: scripts/testbed.sh minio up|down|status" ;;
     esac ;;
+  cluster)
+    case "${2:-}" in
+      up) cluster_up ;;
+      down) cluster_down ;;
+      status) cluster_status ;;
+      *) die "usage: scripts/testbed.sh cluster up|down|status" ;;
+    esac ;;
+  load-image) [ -n "${2:-}" ] || die "usage: scripts/testbed.sh load-image IMAGE"; load_image "$2" ;;
   env) print_env ;;
   status) status ;;
-  *) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; [ -z "${1:-}" ] || die "unknown command '$1'"; exit 2 ;;
+  *) sed -n '2,/^set -euo/p' "$0" | grep '^#' | sed 's/^# \{0,1\}//'; [ -z "${1:-}" ] || die "unknown command '$1'"; exit 2 ;;
 esac
