@@ -288,10 +288,13 @@ def explain_failure(cluster: Cluster, training, name: str) -> None:
         )
         if not failed:
             continue
-        print(f"--- {pod.metadata.name} ({pod.status.phase}): last log lines", file=sys.stderr)
+        # A container that failed and was restarted holds its failure in the previous instance's log.
+        restarted = any(s.name == "pytorch" and s.restart_count and not s.state.terminated for s in statuses)
+        which = "previous container's" if restarted else "last"
+        print(f"--- {pod.metadata.name} ({pod.status.phase}): {which} log lines", file=sys.stderr)
         try:
             log = cluster.core.read_namespaced_pod_log(pod.metadata.name, cluster.namespace, container="pytorch",
-                                                       tail_lines=30)  # fmt: skip
+                                                       tail_lines=30, previous=restarted)  # fmt: skip
         except cluster.client.exceptions.ApiException as err:
             log = f"(no log: {err.reason})"
         print(log.rstrip(), file=sys.stderr)
