@@ -100,6 +100,7 @@ class SplitStream:
         self.storage = storage
         self.dataset = dataset
         self.cache_dir = cache_dir
+        self._verified: dict[str, Path] = {}  # shard name → local copy already checked against its sha256
         # Several splits (train + augment) stream as one: their shards are simply pooled.
         self.shards = [shard for name in splits for shard in index["splits"][name]["shards"]]
         self.samples = sum(index["splits"][name]["samples"] for name in splits)
@@ -107,11 +108,17 @@ class SplitStream:
     def epoch_refs(self, seed: int, epoch: int, rank: int, world_size: int, shuffle: bool) -> list[SampleRef]:
         share = rank_share(self.shards, seed, epoch, rank, world_size, shuffle)
         with ThreadPoolExecutor(max_workers=8) as pool:
-            paths = list(pool.map(lambda s: fetch_shard(self.storage, self.dataset, s[0], self.cache_dir), share))
+            paths = list(pool.map(lambda s: self._local(s[0]), share))
         refs = [ref for path, (_, first, last) in zip(paths, share, strict=True) for ref in _table(path)[first:last]]
         if shuffle:
             random.Random(f"{seed}/{epoch}/{rank}").shuffle(refs)
         return refs
+
+    def _local(self, shard: dict) -> Path:
+        """The shard's verified local copy; hashing it once per process, not once per epoch."""
+        if shard["name"] not in self._verified:
+            self._verified[shard["name"]] = fetch_shard(self.storage, self.dataset, shard, self.cache_dir)
+        return self._verified[shard["name"]]
 
     def loader(
         self,
