@@ -16,6 +16,8 @@ POD_GATEWAY=10.244.0.1
 SERVICE_CIDR=10.96.0.0/16
 DNS_IP=10.96.0.10
 NODE_NAME=petal-node
+# The kubeconfig's default namespace, where the MinIO Service and the petal-s3 Secret are published.
+PETAL_NAMESPACE=petal
 WEBHOOK_CERTS=/tmp/k8s-webhook-server/serving-certs
 CLUSTER_APT="docker.io containerd runc containernetworking-plugins etcd-server mmdebstrap iptables iproute2 openssl"
 
@@ -67,17 +69,37 @@ wait_for() {
   done
 }
 
+# dockerd serves every state dir and outlives clusters (its images are a cache), so it is recorded
+# beside the cache rather than in a cluster's state, and `cluster down` leaves it running.
 docker_up() {
   docker info >/dev/null 2>&1 && return
-  start dockerd dockerd --storage-driver=overlay2
-  wait_for "dockerd" 60 "$(cluster_dir)/dockerd.log" docker info
+  local dir="$CACHE/dockerd"
+  mkdir -p "$dir"
+  nohup dockerd --storage-driver=overlay2 > "$dir/log" 2>&1 < /dev/null &
+  echo $! > "$dir/pid"
+  wait_for "dockerd" 60 "$dir/log" docker info
+}
+
+# The project Dockerfile on the local base image: what the cluster's PyTorchJobs run. Loaded into the
+# cluster when one is up. The image it replaces (6 GB of CUDA wheels) is removed once untagged.
+build_image() {
+  local image=$1 previous
+  docker_up
+  build_images
+  previous=$(docker image inspect -f '{{.Id}}' "$image" 2>/dev/null || true)
+  say "building $image from $ROOT/Dockerfile on $BASE_IMAGE"
+  docker build --network host --build-arg BASE_IMAGE="$BASE_IMAGE" -t "$image" "$ROOT" >&2
+  if [ -n "$previous" ] && [ "$previous" != "$(docker image inspect -f '{{.Id}}' "$image")" ]; then
+    docker rmi "$previous" >/dev/null 2>&1 || true
+  fi
+  if cluster_running; then load_image "$image"; fi
 }
 
 # Images the cluster needs and cannot pull: pause (from the kubernetes module's pause.c), a Debian
 # base with Python in /opt/venv (the project Dockerfile builds on it), and the operator's init image
 # (it runs nslookup until the master resolves).
 build_images() {
-  local work; work=$(cluster_dir)/images
+  local work="$CACHE/image-build"
   mkdir -p "$work"
   if ! docker image inspect "registry.k8s.io/pause:$PAUSE_VERSION" >/dev/null 2>&1; then
     mkdir -p "$work/pause"
@@ -138,7 +160,7 @@ apiVersion: v1
 kind: Config
 clusters: [{name: petal, cluster: {server: "https://127.0.0.1:6443", certificate-authority: $dir/pki/ca.crt}}]
 users: [{name: admin, user: {client-certificate: $dir/pki/admin.crt, client-key: $dir/pki/admin.key}}]
-contexts: [{name: petal, context: {cluster: petal, user: admin}}]
+contexts: [{name: petal, context: {cluster: petal, user: admin, namespace: $PETAL_NAMESPACE}}]
 current-context: petal
 EOF
   cat > "$dir/containerd/config.toml" <<EOF
@@ -224,6 +246,23 @@ endpoints: [{addresses: [$(node_ip)]}]
 EOF
 }
 
+cluster_running() { [ -f "$(cluster_dir)/kubeconfig" ] && kctl get --raw /readyz >/dev/null 2>&1; }
+
+# Pods reach the test bed's MinIO as http://minio.petal.svc.cluster.local:9000 (the chart's default
+# endpoint, and the name manifests/minio-dev.yaml gives it on a real cluster) through a Service backed
+# by this host, and get its credentials from the Secret petal-s3 (the chart's default existingSecret).
+# Called by `minio up` and `cluster up`, whichever comes second.
+publish_minio() {
+  local minio="$STATE/minio"
+  cluster_running && pid_alive "$minio/pid" || return 0
+  kctl create namespace "$PETAL_NAMESPACE" --dry-run=client -o yaml | kctl apply -f - >/dev/null
+  host_service "$PETAL_NAMESPACE" minio 9000 "$(cat "$minio/port")" TCP
+  kctl -n "$PETAL_NAMESPACE" create secret generic petal-s3 --dry-run=client -o yaml \
+    --from-env-file=<(printf 'AWS_ACCESS_KEY_ID=%s\nAWS_SECRET_ACCESS_KEY=%s\n' "$(sed -n 1p "$minio/credentials")" "$(sed -n 2p "$minio/credentials")") \
+    | kctl apply -f - >/dev/null
+  say "pods reach this MinIO at http://minio.$PETAL_NAMESPACE.svc.cluster.local:9000 (Secret $PETAL_NAMESPACE/petal-s3)"
+}
+
 cluster_up() {
   local dir; dir=$(cluster_dir)
   [ -x "$(operator_bin)" ] || die "the cluster is not built: run scripts/testbed.sh install cluster"
@@ -284,6 +323,7 @@ cluster_up() {
     kctl -n kubeflow get secret training-operator-webhook-cert -o jsonpath="{.data.${file//./\\.}}" | base64 -d > "$WEBHOOK_CERTS/$file"
   done
   wait_for "the training-operator" 60 "$dir/training-operator.log" grep -q '"controller": "pytorchjob-controller", "worker count"' "$dir/training-operator.log"
+  publish_minio
   say "cluster up: node $NODE_NAME Ready, DNS at $DNS_IP, training-operator $TRAINING_OPERATOR_VERSION running"
   say "use it: eval \"\$(scripts/testbed.sh env)\"; kubectl get nodes   (logs: $dir/*.log)"
 }
@@ -314,4 +354,5 @@ cluster_status() {
     printf '%-24s %s (pid %s, log %s)\n' "$name" "$(kill -0 "$pid" 2>/dev/null && echo running || echo STOPPED)" "$pid" "$dir/$name.log"
   done < "$dir/pids"
   echo "kube-apiserver https://127.0.0.1:6443, DNS $DNS_IP, pods $POD_CIDR (gateway $POD_GATEWAY), kubeconfig $dir/kubeconfig"
+  echo "namespace $PETAL_NAMESPACE: MinIO as http://minio.$PETAL_NAMESPACE.svc.cluster.local:9000 when \`minio up\` runs with this state dir"
 }

@@ -5,8 +5,10 @@
 #   scripts/testbed.sh install [python|minio|helm|lint-tools|all]   build what is missing (idempotent)
 #   scripts/testbed.sh install cluster              Debian packages + Kubernetes, CoreDNS, training-operator builds
 #   scripts/testbed.sh cluster up|down|status       a one-node cluster from those programs (scripts/cluster.sh)
+#   scripts/testbed.sh build-image [IMAGE]          the Dockerfile on the local base (default petal:dev), loaded if a cluster is up
 #   scripts/testbed.sh load-image IMAGE             a local Docker image into the cluster's containerd
-#   scripts/testbed.sh minio up|down|status         a MinIO on a free loopback port, data in the state dir
+#   scripts/testbed.sh minio up|down|status         a MinIO on a free port, data in the state dir; a running
+#                                                   cluster's pods reach it as http://minio.petal.svc.cluster.local:9000
 #   eval "$(scripts/testbed.sh env)"                endpoint, credentials and PATH for this shell
 #
 # PETAL_CACHE (default ~/.cache/petal) holds builds; PETAL_STATE (default $PETAL_CACHE/state) holds
@@ -141,7 +143,7 @@ install_lint_tools() {
 # shellcheck source=cluster.sh
 source "$ROOT/scripts/cluster.sh"
 
-free_port() { "$PYTHON" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+free_port() { "$PYTHON" -c 'import socket; s=socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])'; }
 pid_alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
 
 minio_up() {
@@ -155,8 +157,9 @@ minio_up() {
   fi
   local port=${PETAL_MINIO_PORT:-$(cat "$dir/port" 2>/dev/null || free_port)}
   echo "$port" > "$dir/port"
+  # Every interface, not just loopback: the cluster's pods come in through the node's address.
   MINIO_ROOT_USER=$(sed -n 1p "$dir/credentials") MINIO_ROOT_PASSWORD=$(sed -n 2p "$dir/credentials") \
-    MINIO_BROWSER=off nohup "$(minio_bin)" server --quiet --address "127.0.0.1:$port" "$dir/data" \
+    MINIO_BROWSER=off nohup "$(minio_bin)" server --quiet --address ":$port" "$dir/data" \
     > "$dir/log" 2>&1 < /dev/null &
   echo $! > "$dir/pid"
   local deadline=$((SECONDS + 60))
@@ -166,6 +169,7 @@ minio_up() {
     sleep 0.2
   done
   say "minio ready on http://127.0.0.1:$port (pid $(cat "$dir/pid"), data $dir/data)"
+  publish_minio
 }
 
 minio_down() {
@@ -205,6 +209,8 @@ status() {
     echo "minio: stopped"
   fi
   echo "python env: $(venv_dir) $([ -f "$(venv_dir)/.complete" ] && echo installed || echo missing)"
+  if docker info >/dev/null 2>&1; then echo "dockerd: running$(pid_alive "$CACHE/dockerd/pid" && echo ", started by the test bed, log $CACHE/dockerd/log")"; else echo "dockerd: stopped"; fi
+  cluster_status
 }
 
 case "${1:-}" in
@@ -233,6 +239,7 @@ case "${1:-}" in
       status) cluster_status ;;
       *) die "usage: scripts/testbed.sh cluster up|down|status" ;;
     esac ;;
+  build-image) build_image "${2:-petal:dev}" ;;
   load-image) [ -n "${2:-}" ] || die "usage: scripts/testbed.sh load-image IMAGE"; load_image "$2" ;;
   env) print_env ;;
   status) status ;;
