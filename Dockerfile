@@ -15,12 +15,14 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 WORKDIR /opt/petal
 
-# Dependencies first, from pyproject.toml alone, so code changes do not reinstall them.
-COPY pyproject.toml README.md ./
-COPY training/__init__.py training/
+# Dependencies first, from pyproject.toml alone, so code changes do not reinstall them: the README
+# (pyproject's readme) and the package are empty stand-ins until the real ones are copied below.
+COPY pyproject.toml ./
 # Versions are pinned where they are declared, in pyproject.toml.
 # hadolint ignore=DL3013
-RUN pip install ".[train]"
+RUN mkdir training \
+    && touch README.md training/__init__.py \
+    && pip install ".[train]"
 
 COPY training/ training/
 COPY scripts/predict.py scripts/collect_run.py scripts/
