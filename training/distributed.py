@@ -33,6 +33,10 @@ class World:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    @property
+    def backend(self) -> str:
+        return "nccl" if self.device.type == "cuda" else "gloo"
+
     @classmethod
     def from_env(cls) -> World:
         env = os.environ
@@ -53,14 +57,13 @@ class World:
 @contextmanager
 def process_group(world: World, timeout: timedelta = timedelta(minutes=30)) -> Iterator[World]:
     """Joins the process group for the duration of the block and always leaves it."""
-    backend = "nccl" if world.device.type == "cuda" else "gloo"
     if world.device.type == "cuda":
         torch.cuda.set_device(world.device)
     if world.world_size == 1:
-        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+        dist.init_process_group(world.backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
     else:
         dist.init_process_group(
-            backend,
+            world.backend,
             init_method="env://",
             rank=world.rank,
             world_size=world.world_size,

@@ -309,6 +309,8 @@ def run(args: argparse.Namespace) -> None:
 
     with process_group(world):
         device = world.device
+        if world.is_main:
+            log(f"{world.world_size} process(es), {world.backend} on {device.type}; training {args.data} into {output}")
         torch.manual_seed(args.seed)
         model = build_model(args.arch, len(class_names), backbone).to(device, memory_format=memory_format(device))
         trainable = freeze(model, args.freeze)
