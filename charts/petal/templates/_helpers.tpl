@@ -76,6 +76,11 @@ spec:
     - name: pytorch  # the name the PyTorchJob operator requires
       image: {{ include "petal.image" . }}
       imagePullPolicy: {{ .Values.image.pullPolicy }}
+      {{- /* torchrun starts the pod's processes from the operator's PET_* settings and gives each its
+             own RANK and WORLD_SIZE; the operator's own RANK counts pods, not processes. */}}
+      {{- if or (ne (toString .Values.nprocPerNode) "1") .Values.elasticPolicy }}
+      command: ["torchrun", "-m", "training"]
+      {{- end }}
       args:
         - --data={{ .Values.training.data }}
         - --output={{ include "petal.output" . }}
