@@ -4,28 +4,29 @@
 # synthetic images → upload → scripts/submit.py (PyTorchJob, gloo) → Succeeded → collected run in
 # runs/<name>/ → held-out images classified with its best.pt at >= 90 %.
 #
-#   PETAL_IMAGE=petal:dev PETAL_NAMESPACE=petal PETAL_POD_S3_ENDPOINT=http://minio.petal.svc.cluster.local:9000 \
-#     scripts/smoke.sh
+#   PETAL_IMAGE=petal:dev scripts/smoke.sh
 #
 # PETAL_IMAGE           training image the cluster can run (required)
 # PETAL_NAMESPACE       namespace holding the petal-s3 Secret (default petal)
-# PETAL_POD_S3_ENDPOINT storage endpoint as pods reach it (default: S3_ENDPOINT_URL)
+# PETAL_POD_S3_ENDPOINT storage endpoint as pods reach it (default: the chart's, minio.petal.svc.cluster.local:9000)
 # PETAL_REPLICAS        pods (default 2)
+# PETAL_RUN_NAME        job and run name (default smoke-<date>-<time>)
+# PETAL_RUNS_DIR        where the run's <name>/ directory goes (default: the repo's runs/)
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
 : "${PETAL_IMAGE:?set PETAL_IMAGE to a training image the cluster can run}"
 : "${S3_ENDPOINT_URL:?set S3_ENDPOINT_URL and the AWS_* credentials for the object storage}"
 namespace=${PETAL_NAMESPACE:-petal}
-name="smoke-$(date +%Y%m%d-%H%M%S)"
-work="$ROOT/runs/$name"
+name=${PETAL_RUN_NAME:-smoke-$(date +%Y%m%d-%H%M%S)}
+work="${PETAL_RUNS_DIR:-$ROOT/runs}/$name"
 dataset="s3://petal/datasets/smoke-shapes"
 
 python scripts/make_synthetic_dataset.py "$work/data" --classes 4 --per-class 50 --eval-per-class 20 >/dev/null
 python scripts/upload_dataset.py "$work/data" "$dataset" | tail -n 1
 python scripts/submit.py --name "$name" --namespace "$namespace" --replicas "${PETAL_REPLICAS:-2}" \
   --image "$PETAL_IMAGE" --values charts/petal/ci/cpu-values.yaml --dataset "$dataset" --epochs 5 \
-  --set "s3.endpoint=${PETAL_POD_S3_ENDPOINT:-$S3_ENDPOINT_URL}" --collect "$work" --timeout 1800 --follow
+  ${PETAL_POD_S3_ENDPOINT:+--set "s3.endpoint=$PETAL_POD_S3_ENDPOINT"} --collect "$work" --timeout 1800 --follow
 
 python scripts/predict.py "$work/best.pt" "$work"/data/test/*/*.jpg --top-k 1 --json > "$work/predictions.jsonl"
 python - "$work" <<'PY'

@@ -1,0 +1,143 @@
+"""The cluster test bed: one real single-node cluster per session (`scripts/testbed.sh cluster up`),
+in the same state dir as the session's MinIO, so its pods reach that MinIO as the chart's default
+endpoint. Waits are on conditions; a timeout shows what was still missing.
+
+    scripts/testbed.sh install cluster && python -m pytest tests/cluster
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import yaml
+from support import ROOT
+
+TESTBED = str(ROOT / "scripts" / "testbed.sh")
+NODE = "petal-node"
+# The namespace `cluster up` publishes MinIO and its petal-s3 Secret in (the kubeconfig's default).
+PETAL_NAMESPACE = "petal"
+
+
+class Cluster:
+    def __init__(self, state_dir: Path):
+        self.state_dir = state_dir
+        self.cluster_dir = state_dir / "cluster"
+
+    def testbed(self, *args: str, timeout: float = 900) -> str:
+        env = os.environ | {"PETAL_STATE": str(self.state_dir)}
+        result = subprocess.run([TESTBED, *args], env=env, capture_output=True, text=True, timeout=timeout)
+        assert result.returncode == 0, f"testbed.sh {' '.join(args)} failed:\n{result.stderr[-4000:]}"
+        return result.stdout
+
+    def up(self) -> None:
+        self.testbed("cluster", "up", timeout=600)
+        exports = dict(re.findall(r"^export (\w+)=(.*)$", self.testbed("env"), flags=re.M))
+        path = os.environ["PATH"]
+        for line in reversed(re.findall(r'^export PATH="(.*):\$PATH"$', self.testbed("env"), flags=re.M)):
+            path = f"{line}:{path}"
+        self.env = os.environ | {k: v.strip('"') for k, v in exports.items() if k != "PATH"} | {"PATH": path}
+
+    def down(self) -> None:
+        self.testbed("cluster", "down")
+
+    def kubectl(self, *args: str, input: str | None = None, check: bool = True, timeout: float = 120):
+        result = subprocess.run(["kubectl", *args], env=self.env, input=input, capture_output=True, text=True,
+                                timeout=timeout)  # fmt: skip
+        if check:
+            assert result.returncode == 0, f"kubectl {' '.join(args)} failed:\n{result.stderr}"
+        return result
+
+    def get(self, *args: str) -> dict:
+        return json.loads(self.kubectl("get", *args, "-o", "json").stdout)
+
+    def apply(self, *objects: dict, namespace: str) -> None:
+        self.kubectl("-n", namespace, "apply", "-f", "-", input=yaml.safe_dump_all(objects))
+
+    def diagnostics(self, namespace: str) -> str:
+        """What a person would look at when something does not come up: pods, events, operator log."""
+        pods = self.kubectl("-n", namespace, "get", "pods", "-o", "wide", check=False).stdout
+        events = self.kubectl("-n", namespace, "get", "events", "--sort-by=.lastTimestamp", check=False).stdout
+        operator = self.cluster_dir / "training-operator.log"
+        tail = "\n".join(operator.read_text().splitlines()[-15:]) if operator.exists() else "(no operator log)"
+        return f"pods:\n{pods}\nevents:\n{events[-3000:]}\ntraining-operator log tail:\n{tail}"
+
+    def wait(self, resource: str, condition: str, namespace: str, timeout: float = 300) -> None:
+        """`kubectl wait --for=<condition>`; on timeout, fails with the namespace's diagnostics."""
+        result = self.kubectl("-n", namespace, "wait", resource, f"--for={condition}", f"--timeout={int(timeout)}s",
+                              check=False, timeout=timeout + 30)  # fmt: skip
+        if result.returncode != 0:
+            pytest.fail(f"{resource} never reached {condition}: {result.stderr.strip()}\n{self.diagnostics(namespace)}")
+
+    def wait_until(self, what: str, probe, namespace: str, timeout: float = 300):
+        """Polls probe() until it returns something truthy, which is returned."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = probe()
+            if found:
+                return found
+            time.sleep(0.5)
+        pytest.fail(f"still waiting for {what} after {timeout:.0f}s\n{self.diagnostics(namespace)}")
+
+    def logs(self, pod: str, namespace: str, *args: str) -> str:
+        return self.kubectl("-n", namespace, "logs", pod, *args, check=False).stdout
+
+    def wait_for_log(self, pod: str, pattern: str, namespace: str, timeout: float = 300) -> re.Match:
+        return self.wait_until(f"/{pattern}/ in the log of pod {pod}",
+                               lambda: re.search(pattern, self.logs(pod, namespace)), namespace, timeout)  # fmt: skip
+
+
+def apiserver_port_taken() -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", 6443)) == 0
+
+
+@pytest.fixture(scope="session")
+def cluster(minio) -> Cluster:
+    if os.geteuid() != 0:
+        pytest.skip("the test bed cluster runs containerd, the kubelet and iptables as root; tests run as a user")
+    if apiserver_port_taken():
+        pytest.fail("port 6443 is taken: another cluster is up (scripts/testbed.sh cluster down stops the test bed's)")
+    server = Cluster(minio.state_dir)
+    server.up()
+    yield server
+    server.down()
+
+
+@pytest.fixture()
+def namespace(cluster, request) -> str:
+    """A namespace of its own for each test, removed afterwards."""
+    name = f"t-{re.sub(r'[^a-z0-9]+', '-', request.node.name.lower())[:40].strip('-')}-{uuid.uuid4().hex[:5]}"
+    cluster.kubectl("create", "namespace", name)
+    yield name
+    cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)
+
+
+@pytest.fixture(scope="session")
+def probe_image(cluster, tmp_path_factory) -> tuple[str, str]:
+    """A small image built here on the test bed's base, with a token that only this build has."""
+    token = uuid.uuid4().hex
+    context = tmp_path_factory.mktemp("probe-image")
+    (context / "token").write_text(token)
+    base = re.search(r"^BASE_IMAGE=(.*)$", (ROOT / "scripts" / "versions.env").read_text(), flags=re.M)[1]
+    (context / "Dockerfile").write_text(f"FROM {base}\nCOPY token /probe-token\nUSER 1000:1000\n")
+    image = f"petal-probe:{token[:12]}"
+    build = subprocess.run(["docker", "build", "-q", "-t", image, str(context)], capture_output=True, text=True)
+    assert build.returncode == 0, build.stderr
+    cluster.testbed("load-image", image)
+    yield image, token
+    subprocess.run(["docker", "rmi", image], capture_output=True)
+
+
+@pytest.fixture(scope="session")
+def petal_image(cluster) -> str:
+    """The project's Dockerfile built on the test bed's base (torch inside) and loaded into the cluster."""
+    cluster.testbed("build-image", "petal:dev", timeout=1800)
+    return "petal:dev"

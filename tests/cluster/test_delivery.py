@@ -1,0 +1,115 @@
+"""petal delivered the way users run it, on the real test bed cluster: the image built from the
+Dockerfile, `scripts/smoke.sh` (= submit.py --replicas 4 → Succeeded → collected → predict), and
+`helm install` of the chart surviving the loss of a worker pod mid-epoch."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import uuid
+from pathlib import Path
+
+import pytest
+from conftest import PETAL_NAMESPACE
+from support import ROOT
+
+from training.storage import parse_url
+
+CHART = ROOT / "charts" / "petal"
+CPU_VALUES = CHART / "ci" / "cpu-values.yaml"
+
+
+def test_smoke_submits_four_replicas_collects_and_predicts(cluster, petal_image, tmp_path):
+    env = cluster.env | {"PETAL_IMAGE": petal_image, "PETAL_REPLICAS": "4", "PETAL_RUNS_DIR": str(tmp_path)}
+    smoke = subprocess.run([str(ROOT / "scripts" / "smoke.sh")], cwd=tmp_path, env=env, capture_output=True,
+                           text=True, timeout=1800)  # fmt: skip
+    assert smoke.returncode == 0, f"{smoke.stdout[-3000:]}\n{smoke.stderr[-5000:]}"
+
+    right, total = map(int, re.search(r"smoke: (\d+)/(\d+) held-out images right", smoke.stdout).groups())
+    assert total >= 40 and right / total >= 0.9
+    work = Path(re.search(r"the run is in (\S+)", smoke.stdout)[1])
+    assert work.parent == tmp_path
+    summary = json.loads((work / "summary.json").read_text())
+    assert {"best.pt", "metrics.jsonl", "curves.png", "per_class.png"} <= set(summary["artifacts"])
+    assert summary["epochs"] == 5 and summary["conditions"][-1] == "Succeeded"
+
+    job = cluster.get("-n", PETAL_NAMESPACE, "pytorchjob", work.name)
+    assert job["spec"]["pytorchReplicaSpecs"]["Master"]["replicas"] == 1
+    assert job["spec"]["pytorchReplicaSpecs"]["Worker"]["replicas"] == 3
+
+
+def test_helm_install_resumes_after_a_worker_is_lost_mid_epoch(cluster, petal_image, synthetic_dataset, storage):
+    release = f"helm-{uuid.uuid4().hex[:6]}"
+    epochs = 6
+    output = f"s3://petal/runs/{release}"
+
+    def helm(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["helm", *args, "--namespace", PETAL_NAMESPACE], env=cluster.env, capture_output=True,
+                              text=True, timeout=600)  # fmt: skip
+
+    repository, tag = petal_image.split(":")
+    install = helm("install", release, str(CHART), "--values", str(CPU_VALUES),
+                   "--set", f"image.repository={repository}", "--set", f"image.tag={tag}",
+                   "--set", f"training.data={synthetic_dataset}", "--set", f"training.epochs={epochs}")  # fmt: skip
+    assert install.returncode == 0, install.stderr
+    try:
+        master, worker = f"{release}-master-0", f"{release}-worker-1"
+        # The second epoch's record is printed after its checkpoint is written; the third is then under way.
+        cluster.wait_for_log(master, r'"event": "epoch", "epoch": 2\b', PETAL_NAMESPACE, timeout=900)
+        before_loss = [json.loads(line) for line in cluster.logs(master, PETAL_NAMESPACE).splitlines()
+                       if line.startswith('{"event": "epoch"')]  # fmt: skip
+        lost_uid = cluster.get("-n", PETAL_NAMESPACE, "pod", worker)["metadata"]["uid"]
+        cluster.kubectl("-n", PETAL_NAMESPACE, "delete", "pod", worker, "--wait=false")
+
+        cluster.wait(f"pytorchjob/{release}", "condition=Succeeded", PETAL_NAMESPACE, timeout=1200)
+
+        log = cluster.logs(master, PETAL_NAMESPACE)
+        resumed_after = int(re.search(rf"resuming {output} after epoch (\d+)", log)[1])
+        assert resumed_after >= 2
+        assert cluster.get("-n", PETAL_NAMESPACE, "pod", worker)["metadata"]["uid"] != lost_uid
+
+        records = [json.loads(line) for line in storage.read_bytes(parse_url(f"{output}/metrics.jsonl")).splitlines()]
+        assert [r["epoch"] for r in records] == list(range(1, epochs + 1))
+
+        # The epochs finished before the loss were kept from the checkpoint, not trained again.
+        def essentials(rows):
+            return [(r["epoch"], r["train_loss"], r["val_acc"]) for r in rows[: min(resumed_after, len(before_loss))]]
+
+        assert essentials(records) == essentials(before_loss)
+        assert records[-1]["val_acc"] >= 0.7  # learned: 5 classes, chance is 0.2
+        assert storage.exists(parse_url(f"{output}/best.pt"))
+
+        # The chart's test pod checks, from inside the cluster, that storage answers and the dataset is there.
+        test = helm("test", release, "--logs")
+        assert test.returncode == 0, f"{test.stdout}\n{test.stderr}"
+        assert "Phase:          Succeeded" in test.stdout
+    finally:
+        helm("uninstall", release)
+
+
+def test_several_processes_per_pod_are_ranked_by_torchrun(cluster, petal_image, synthetic_dataset, tmp_path):
+    """nprocPerNode 2 on 2 pods is a world of 4: the operator's WORLD_SIZE counts pods, torchrun fixes it."""
+    name = f"nproc-{uuid.uuid4().hex[:6]}"
+    submit = subprocess.run(
+        ["python", str(ROOT / "scripts" / "submit.py"), "--name", name, "--replicas", "2", "--image", petal_image,
+         "--values", str(CPU_VALUES), "--set", "nprocPerNode=2", "--dataset", synthetic_dataset, "--epochs", "1",
+         "--collect", str(tmp_path / name), "--timeout", "900"],
+        env=cluster.env, capture_output=True, text=True, timeout=1000,
+    )  # fmt: skip
+    assert submit.returncode == 0, submit.stderr[-5000:]
+    assert "petal: 4 process(es), gloo on cpu" in cluster.logs(f"{name}-master-0", PETAL_NAMESPACE)
+    assert json.loads((tmp_path / name / "summary.json").read_text())["epochs"] == 1
+
+
+@pytest.mark.parametrize("missing", ["namespace", "Secret"])
+def test_a_missing_namespace_or_secret_exits_3_and_applies_nothing(cluster, namespace, missing):
+    target = f"{namespace}-absent" if missing == "namespace" else namespace  # the fixture's has no petal-s3
+    name = f"pre-{uuid.uuid4().hex[:6]}"
+    submit = subprocess.run(["python", str(ROOT / "scripts" / "submit.py"), "--name", name, "--replicas", "2",
+                             "--image", "petal:dev", "--namespace", target],
+                            env=cluster.env, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert submit.returncode == 3, submit.stderr
+    said = f"namespace {target!r} does not exist" if missing == "namespace" else "Secret 'petal-s3' (S3 credentials)"
+    assert said in submit.stderr
+    assert name not in cluster.kubectl("get", "pytorchjobs", "-A", "-o", "name").stdout
