@@ -47,6 +47,8 @@ install_cluster() {
     say "building training-operator $TRAINING_OPERATOR_VERSION"
     GOBIN="$(dirname "$(operator_bin)")" go install "github.com/kubeflow/training-operator/cmd/training-operator.v1@$TRAINING_OPERATOR_VERSION"
   fi
+  docker_up
+  build_images
 }
 
 # start NAME COMMAND...: runs a cluster process in the background, logging to $dir/NAME.log.
@@ -101,6 +103,10 @@ build_image() {
 build_images() {
   local work="$CACHE/image-build"
   mkdir -p "$work"
+  if docker image inspect "registry.k8s.io/pause:$PAUSE_VERSION" "$BASE_IMAGE" "$INIT_IMAGE" >/dev/null 2>&1; then
+    say "images pause:$PAUSE_VERSION, $BASE_IMAGE and $INIT_IMAGE are already built"
+    return
+  fi
   if ! docker image inspect "registry.k8s.io/pause:$PAUSE_VERSION" >/dev/null 2>&1; then
     mkdir -p "$work/pause"
     gcc -Os -static -DVERSION="$PAUSE_VERSION" -o "$work/pause/pause" "$(kube_src_dir)/build/pause/linux/pause.c"

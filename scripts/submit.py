@@ -271,9 +271,10 @@ def follow_master_log(cluster: Cluster, name: str) -> None:
                     for line in response.stream():
                         sys.stderr.write(line.decode(errors="replace"))
             except (ApiException, HTTPError) as err:
-                # Not there yet, or the kubelet cannot serve logs: keep polling, the wait goes on regardless.
-                reason = getattr(err, "reason", None) or type(err).__name__
-                print(f"submit: cannot follow {pod} yet ({reason})", file=sys.stderr)
+                # Not created yet (quietly), or the kubelet cannot serve logs: keep polling, the wait goes on.
+                if getattr(err, "status", None) != 404:
+                    reason = getattr(err, "reason", None) or type(err).__name__
+                    print(f"submit: cannot follow {pod} yet ({reason})", file=sys.stderr)
             time.sleep(2)
 
     threading.Thread(target=stream, daemon=True).start()

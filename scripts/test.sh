@@ -6,8 +6,16 @@
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
-scripts/testbed.sh install all
-if [ "${PETAL_SKIP_CLUSTER:-0}" = 1 ]; then set -- --ignore=tests/cluster "$@"; else scripts/testbed.sh install cluster; fi
+if [ "${PETAL_SKIP_CLUSTER:-0}" = 1 ]; then
+  scripts/testbed.sh install all
+  set -- --ignore=tests/cluster "$@"
+else
+  # The cluster's builds are mostly CPU (Go), the Python env and the image mostly downloads: side by side.
+  (scripts/testbed.sh install cluster && scripts/testbed.sh build-image petal:dev) &
+  cluster_build=$!
+  scripts/testbed.sh install all
+  wait "$cluster_build"
+fi
 eval "$(scripts/testbed.sh env)"
 ruff check .
 ruff format --check .
