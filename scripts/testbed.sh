@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
-# petal's local test bed: a Python environment and a real MinIO server, built into a cache
-# outside the repo and keyed by version (scripts/versions.env), so a warm machine reuses them.
+# petal's local test bed: a Python environment, a real MinIO server and a real one-node Kubernetes
+# cluster with the Kubeflow training-operator, built into a cache outside the repo and keyed by
+# version (scripts/versions.env), so a warm machine reuses them.
 #
 #   scripts/testbed.sh install [python|minio|helm|lint-tools|all]   build what is missing (idempotent)
-#   scripts/testbed.sh install cluster              Debian packages + Kubernetes, CoreDNS, training-operator builds
+#   scripts/testbed.sh install cluster              Debian packages, Kubernetes, CoreDNS, training-operator, base images (root)
 #   scripts/testbed.sh cluster up|down|status       a one-node cluster from those programs (scripts/cluster.sh)
 #   scripts/testbed.sh build-image [IMAGE]          the Dockerfile on the local base (default petal:dev), loaded if a cluster is up
 #   scripts/testbed.sh load-image IMAGE             a local Docker image into the cluster's containerd
 #   scripts/testbed.sh minio up|down|status         a MinIO on a free port, data in the state dir; a running
 #                                                   cluster's pods reach it as http://minio.petal.svc.cluster.local:9000
-#   eval "$(scripts/testbed.sh env)"                endpoint, credentials and PATH for this shell
+#   scripts/testbed.sh status                       what runs, on which ports, where the logs are
+#   eval "$(scripts/testbed.sh env)"                endpoint, credentials, KUBECONFIG and PATH for this shell
 #
 # PETAL_CACHE (default ~/.cache/petal) holds builds; PETAL_STATE (default $PETAL_CACHE/state) holds
 # running services' data, PIDs, logs and generated credentials. PETAL_MINIO_PORT pins the port.
