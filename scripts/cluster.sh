@@ -222,10 +222,8 @@ EOF
 EOF
 }
 
-# The pod network: a bridge with the gateway address MinIO can listen on, accepted past dockerd's DROP.
+# The pod network (the CNI bridge plugin makes cni0 with the first pod) accepted past dockerd's DROP.
 pod_network_up() {
-  ip link show cni0 >/dev/null 2>&1 || { ip link add cni0 type bridge; ip addr add "$POD_GATEWAY/24" dev cni0; }
-  ip link set cni0 up
   for flag in -s -d; do
     iptables -C FORWARD "$flag" "$POD_CIDR" -j ACCEPT 2>/dev/null || iptables -I FORWARD 1 "$flag" "$POD_CIDR" -j ACCEPT
   done

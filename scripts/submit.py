@@ -312,7 +312,7 @@ def collect(docs: list[dict], dest: Path, job) -> dict:
         "spec"
     ]["containers"][0]["args"]
     output = next(a.split("=", 1)[1] for a in args if a.startswith("--output="))
-    download(Storage.from_env(), parse_url(output), dest)
+    collected = download(Storage.from_env(), parse_url(output), dest)
     records = [json.loads(line) for line in (dest / "metrics.jsonl").read_text().splitlines()]
     best = max(records, key=lambda r: r["val_acc"])
     summary = {
@@ -323,7 +323,7 @@ def collect(docs: list[dict], dest: Path, job) -> dict:
         "best_epoch": best["epoch"],
         "epochs": len(records),
         "conditions": [c.type for c in job.status.conditions or []],
-        "artifacts": sorted(p.name for p in dest.iterdir()),
+        "artifacts": sorted(p.name for p in collected),
     }
     (dest / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary

@@ -31,7 +31,7 @@ def test_smoke_submits_four_replicas_collects_and_predicts(cluster, petal_image,
     work = Path(re.search(r"the run is in (\S+)", smoke.stdout)[1])
     assert work.parent == tmp_path
     summary = json.loads((work / "summary.json").read_text())
-    assert {"best.pt", "metrics.jsonl", "curves.png", "per_class.png"} <= set(summary["artifacts"])
+    assert summary["artifacts"] == ["best.pt", "curves.png", "metrics.jsonl", "per_class.png"]
     assert summary["epochs"] == 5 and summary["conditions"][-1] == "Succeeded"
 
     job = cluster.get("-n", PETAL_NAMESPACE, "pytorchjob", work.name)
