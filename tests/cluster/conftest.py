@@ -62,12 +62,14 @@ class Cluster:
         self.kubectl("-n", namespace, "apply", "-f", "-", input=yaml.safe_dump_all(objects))
 
     def diagnostics(self, namespace: str) -> str:
-        """What a person would look at when something does not come up: pods, events, operator log."""
+        """What a person would look at when something does not come up: node, pods, events, operator log."""
+        node = self.kubectl("get", "node", NODE, "-o", "jsonpath={range .status.conditions[*]}{.type}={.status} {end}",
+                            check=False).stdout  # fmt: skip
         pods = self.kubectl("-n", namespace, "get", "pods", "-o", "wide", check=False).stdout
         events = self.kubectl("-n", namespace, "get", "events", "--sort-by=.lastTimestamp", check=False).stdout
         operator = self.cluster_dir / "training-operator.log"
         tail = "\n".join(operator.read_text().splitlines()[-15:]) if operator.exists() else "(no operator log)"
-        return f"pods:\n{pods}\nevents:\n{events[-3000:]}\ntraining-operator log tail:\n{tail}"
+        return f"node {NODE}: {node}\npods:\n{pods}\nevents:\n{events[-3000:]}\ntraining-operator log tail:\n{tail}"
 
     def wait(self, resource: str, condition: str, namespace: str, timeout: float = 300) -> None:
         """`kubectl wait --for=<condition>`; on timeout, fails with the namespace's diagnostics."""

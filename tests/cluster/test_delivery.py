@@ -113,3 +113,15 @@ def test_a_missing_namespace_or_secret_exits_3_and_applies_nothing(cluster, name
     said = f"namespace {target!r} does not exist" if missing == "namespace" else "Secret 'petal-s3' (S3 credentials)"
     assert said in submit.stderr
     assert name not in cluster.kubectl("get", "pytorchjobs", "-A", "-o", "name").stdout
+
+
+def test_pods_that_cannot_be_scheduled_are_explained_while_pending(cluster):
+    name = f"pending-{uuid.uuid4().hex[:6]}"
+    submit = subprocess.run(["python", str(ROOT / "scripts" / "submit.py"), "--name", name, "--replicas", "1",
+                             "--image", "petal:dev", "--set", "resources.requests.cpu=64", "--timeout", "50"],
+                            env=cluster.env, capture_output=True, text=True, timeout=180)  # fmt: skip
+    try:
+        assert submit.returncode == 1, submit.stderr
+        assert re.search(rf"{name}-master-0 Pending for \d+s: FailedScheduling: .*Insufficient cpu", submit.stderr)
+    finally:
+        cluster.kubectl("-n", PETAL_NAMESPACE, "delete", "pytorchjob", name, check=False)
