@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import time
@@ -143,3 +144,33 @@ def petal_image(cluster) -> str:
     """The project's Dockerfile built on the test bed's base (torch inside) and loaded into the cluster."""
     cluster.testbed("build-image", "petal:dev", timeout=1800)
     return "petal:dev"
+
+
+@pytest.fixture()
+def apiserver_without_crds(cluster, tmp_path) -> dict:
+    """A second, real kube-apiserver of the same cluster (same flags, same etcd) whose objects live under
+    another etcd prefix: a cluster where the training-operator was never installed. Returns the env
+    that points kubectl and submit.py at it."""
+    pid = next(line.split()[0] for line in (cluster.cluster_dir / "pids").read_text().splitlines()
+               if line.split()[1] == "kube-apiserver")  # fmt: skip
+    argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode().rstrip("\0").split("\0")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    argv = [a for a in argv if not a.startswith("--secure-port=")] + [f"--secure-port={port}", "--etcd-prefix=/crdless"]
+    log = (tmp_path / "apiserver.log").open("w")
+    server = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text((cluster.cluster_dir / "kubeconfig").read_text().replace(":6443", f":{port}"))
+    env = cluster.env | {"KUBECONFIG": str(kubeconfig)}
+    try:
+        deadline = time.monotonic() + 120
+        while subprocess.run(["kubectl", "get", "--raw", "/readyz"], env=env, capture_output=True).returncode != 0:
+            up = server.poll() is None and time.monotonic() < deadline
+            assert up, f"the second kube-apiserver did not come up:\n{(tmp_path / 'apiserver.log').read_text()[-3000:]}"
+            time.sleep(0.5)
+        subprocess.run(["kubectl", "create", "namespace", PETAL_NAMESPACE], env=env, check=True, capture_output=True)
+        yield env
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=60)

@@ -125,3 +125,13 @@ def test_pods_that_cannot_be_scheduled_are_explained_while_pending(cluster):
         assert re.search(rf"{name}-master-0 Pending for \d+s: FailedScheduling: .*Insufficient cpu", submit.stderr)
     finally:
         cluster.kubectl("-n", PETAL_NAMESPACE, "delete", "pytorchjob", name, check=False)
+
+
+def test_a_cluster_without_the_pytorchjob_crd_exits_3_and_says_how_to_install_it(apiserver_without_crds):
+    submit = subprocess.run(["python", str(ROOT / "scripts" / "submit.py"), "--replicas", "2", "--image", "petal:dev"],
+                            env=apiserver_without_crds, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert submit.returncode == 3, submit.stderr
+    assert "PyTorchJob CRD (pytorchjobs.kubeflow.org) is not installed; install the training-operator" in submit.stderr
+    crd = subprocess.run(["kubectl", "get", "crd", "pytorchjobs.kubeflow.org"], env=apiserver_without_crds,
+                         capture_output=True, text=True)  # fmt: skip
+    assert crd.returncode != 0 and "NotFound" in crd.stderr
