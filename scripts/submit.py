@@ -351,7 +351,13 @@ def main(argv: list[str] | None = None) -> int:
             job = training.wait_for_job_conditions(name, cluster.namespace, expected_conditions={"Succeeded"},
                                                    wait_timeout=args.timeout, polling_interval=5,
                                                    callback=PendingReporter(cluster, training, name))  # fmt: skip
-        except (RuntimeError, TimeoutError) as err:
+        except TimeoutError:
+            explain_failure(cluster, training, name)
+            raise JobFailed(
+                f"{name} did not succeed within --timeout {args.timeout}s; it is still in the cluster "
+                f"(kubectl -n {cluster.namespace} delete pytorchjob {name} removes it)"
+            ) from None
+        except RuntimeError as err:
             explain_failure(cluster, training, name)
             raise JobFailed(str(err).splitlines()[0]) from None
         summary = collect(docs, args.collect or ROOT / "runs" / name, job)

@@ -123,6 +123,7 @@ def test_pods_that_cannot_be_scheduled_are_explained_while_pending(cluster):
     try:
         assert submit.returncode == 1, submit.stderr
         assert re.search(rf"{name}-master-0 Pending for \d+s: FailedScheduling: .*Insufficient cpu", submit.stderr)
+        assert f"{name} did not succeed within --timeout 50s; it is still in the cluster" in submit.stderr
     finally:
         cluster.kubectl("-n", PETAL_NAMESPACE, "delete", "pytorchjob", name, check=False)
 
