@@ -13,9 +13,9 @@ which must exist in the namespace. On success, best.pt, metrics.jsonl, curves.pn
 and a summary.json land in --collect (default runs/<name>/); that needs S3_ENDPOINT_URL and the
 AWS_* variables here as well.
 
-Exit codes: 0 succeeded; 1 the job failed (its failing pod's last log lines and events are shown);
-2 bad arguments (nothing applied); 3 a cluster precondition is missing (no kubeconfig, no PyTorchJob
-CRD, no namespace or Secret).
+Exit codes: 0 succeeded; 1 the job failed (its failing pod's last log lines and events are shown)
+or did not succeed within --timeout (it is left running); 2 bad arguments (nothing applied); 3 a
+cluster precondition is missing (no kubeconfig, no PyTorchJob CRD, no namespace or Secret).
 """
 
 from __future__ import annotations
@@ -92,7 +92,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--namespace", help="default: the kubeconfig context's, else 'default'")
     p.add_argument("--values", action="append", default=[], type=Path, help="chart values file (repeatable)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="chart value (repeatable)")
-    p.add_argument("--timeout", type=count(1), default=24 * 3600, help="seconds to wait for the job")
+    p.add_argument(
+        "--timeout",
+        type=count(1),
+        default=24 * 3600,
+        help="seconds to wait for the job to succeed (default a day); the job outlives the wait",
+    )
     p.add_argument("--follow", action="store_true", help="stream the master's log")
     p.add_argument("--collect", type=Path, help="where results go (default runs/<name>/)")
     p.add_argument("--dry-run", action="store_true", help="print the PyTorchJob YAML; contact no cluster")
