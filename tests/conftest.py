@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
 from pathlib import Path
 
 import pytest
-from support import ROOT, SMALL_TRAINING, run_script, trainer, wait_ok
+from support import SMALL_TRAINING, run_script, testbed, testbed_exports, trainer, wait_ok
 
 from training.storage import Storage, parse_url
-
-TESTBED = str(ROOT / "scripts" / "testbed.sh")
 
 
 class MinioServer:
@@ -20,20 +17,13 @@ class MinioServer:
         self.state_dir = state_dir
         self.up()
 
-    def _testbed(self, *args: str) -> str:
-        env = os.environ | {"PETAL_STATE": str(self.state_dir)}
-        result = subprocess.run([TESTBED, *args], env=env, capture_output=True, text=True, timeout=120)
-        assert result.returncode == 0, f"testbed.sh {' '.join(args)} failed:\n{result.stderr}"
-        return result.stdout
-
     def up(self) -> None:
-        self._testbed("minio", "up")
-        exports = dict(re.findall(r"^export (\w+)=(.*)$", self._testbed("env"), flags=re.M))
-        self.env = {k: v for k, v in exports.items() if k != "PATH"}
+        testbed(self.state_dir, "minio", "up")
+        self.env = {k: v for k, v in testbed_exports(self.state_dir).items() if k != "PATH"}
         self.port = int(self.env["S3_ENDPOINT_URL"].rsplit(":", 1)[1])
 
     def down(self) -> None:
-        self._testbed("minio", "down")
+        testbed(self.state_dir, "minio", "down")
 
     def restart(self) -> None:
         """Same port, same data: what a pod restart of MinIO looks like to its clients."""

@@ -16,6 +16,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
+TESTBED = str(ROOT / "scripts" / "testbed.sh")
 
 # Small enough for 2 CPU cores, big enough to learn the synthetic shapes well past 90 %.
 SMALL_TRAINING = [
@@ -199,3 +200,19 @@ class StallingProxy:
 
     def close(self) -> None:
         self.server.close()
+
+
+def testbed(state_dir: Path, *args: str, timeout: float = 120) -> str:
+    """scripts/testbed.sh with its services' state in state_dir; a failure shows its stderr."""
+    env = os.environ | {"PETAL_STATE": str(state_dir)}
+    result = subprocess.run([TESTBED, *args], env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, f"testbed.sh {' '.join(args)} failed:\n{result.stderr[-4000:]}"
+    return result.stdout
+
+
+def testbed_exports(state_dir: Path) -> dict[str, str]:
+    """What `eval "$(scripts/testbed.sh env)"` sets, PATH with this process's PATH behind it."""
+    exports: dict[str, str] = {}
+    for key, value in re.findall(r"^export (\w+)=(.*)$", testbed(state_dir, "env"), flags=re.M):
+        exports[key] = value.strip('"').replace("$PATH", exports.get("PATH", os.environ["PATH"]))
+    return exports

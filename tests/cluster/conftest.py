@@ -19,9 +19,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from support import ROOT
+from support import ROOT, testbed, testbed_exports
 
-TESTBED = str(ROOT / "scripts" / "testbed.sh")
 NODE = "petal-node"
 # The namespace `cluster up` publishes MinIO and its petal-s3 Secret in (the kubeconfig's default).
 PETAL_NAMESPACE = "petal"
@@ -33,18 +32,11 @@ class Cluster:
         self.cluster_dir = state_dir / "cluster"
 
     def testbed(self, *args: str, timeout: float = 900) -> str:
-        env = os.environ | {"PETAL_STATE": str(self.state_dir)}
-        result = subprocess.run([TESTBED, *args], env=env, capture_output=True, text=True, timeout=timeout)
-        assert result.returncode == 0, f"testbed.sh {' '.join(args)} failed:\n{result.stderr[-4000:]}"
-        return result.stdout
+        return testbed(self.state_dir, *args, timeout=timeout)
 
     def up(self) -> None:
         self.testbed("cluster", "up", timeout=600)
-        exports = dict(re.findall(r"^export (\w+)=(.*)$", self.testbed("env"), flags=re.M))
-        path = os.environ["PATH"]
-        for line in reversed(re.findall(r'^export PATH="(.*):\$PATH"$', self.testbed("env"), flags=re.M)):
-            path = f"{line}:{path}"
-        self.env = os.environ | {k: v.strip('"') for k, v in exports.items() if k != "PATH"} | {"PATH": path}
+        self.env = os.environ | testbed_exports(self.state_dir)
 
     def down(self) -> None:
         self.testbed("cluster", "down")
