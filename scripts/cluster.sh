@@ -270,7 +270,11 @@ publish_minio() {
 cluster_up() {
   local dir; dir=$(cluster_dir)
   [ -x "$(operator_bin)" ] || die "the cluster is not built: run scripts/testbed.sh install cluster"
-  [ -f "$dir/pids" ] && { say "cleaning up a previous cluster first"; cluster_down; }
+  if [ -f "$dir/pids" ]; then
+    if cluster_running; then say "cluster already up (kubeconfig $dir/kubeconfig)"; publish_minio; return; fi
+    say "cleaning up a previous cluster first"
+    cluster_down
+  fi
   mkdir -p "$dir"
   docker_up
   build_images

@@ -16,7 +16,7 @@ cd "$ROOT"
 scripts/testbed.sh install all
 scripts/testbed.sh install cluster
 scripts/testbed.sh minio up
-scripts/testbed.sh cluster status | grep -q "^kube-apiserver .* running" || scripts/testbed.sh cluster up
+scripts/testbed.sh cluster up
 scripts/testbed.sh build-image petal:dev
 eval "$(scripts/testbed.sh env)"
 
