@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from training.storage import Storage, StorageError
+from training.storage import Storage
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,7 +29,7 @@ def run_script(script: str, *args: str) -> str:
     """A repo script's stdout; its failure ends the benchmark with the script's own error."""
     result = subprocess.run([sys.executable, str(ROOT / "scripts" / script), *args], capture_output=True, text=True)
     if result.returncode != 0:
-        raise StorageError(f"{script} failed: {result.stderr.strip().splitlines()[-1]}")
+        raise SystemExit(f"benchmarks: {script} failed: {result.stderr.strip().splitlines()[-1]}")
     return result.stdout
 
 

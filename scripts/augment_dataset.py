@@ -40,6 +40,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from training.shards import (
+    DatasetError,
     Sample,
     build_shard,
     fetch_shard,
@@ -296,9 +297,9 @@ def main(argv: list[str] | None = None) -> int:
             if bad:
                 raise AugmentError(message)
         summary = augment(Storage.from_env(), parse_url(args.dataset), args)
-    except (AugmentError, StorageError, ValueError) as err:
+    except (AugmentError, DatasetError, StorageError, ValueError) as err:
         print(f"augment_dataset: error: {err}", file=sys.stderr)
-        return 2 if isinstance(err, (AugmentError, ValueError)) else 1
+        return 2 if isinstance(err, (AugmentError, DatasetError, ValueError)) else 1
     print_report(summary)
     print(json.dumps(summary))
     return 0

@@ -35,12 +35,16 @@ from pathlib import Path
 
 import yaml
 
+from training.config import flag, options
+
 ROOT = Path(__file__).resolve().parents[1]
 CHART = ROOT / "charts" / "petal"
 CRD = "pytorchjobs.kubeflow.org"
+OPERATOR_VERSION = re.search(r"^TRAINING_OPERATOR_VERSION=(.*)$", (ROOT / "scripts" / "versions.env").read_text(),
+                             flags=re.M)[1]  # fmt: skip
 INSTALL_OPERATOR = (
     "kubectl apply --server-side -k "
-    '"github.com/kubeflow/training-operator.git/manifests/overlays/standalone?ref=v1.9.0"'
+    f'"github.com/kubeflow/training-operator.git/manifests/overlays/standalone?ref={OPERATOR_VERSION}"'
 )
 DNS_1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 PENDING_GRACE_SECONDS = 30
@@ -76,18 +80,27 @@ def count(low: int):
     return parse
 
 
+def training_keys() -> list[str]:
+    """The trainer options the chart lists in values.yaml: each is also a flag of this script."""
+    return list(yaml.safe_load((CHART / "values.yaml").read_text())["training"])
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = OneLineParser(prog="submit.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--replicas", type=count(1), help="pods in all: 1 Master + N-1 Workers (chart default 2)")
     p.add_argument("--image", help="training image, REPOSITORY[:TAG]")
     p.add_argument("--gpus-per-replica", type=count(0), help="nvidia.com/gpu per pod")
-    p.add_argument("--dataset", help="s3://BUCKET/PREFIX of a petal dataset")
-    p.add_argument("--output", help="s3:// run directory (default <outputPrefix>/<name>)")
-    p.add_argument("--arch", help="resnet18 … resnet152")
-    p.add_argument("--freeze", help="fc, layer4 or none")
-    p.add_argument("--epochs", type=count(1))
-    p.add_argument("--batch-size", type=count(1), help="per rank")
-    p.add_argument("--lr", type=float)
+    trainer = p.add_argument_group("trainer options (charts/petal/values.yaml `training`; python -m training --help)")
+    for key, action in options().items():
+        if key not in training_keys():
+            continue
+        # The trainer's own flag, type, choices and help; only what is given becomes a chart value.
+        names = [flag(action), *(["--dataset"] if key == "data" else [])]
+        extra = {"type": action.type, "metavar": None if action.choices else action.dest.upper()}
+        if isinstance(action, argparse.BooleanOptionalAction):
+            extra = {"action": argparse.BooleanOptionalAction}
+        trainer.add_argument(*names, dest=f"training_{key}", choices=action.choices, help=action.help,
+                             default=None, **extra)  # fmt: skip
     p.add_argument("--name", help="job name, a DNS-1035 label of at most 45 characters (default: unique)")
     p.add_argument("--namespace", help="default: the kubeconfig context's, else 'default'")
     p.add_argument("--values", action="append", default=[], type=Path, help="chart values file (repeatable)")
@@ -107,7 +120,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def flag_values(args: argparse.Namespace) -> dict:
     """The chart values the command-line flags stand for (flags beat --values files; --set beats both)."""
     values: dict = {}
-    training: dict = {}
     if args.replicas is not None:
         values["replicas"] = args.replicas
     if args.image is not None:
@@ -118,16 +130,11 @@ def flag_values(args: argparse.Namespace) -> dict:
         values["image"] = {"repository": repository, **({"tag": tag} if tag else {})}
     if args.gpus_per_replica is not None:
         values["gpusPerReplica"] = args.gpus_per_replica
-    for flag, key in (("dataset", "data"), ("output", "output")):
-        url = getattr(args, flag)
-        if url is not None:
-            if not url.startswith("s3://"):
-                raise BadArguments(f"--{flag} {url!r} is not an object-storage URL; expected s3://BUCKET/PREFIX")
-            training[key] = url
-    for flag, key in (("arch", "arch"), ("freeze", "freeze"), ("epochs", "epochs"), ("batch_size", "batchSize"),
-                      ("lr", "lr")):  # fmt: skip
-        if getattr(args, flag) is not None:
-            training[key] = getattr(args, flag)
+    training = {
+        key.removeprefix("training_"): value
+        for key, value in vars(args).items()
+        if key.startswith("training_") and value is not None
+    }
     if training:
         values["training"] = training
     return values

@@ -7,11 +7,11 @@ import subprocess
 from collections import Counter
 
 import pytest
-from support import ROOT, torchrun
+from support import BUCKET, ROOT, torchrun
 
 from training.data import rank_share
-from training.shards import fetch_shard, read_index, read_shard_table
-from training.storage import StorageError, parse_url
+from training.shards import DatasetError, fetch_shard, read_index, read_shard_table
+from training.storage import parse_url
 
 
 def all_keys(storage, dataset: str, split: str, cache_dir) -> list[str]:
@@ -72,7 +72,7 @@ def test_a_corrupted_cached_shard_is_fetched_again_and_a_bad_download_refused(st
     assert fetch_shard(storage, url, shard, tmp_path).read_bytes() == good
 
     lying = shard | {"sha256": "0" * 64}
-    with pytest.raises(StorageError, match="has sha256"):
+    with pytest.raises(DatasetError, match="has sha256"):
         fetch_shard(storage, url, lying, tmp_path / "other")
     assert not list((tmp_path / "other").rglob("*.tar")), "a shard that fails its checksum must not stay cached"
 
@@ -82,7 +82,7 @@ def test_storage_used_in_forked_dataloader_workers_returns_each_object_whole(sto
 
     from training.storage import S3Url
 
-    objects = {S3Url("petal", f"fork-test/{i}.bin"): bytes([i]) * (200_000 + i) for i in range(120)}
+    objects = {S3Url(BUCKET, f"fork-test/{i}.bin"): bytes([i]) * (200_000 + i) for i in range(120)}
     storage.ensure_bucket(next(iter(objects)))
     for url, data in objects.items():
         storage.write_bytes(url, data)

@@ -8,10 +8,12 @@ from urllib.error import URLError
 import pytest
 import torch
 import torchvision
+from support import s3
 
+from training.config import parse_args
 from training.model import PretrainedWeightsError, build_model, freeze, imagenet_state_dict, set_train_mode
 from training.storage import parse_url
-from training.train import make_optimizer, parse_args
+from training.train import make_optimizer
 
 
 @pytest.mark.parametrize(
@@ -50,7 +52,7 @@ def test_backbone_weights_from_object_storage_are_loaded_and_the_head_replaced(s
     reference = torchvision.models.resnet18(num_classes=1000)
     buffer = io.BytesIO()
     torch.save(reference.state_dict(), buffer)
-    url = parse_url("s3://petal/weights/resnet18-test.pt")
+    url = parse_url(s3("weights/resnet18-test.pt"))
     storage.ensure_bucket(url)
     storage.write_bytes(url, buffer.getvalue())
 

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from support import SMALL_TRAINING, StallingProxy, Watched, run_script, trainer, wait_ok
+from support import SMALL_TRAINING, StallingProxy, Watched, run_script, s3, trainer, wait_ok
 
 from training import checkpoint
 from training.storage import parse_url
@@ -21,6 +21,7 @@ def final_weights(storage, output: str, epoch: int) -> dict:
     return checkpoint.deserialize(storage.read_bytes(parse_url(output).join(checkpoint.checkpoint_name(epoch))))
 
 
+@pytest.mark.slow
 def test_two_ranks_learn_the_synthetic_set_and_write_every_artifact(reference_run, storage):
     output, proc = reference_run
     records = proc.json_lines()
@@ -46,7 +47,7 @@ def test_two_ranks_learn_the_synthetic_set_and_write_every_artifact(reference_ru
         "model",
         "optimizer",
         "scheduler",
-        "rng_state",
+        "scaler",
     }
 
     latest = json.loads(storage.read_bytes(out.join("latest")))
@@ -57,6 +58,7 @@ def test_two_ranks_learn_the_synthetic_set_and_write_every_artifact(reference_ru
         assert storage.read_bytes(out.join(picture)).startswith(PNG_MAGIC)
 
 
+@pytest.mark.slow
 def test_predict_classifies_held_out_images_with_the_best_checkpoint(reference_run, s3_env, synthetic_dir):
     output, _ = reference_run
     images = sorted((synthetic_dir / "test").glob("*/*.jpg"))
@@ -70,6 +72,7 @@ def test_predict_classifies_held_out_images_with_the_best_checkpoint(reference_r
     assert correct / len(predictions) >= 0.9
 
 
+@pytest.mark.slow
 def test_sigkill_mid_epoch_then_rerun_matches_the_uninterrupted_run(
     reference_run, s3_env, synthetic_dataset, run_dir, storage
 ):
@@ -92,6 +95,7 @@ def test_sigkill_mid_epoch_then_rerun_matches_the_uninterrupted_run(
         torch.testing.assert_close(resumed["model"][name], tensor, atol=1e-6, rtol=0, msg=name)
 
 
+@pytest.mark.slow
 def test_kill_during_checkpoint_upload_never_leaves_latest_on_a_torn_object(
     minio, s3_env, synthetic_dataset, run_dir, storage
 ):
@@ -115,6 +119,7 @@ def test_kill_during_checkpoint_upload_never_leaves_latest_on_a_torn_object(
     assert [r["epoch"] for r in rerun.json_lines() if r["event"] == "epoch"] == [2, 3, 4]
 
 
+@pytest.mark.slow
 def test_training_rides_out_a_minio_restart(minio, s3_env, synthetic_dataset, run_dir):
     proc = trainer(s3_env, ["--data", synthetic_dataset, "--output", run_dir, *SMALL_TRAINING])
     try:
@@ -128,6 +133,7 @@ def test_training_rides_out_a_minio_restart(minio, s3_env, synthetic_dataset, ru
     assert [r["epoch"] for r in proc.json_lines() if r["event"] == "epoch"] == [1, 2, 3, 4]
 
 
+@pytest.mark.slow
 def test_uneven_rank_shares_finish_without_hanging(s3_env, synthetic_dataset, run_dir):
     # 100 samples over 3 ranks at batch size 1: one rank has 34 steps, the others 33.
     args = [
@@ -166,15 +172,15 @@ def one_line_failure(env: dict, *args: str) -> str:
         ({"AWS_SECRET_ACCESS_KEY": "not-the-secret-123"}, [], "SignatureDoesNotMatch"),
         ({"AWS_ACCESS_KEY_ID": "nobody"}, [], "InvalidAccessKeyId"),
         ({}, ["--output", "s3://no-such-bucket/run"], "bucket 'no-such-bucket' does not exist"),
-        ({}, ["--data", "s3://petal/datasets/absent"], "no dataset at s3://petal/datasets/absent"),
+        ({}, ["--data", s3("datasets/absent")], f"no dataset at {s3('datasets/absent')}"),
         ({}, ["--arch", "resnet9"], "invalid choice: 'resnet9'"),
         ({}, ["--freeze", "layer2"], "invalid choice: 'layer2'"),
         ({}, ["--data", "/local/path"], "'/local/path' is not an object-storage URL"),
         ({}, ["--epochs", "0"], "'0' must be >= 1"),
         (
             {},
-            ["--pretrained", "s3://petal/weights/absent.pt"],
-            "--pretrained s3://petal/weights/absent.pt does not exist",
+            ["--pretrained", s3("weights/absent.pt")],
+            f"--pretrained {s3('weights/absent.pt')} does not exist",
         ),
         ({}, ["--pretrained", "imagenet-v9"], "'imagenet-v9' is not imagenet, none or s3://BUCKET/KEY"),
     ],
@@ -186,13 +192,14 @@ def test_bad_input_gets_one_line_naming_the_problem(s3_env, synthetic_dataset, r
     assert expected in line
 
 
+@pytest.mark.slow
 def test_resuming_with_a_dataset_of_other_classes_is_refused(reference_run, s3_env, tmp_path):
     made = run_script(s3_env, "make_synthetic_dataset.py", str(tmp_path), "--classes", "3", "--per-class", "4")
     assert made.returncode == 0, made.stderr
-    uploaded = run_script(s3_env, "upload_dataset.py", str(tmp_path), "s3://petal/datasets/three-classes")
+    uploaded = run_script(s3_env, "upload_dataset.py", str(tmp_path), s3("datasets/three-classes"))
     assert uploaded.returncode == 0, uploaded.stderr
     output, _ = reference_run
-    line = one_line_failure(s3_env, "--data", "s3://petal/datasets/three-classes", "--output", output, *SMALL_TRAINING)
+    line = one_line_failure(s3_env, "--data", s3("datasets/three-classes"), "--output", output, *SMALL_TRAINING)
     assert "has 3 classes but the checkpoint" in line and "trained on 5" in line
 
 

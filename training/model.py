@@ -17,10 +17,9 @@ import torch
 import torchvision
 from torch import nn
 
+from training.config import ARCHS, FREEZE_CHOICES
 from training.storage import Storage, parse_url
 
-ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
-FREEZE_CHOICES = ("fc", "layer4", "none")
 TRAINABLE_PREFIXES = {"fc": ("fc.",), "layer4": ("layer4.", "fc."), "none": ("",)}
 
 

@@ -35,6 +35,10 @@ FORMAT = "petal-shards/1"
 INDEX_NAME = "index.json"
 
 
+class DatasetError(Exception):
+    """The dataset is missing, malformed, or lacks what was asked of it (storage itself answered)."""
+
+
 @dataclass(frozen=True)
 class Sample:
     """One image on its way into a shard."""
@@ -65,11 +69,11 @@ def read_index(storage: Storage, dataset: S3Url) -> dict:
     except StorageError as err:
         if err.code != "NoSuchKey":
             raise
-        raise StorageError(
+        raise DatasetError(
             f"no dataset at {dataset}: {url} does not exist (upload one with scripts/upload_dataset.py)"
         ) from None
     if index.get("format") != FORMAT:
-        raise StorageError(f"{url} has format {index.get('format')!r}; this petal reads {FORMAT!r}")
+        raise DatasetError(f"{url} has format {index.get('format')!r}; this petal reads {FORMAT!r}")
     return index
 
 
@@ -82,7 +86,7 @@ def split_names(index: dict, wanted: Iterable[str]) -> list[str]:
     names = list(wanted)
     missing = [n for n in names if n not in index["splits"]]
     if missing:
-        raise StorageError(f"split(s) {', '.join(missing)} not in the dataset; it has {', '.join(index['splits'])}")
+        raise DatasetError(f"split(s) {', '.join(missing)} not in the dataset; it has {', '.join(index['splits'])}")
     return names
 
 
@@ -128,7 +132,7 @@ def fetch_shard(storage: Storage, dataset: S3Url, shard: dict, cache_dir: Path) 
     actual = sha256_file(path)
     if actual != shard["sha256"]:
         path.unlink()
-        raise StorageError(
+        raise DatasetError(
             f"{dataset.join(shard['name'])} has sha256 {actual[:12]}…, the index says {shard['sha256'][:12]}…"
         )
     return path

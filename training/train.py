@@ -15,13 +15,10 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
-import math
-import os
 import signal
 import sys
 import time
 from contextlib import nullcontext
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -30,19 +27,13 @@ from torch.distributed.algorithms.join import Join
 from torch.nn.parallel import DistributedDataParallel
 
 from training import checkpoint, plots
+from training.config import parse_args
 from training.data import ImageEpochs, SplitStream, hash_seed
 from training.distributed import World, all_reduce_sum, process_group
 from training.features import FeatureCache, FeatureEpochs, backbone_of
-from training.model import (
-    ARCHS,
-    FREEZE_CHOICES,
-    PretrainedWeightsError,
-    build_model,
-    freeze,
-    imagenet_state_dict,
-    set_train_mode,
-)
-from training.shards import read_index, split_names
+from training.model import PretrainedWeightsError, build_model, freeze, imagenet_state_dict, set_train_mode
+from training.shards import DatasetError, read_index, split_names
+from training.state import IncompatibleCheckpoint, TrainingState, check_resumable, run_config
 from training.storage import S3Url, Storage, StorageError, parse_url
 
 # torch 2.14 renamed DDP's broadcast_buffers; the pinned container base (torch 2.9) knows only the old name.
@@ -51,112 +42,6 @@ SYNC_BUFFERS = next(
     for name in ("forward_sync_buffers", "broadcast_buffers")
     if name in inspect.signature(DistributedDataParallel).parameters
 )
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a bad value gets one line (the usage block is what --help is for)."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
-def _bounded(kind, low, name):
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a {name}") from None
-        if not (value >= low and math.isfinite(value)):
-            raise argparse.ArgumentTypeError(f"{text!r} must be >= {low}")
-        return value
-
-    return parse
-
-
-def _s3_url(text: str) -> str:
-    try:
-        parse_url(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
-    return text.rstrip("/")
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = OneLineParser(
-        prog="python -m training",
-        description="Transfer-learn a ResNet on a petal dataset in object storage (DDP; resumes from --output).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    p.add_argument("--data", type=_s3_url, default="s3://petal/datasets/flowers102", help="dataset prefix (index.json)")
-    p.add_argument(
-        "--output",
-        type=_s3_url,
-        default="s3://petal/runs/flowers102",
-        help="run directory; resumed if it holds a checkpoint",
-    )
-    p.add_argument("--train-splits", default="train", help="comma-separated splits to train on, e.g. train,augment")
-    p.add_argument("--val-split", default="valid", help="split to validate on")
-    p.add_argument("--arch", choices=ARCHS, default="resnet152", help="torchvision ResNet")
-    p.add_argument(
-        "--freeze",
-        choices=FREEZE_CHOICES,
-        default="fc",
-        help="fc: train only the new head; layer4: also the last stage; none: everything",
-    )
-    p.add_argument("--pretrained", default="imagenet", help="backbone weights: imagenet, none, or s3://… state_dict")
-    p.add_argument("--epochs", type=_bounded(int, 1, "whole number"), default=12)
-    p.add_argument("--batch-size", type=_bounded(int, 1, "whole number"), default=32, help="per rank")
-    p.add_argument("--lr", type=_bounded(float, 1e-12, "number"), default=0.001)
-    p.add_argument("--optimizer", choices=("adam", "sgd"), default="adam", help="sgd uses momentum 0.9")
-    p.add_argument("--weight-decay", type=_bounded(float, 0, "number"), default=0.0)
-    p.add_argument("--lr-schedule", choices=("constant", "cosine"), default="cosine", help="per-epoch schedule")
-    p.add_argument("--image-size", type=_bounded(int, 16, "whole number"), default=224, help="crop side in pixels")
-    p.add_argument("--workers", type=_bounded(int, 0, "whole number"), default=4, help="DataLoader workers per rank")
-    p.add_argument("--seed", type=_bounded(int, 0, "whole number"), default=0, help="data order and augmentation")
-    p.add_argument(
-        "--keep-checkpoints",
-        type=_bounded(int, 1, "whole number"),
-        default=3,
-        help="per-epoch checkpoints kept (best.pt is kept apart)",
-    )
-    p.add_argument(
-        "--amp",
-        choices=("auto", "bf16", "fp16", "off"),
-        default="auto",
-        help="mixed precision on CUDA (auto: bf16 where supported, else fp16); ignored on CPU",
-    )
-    p.add_argument(
-        "--no-feature-cache",
-        dest="feature_cache",
-        action="store_false",
-        help="with --freeze fc, recompute the backbone every epoch (the seed's way) instead of caching its features",
-    )
-    p.add_argument(
-        "--cache-views",
-        type=_bounded(int, 1, "whole number"),
-        default=2,
-        help="feature cache: the eval view plus N-1 augmented views per training image",
-    )
-    p.add_argument(
-        "--feature-cache-dir",
-        type=Path,
-        default=None,
-        help="keep cached features in this pod-local directory (default: in memory)",
-    )
-    p.add_argument(
-        "--cache-dir",
-        type=Path,
-        default=Path(os.environ.get("PETAL_CACHE_DIR", "/tmp/petal-cache")),
-        help="pod-local shard cache (env PETAL_CACHE_DIR)",
-    )
-    p.add_argument("--log-every", type=_bounded(int, 1, "whole number"), default=20, help="progress line every N steps")
-    args = p.parse_args(argv)
-    if args.pretrained not in ("imagenet", "none"):
-        try:
-            parse_url(args.pretrained)
-        except ValueError:
-            p.error(f"argument --pretrained: {args.pretrained!r} is not imagenet, none or s3://BUCKET/KEY")
-    return args
 
 
 def log(message: str) -> None:
@@ -251,21 +136,6 @@ def make_scheduler(args, optimizer):
     return torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
 
 
-def check_resumable(state: dict, args, class_names: list[str], output: S3Url) -> None:
-    """A run directory can only be resumed by the run that made it."""
-    if state["classes"] != class_names:
-        raise StorageError(
-            f"{args.data} has {len(class_names)} classes but the checkpoint in {output} was trained on "
-            f"{len(state['classes'])} (different classes); use a new --output"
-        )
-    for key in ("arch", "freeze"):
-        if state["config"][key] != getattr(args, key):
-            raise StorageError(
-                f"--{key} {getattr(args, key)} differs from the checkpoint in {output} "
-                f"({state['config'][key]}); use a new --output"
-            )
-
-
 def write_results(storage: Storage, output: S3Url, history: list[dict], class_names: list[str]) -> dict:
     best = max(history, key=lambda r: r["val_acc"])
     storage.write_bytes(output.join("curves.png"), plots.curves_png(history), "image/png")
@@ -300,12 +170,13 @@ def run(args: argparse.Namespace) -> None:
     train_splits = split_names(index, args.train_splits.split(","))
     (val_split,) = split_names(index, [args.val_split])
     class_names = [c["name"] for c in index["classes"]]
+    config = run_config(args)
     storage.require_bucket(output)
-    resumed = checkpoint.load_latest(storage, output)
-    if resumed is not None:
-        check_resumable(resumed, args, class_names, output)
+    saved = checkpoint.load_latest(storage, output)
+    if saved is not None:
+        check_resumable(saved, config, class_names, str(output))
     # Backbone weights are only needed for a fresh run; a resumed one has them in its checkpoint.
-    backbone = None if resumed else imagenet_state_dict(args.arch, args.pretrained, storage)
+    backbone = None if saved else imagenet_state_dict(args.arch, args.pretrained, storage)
 
     with process_group(world):
         device = world.device
@@ -313,20 +184,14 @@ def run(args: argparse.Namespace) -> None:
             log(f"{world.world_size} process(es), {world.backend} on {device.type}; training {args.data} into {output}")
         torch.manual_seed(args.seed)
         model = build_model(args.arch, len(class_names), backbone).to(device, memory_format=memory_format(device))
-        trainable = freeze(model, args.freeze)
-        optimizer = make_optimizer(args, trainable)
-        scheduler = make_scheduler(args, optimizer)
-        start_epoch, best_acc, history = 0, -1.0, []
-        if resumed is not None:
-            model.load_state_dict(resumed["model"])
-            optimizer.load_state_dict(resumed["optimizer"])
-            scheduler.load_state_dict(resumed["scheduler"])
-            torch.set_rng_state(resumed["rng_state"])
-            start_epoch, best_acc, history = resumed["epoch"], resumed["best_val_acc"], resumed["history"]
-            if world.is_main:
-                log(f"resuming {output} after epoch {start_epoch} (best val_acc {best_acc:.4f})")
+        optimizer = make_optimizer(args, freeze(model, args.freeze))
         autocast, needs_scaler = autocast_for(device, args.amp)
-        scaler = torch.amp.GradScaler(device.type, enabled=needs_scaler)
+        state = TrainingState(model, optimizer, make_scheduler(args, optimizer),
+                              torch.amp.GradScaler(device.type, enabled=needs_scaler), config, class_names)  # fmt: skip
+        if saved is not None:
+            state.load_state_dict(saved)
+            if world.is_main:
+                log(f"resuming {output} after epoch {state.epoch} (best val_acc {state.best_val_acc:.4f})")
         epochs = epoch_source(args, model, storage, data, index, train_splits, val_split, world, autocast)
         # Frozen BatchNorm statistics are identical everywhere, so only broadcast buffers that train.
         ddp = DistributedDataParallel(
@@ -336,64 +201,26 @@ def run(args: argparse.Namespace) -> None:
             gradient_as_bucket_view=True,  # gradients live in the all-reduce buckets: one copy fewer per step
         )
 
-        for epoch in range(start_epoch + 1, args.epochs + 1):
+        for epoch in range(state.epoch + 1, args.epochs + 1):
             started = time.monotonic()
             torch.manual_seed(hash_seed(args.seed, epoch, world.rank))
-            stats = train_one_epoch(
-                ddp,
-                epochs.train_loader(epoch),
-                optimizer,
-                scaler,
-                autocast,
-                device,
-                epoch,
-                args.epochs,
-                args.log_every,
-                world.is_main,
-            )
+            stats = train_one_epoch(ddp, epochs.train_loader(epoch), optimizer, state.scaler, autocast, device, epoch,
+                                    args.epochs, args.log_every, world.is_main)  # fmt: skip
             stats |= evaluate(epochs.evaluated, epochs.val_loader(epoch), len(class_names), autocast, device)
-            record = {
-                "event": "epoch",
-                "epoch": epoch,
-                "lr": scheduler.get_last_lr()[0],
-                **stats,
-                "seconds": round(time.monotonic() - started, 3),
-            }
-            scheduler.step()
-            history.append(record)
-            is_best = record["val_acc"] > best_acc
-            best_acc = max(best_acc, record["val_acc"])
+            record = {"event": "epoch", "epoch": epoch, "lr": state.scheduler.get_last_lr()[0], **stats,
+                      "seconds": round(time.monotonic() - started, 3)}  # fmt: skip
+            is_best = state.finish_epoch(record)
             if world.is_main:
-                state = {
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "epoch": epoch,
-                    "rng_state": torch.get_rng_state(),
-                    "best_val_acc": best_acc,
-                    "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-                    "classes": class_names,
-                    "history": history,
-                }
-                checkpoint.save(storage, output, state, epoch, is_best, args.keep_checkpoints)
-                metrics = "".join(json.dumps(r) + "\n" for r in history)
+                checkpoint.save(storage, output, state.state_dict(), epoch, is_best, args.keep_checkpoints)
+                metrics = "".join(json.dumps(r) + "\n" for r in state.history)
                 storage.write_bytes(output.join("metrics.jsonl"), metrics.encode(), "application/x-ndjson")
                 print(json.dumps({k: v for k, v in record.items() if k != "val_per_class_acc"}), flush=True)
 
         if world.is_main:
-            best = write_results(storage, output, history, class_names)
-            print(
-                json.dumps(
-                    {
-                        "event": "done",
-                        "best_val_acc": best["val_acc"],
-                        "best_epoch": best["epoch"],
-                        "epochs": args.epochs,
-                        "checkpoint": str(output.join(checkpoint.BEST)),
-                    }
-                ),
-                flush=True,
-            )
+            best = write_results(storage, output, state.history, class_names)
+            done = {"event": "done", "best_val_acc": best["val_acc"], "best_epoch": best["epoch"],
+                    "epochs": args.epochs, "checkpoint": str(output.join(checkpoint.BEST))}  # fmt: skip
+            print(json.dumps(done), flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -403,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
         run(args)
-    except (StorageError, PretrainedWeightsError, ValueError) as err:
+    except (StorageError, DatasetError, IncompatibleCheckpoint, PretrainedWeightsError, ValueError) as err:
         print(f"petal: error: {err}", file=sys.stderr, flush=True)
         return 1
     return 0

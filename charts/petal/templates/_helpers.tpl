@@ -25,7 +25,21 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- end -}}
 
 {{- define "petal.output" -}}
-{{- .Values.training.output | default (printf "%s/%s" (trimSuffix "/" .Values.training.outputPrefix) (include "petal.name" .)) -}}
+{{- .Values.training.output | default (printf "%s/%s" (trimSuffix "/" .Values.outputPrefix) (include "petal.name" .)) -}}
+{{- end -}}
+
+{{/* Every `training` value as the trainer's own flag, quoted (a value holding " #" stays whole):
+     camelCase key → --kebab-case=value, true/false → --flag/--no-flag, null → the trainer's default.
+     Numbers go through toJson: helm reads them as floats, whose %v would turn 1000000 into 1e+06. */}}
+{{- define "petal.trainerArgs" -}}
+{{- $training := merge (dict "output" (include "petal.output" .)) (omit .Values.training "output") -}}
+{{- range $key, $value := $training }}
+{{- if kindIs "bool" $value }}
+- {{ printf "--%s%s" (ternary "" "no-" $value) (kebabcase $key) | quote }}
+{{- else if not (kindIs "invalid" $value) }}
+- {{ printf "--%s=%s" (kebabcase $key) (ternary $value (toJson $value) (kindIs "string" $value)) | quote }}
+{{- end }}
+{{- end }}
 {{- end -}}
 
 {{/* Storage settings, the way the trainer and every petal tool read them; credentials only by secretKeyRef. */}}
@@ -82,19 +96,7 @@ spec:
       command: ["torchrun", "-m", "training"]
       {{- end }}
       args:
-        - --data={{ .Values.training.data }}
-        - --output={{ include "petal.output" . }}
-        - --arch={{ .Values.training.arch }}
-        - --freeze={{ .Values.training.freeze }}
-        - --pretrained={{ .Values.training.pretrained }}
-        - --epochs={{ .Values.training.epochs }}
-        - --batch-size={{ .Values.training.batchSize }}
-        - --lr={{ .Values.training.lr }}
-        - --image-size={{ .Values.training.imageSize }}
-        - --workers={{ .Values.training.workers }}
-        {{- range .Values.training.extraArgs }}
-        - {{ . | quote }}
-        {{- end }}
+        {{- include "petal.trainerArgs" . | nindent 8 }}
       env:
         {{- include "petal.s3Env" . | nindent 8 }}
         - name: PETAL_CACHE_DIR

@@ -1,0 +1,145 @@
+"""Every trainer option, declared once: this parser is `python -m training --help`.
+
+Nothing else declares them. The chart's `training:` values are this parser's options in camelCase
+(`--batch-size` is `training.batchSize`) and reach the pods as `--batch-size=<value>`; the chart's
+schema for them is generated from here (`python scripts/chart_schema.py`), `scripts/submit.py` makes
+its training flags from the keys in `charts/petal/values.yaml` with the types, choices and help
+below, and tests/test_options.py fails when any of them drifts from this file. No torch here, so the
+submitter can read it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+from pathlib import Path
+
+from training.storage import parse_url
+
+ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+FREEZE_CHOICES = ("fc", "layer4", "none")
+# Options that are the pod's business, not the run's: the chart sets them itself (PETAL_CACHE_DIR).
+POD_LOCAL = {"cache_dir"}
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad value gets one line (the usage block is what --help is for)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+class AtLeast:
+    """An argparse type for a finite number >= low; `schema` is its JSON schema for the chart."""
+
+    def __init__(self, kind: type, low: float):
+        self.kind, self.low = kind, low
+        self.schema = {"type": "integer" if kind is int else "number", "minimum": low}
+
+    def __call__(self, text: str):
+        try:
+            value = self.kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not a {'whole number' if self.kind is int else 'number'}"
+            ) from None
+        if not (value >= self.low and math.isfinite(value)):
+            raise argparse.ArgumentTypeError(f"{text!r} must be >= {self.low}")
+        return value
+
+
+class ObjectUrl:
+    """An s3://BUCKET/PREFIX argument, optionally one of a few keywords instead."""
+
+    def __init__(self, *keywords: str):
+        self.keywords = keywords
+        url = {"$ref": "#/definitions/s3url"}
+        self.schema = {"anyOf": [{"enum": list(keywords)}, url]} if keywords else url
+
+    def __call__(self, text: str) -> str:
+        if text in self.keywords:
+            return text
+        try:
+            parse_url(text)
+        except ValueError as err:
+            if not self.keywords:
+                raise argparse.ArgumentTypeError(str(err)) from None
+            raise argparse.ArgumentTypeError(f"{text!r} is not {', '.join(self.keywords)} or s3://BUCKET/KEY") from None
+        return text.rstrip("/")
+
+
+def build_parser() -> OneLineParser:
+    p = OneLineParser(
+        prog="python -m training",
+        description="Transfer-learn a ResNet on a petal dataset in object storage (DDP; resumes from --output).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument(
+        "--data", type=ObjectUrl(), default="s3://petal/datasets/flowers102", help="dataset prefix (index.json)"
+    )
+    p.add_argument("--output", type=ObjectUrl(), default="s3://petal/runs/flowers102",
+                   help="run directory; resumed if it holds a checkpoint")  # fmt: skip
+    p.add_argument("--train-splits", default="train", help="comma-separated splits to train on, e.g. train,augment")
+    p.add_argument("--val-split", default="valid", help="split to validate on")
+    p.add_argument("--arch", choices=ARCHS, default="resnet152", help="torchvision ResNet")
+    p.add_argument("--freeze", choices=FREEZE_CHOICES, default="fc",
+                   help="fc: train only the new head; layer4: also the last stage; none: everything")  # fmt: skip
+    p.add_argument("--pretrained", type=ObjectUrl("imagenet", "none"), default="imagenet",
+                   help="backbone weights: imagenet, none, or an s3:// state_dict (air-gapped clusters)")  # fmt: skip
+    p.add_argument("--epochs", type=AtLeast(int, 1), default=12, help="epochs to train")
+    p.add_argument("--batch-size", type=AtLeast(int, 1), default=32, help="batch size per rank")
+    p.add_argument("--lr", type=AtLeast(float, 1e-12), default=0.001, help="learning rate")
+    p.add_argument("--optimizer", choices=("adam", "sgd"), default="adam", help="sgd uses momentum 0.9")
+    p.add_argument("--weight-decay", type=AtLeast(float, 0), default=0.0, help="L2 penalty of the optimizer")
+    p.add_argument("--lr-schedule", choices=("constant", "cosine"), default="cosine", help="per-epoch schedule")
+    p.add_argument("--image-size", type=AtLeast(int, 16), default=224, help="crop side in pixels")
+    p.add_argument("--workers", type=AtLeast(int, 0), default=4, help="DataLoader workers per rank")
+    p.add_argument("--seed", type=AtLeast(int, 0), default=0, help="data order and augmentation")
+    p.add_argument("--keep-checkpoints", type=AtLeast(int, 1), default=3,
+                   help="checkpoints kept in the run directory (best.pt is kept apart)")  # fmt: skip
+    p.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default="auto",
+                   help="mixed precision on CUDA (auto: bf16 where supported, else fp16); ignored on CPU")  # fmt: skip
+    p.add_argument("--feature-cache", action=argparse.BooleanOptionalAction, default=True,
+                   help="with --freeze fc, run the frozen backbone once per image view and train the "
+                        "head from its cached features; --no-feature-cache recomputes it every epoch "
+                        "(the seed's way)")  # fmt: skip
+    p.add_argument("--cache-views", type=AtLeast(int, 1), default=2,
+                   help="feature cache: the eval view plus N-1 augmented views per training image")  # fmt: skip
+    p.add_argument("--feature-cache-dir", type=Path, default=None,
+                   help="keep cached features in this pod-local directory (default: in memory)")  # fmt: skip
+    p.add_argument("--cache-dir", type=Path, default=Path(os.environ.get("PETAL_CACHE_DIR", "/tmp/petal-cache")),
+                   help="pod-local shard cache (env PETAL_CACHE_DIR)")  # fmt: skip
+    p.add_argument("--log-every", type=AtLeast(int, 1), default=20, help="progress line every N steps")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
+
+
+def options(parser: argparse.ArgumentParser | None = None) -> dict[str, argparse.Action]:
+    """The run's options by chart key (camelCase of the flag): what a chart value may set."""
+    actions = (parser or build_parser())._actions
+    return {camel(a.dest): a for a in actions if a.option_strings and a.dest not in POD_LOCAL | {"help"}}
+
+
+def camel(dest: str) -> str:
+    first, *rest = dest.split("_")
+    return first + "".join(word.capitalize() for word in rest)
+
+
+def flag(action: argparse.Action) -> str:
+    """The option's long flag (for a boolean, its positive form)."""
+    return next(s for s in action.option_strings if s.startswith("--") and not s.startswith("--no-"))
+
+
+def schema(action: argparse.Action) -> dict:
+    """The JSON schema of one option's chart value; null leaves it at the trainer's default."""
+    if isinstance(action, argparse.BooleanOptionalAction):
+        value = {"type": "boolean"}
+    elif action.choices:
+        value = {"enum": list(action.choices)}
+    else:
+        value = getattr(action.type, "schema", {"type": "string", "minLength": 1})
+    return {"description": action.help, "anyOf": [*value.get("anyOf", [value]), {"type": "null"}]}
