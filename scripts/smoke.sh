@@ -12,6 +12,7 @@
 # PETAL_REPLICAS        pods (default 2)
 # PETAL_RUN_NAME        job and run name (default smoke-<date>-<time>)
 # PETAL_RUNS_DIR        where the run's <name>/ directory goes (default: the repo's runs/)
+# PETAL_S3_PREFIX       s3://BUCKET[/PREFIX] for the dataset and the run directory (default s3://petal)
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
@@ -20,12 +21,14 @@ cd "$ROOT"
 namespace=${PETAL_NAMESPACE:-petal}
 name=${PETAL_RUN_NAME:-smoke-$(date +%Y%m%d-%H%M%S)}
 work="${PETAL_RUNS_DIR:-$ROOT/runs}/$name"
-dataset="s3://petal/datasets/smoke-shapes"
+prefix=${PETAL_S3_PREFIX:-s3://petal}
+dataset="$prefix/datasets/smoke-shapes"
 
 python scripts/make_synthetic_dataset.py "$work/data" --classes 4 --per-class 50 --eval-per-class 20 >/dev/null
 python scripts/upload_dataset.py "$work/data" "$dataset" | tail -n 1
 python scripts/submit.py --name "$name" --namespace "$namespace" --replicas "${PETAL_REPLICAS:-2}" \
   --image "$PETAL_IMAGE" --values charts/petal/ci/cpu-values.yaml --dataset "$dataset" --epochs 5 \
+  --set "outputPrefix=$prefix/runs" \
   ${PETAL_POD_S3_ENDPOINT:+--set "s3.endpoint=$PETAL_POD_S3_ENDPOINT"} --collect "$work" --timeout 1800 --follow
 
 python scripts/predict.py "$work/best.pt" "$work"/data/test/*/*.jpg --top-k 1 --json > "$work/predictions.jsonl"

@@ -1,14 +1,24 @@
 #!/usr/bin/env bash
 # The whole test suite, from nothing: installs the test bed into the cache (the cluster needs root),
-# lints, runs pytest. Tests start their own MinIO and cluster (through scripts/testbed.sh); extra
-# arguments go to pytest. PETAL_SKIP_CLUSTER=1 leaves out the cluster and tests/cluster (for CI
-# without root, where a kind cluster stands in: see .github/workflows/ci.yml).
+# lints, runs pytest. Tests use the test bed's MinIO and cluster (scripts/testbed.sh): as they are if
+# already up (the demo leaves them up), else started for the run and stopped after it. Extra
+# arguments go to pytest.
+#
+#   scripts/test.sh            everything: CI's command and the README's
+#   scripts/test.sh --quick    lint and the tests that need no cluster and train for seconds, not
+#                              minutes (after each edit; under 2 minutes warm)
+#
+# PETAL_SKIP_CLUSTER=1 leaves out the cluster and tests/cluster (for CI without root, where a kind
+# cluster stands in: see .github/workflows/ci.yml).
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
-if [ "${PETAL_SKIP_CLUSTER:-0}" = 1 ]; then
+quick=0
+if [ "${1:-}" = --quick ]; then quick=1; shift; fi
+if [ $quick = 1 ] || [ "${PETAL_SKIP_CLUSTER:-0}" = 1 ]; then
   scripts/testbed.sh install all
   set -- --ignore=tests/cluster "$@"
+  [ $quick = 0 ] || set -- -m "not slow" "$@"
 else
   # The cluster's builds are mostly CPU (Go), the Python env and the image mostly downloads: side by side.
   (scripts/testbed.sh install cluster && scripts/testbed.sh build-image petal:dev) &

@@ -1,4 +1,5 @@
-"""Fixtures: a real MinIO (started through scripts/testbed.sh, as a user would) and a synthetic dataset in it."""
+"""Fixtures: the test bed's real MinIO (through scripts/testbed.sh, as a user would: the one the demo
+uses, started only if it is not running) and a synthetic dataset in it."""
 
 from __future__ import annotations
 
@@ -7,23 +8,17 @@ import re
 from pathlib import Path
 
 import pytest
-from support import SMALL_TRAINING, run_script, testbed, testbed_exports, trainer, wait_ok
+from minio.deleteobjects import DeleteObject
+from support import SMALL_TRAINING, TestbedService, run_script, s3, trainer, wait_ok
 
 from training.storage import Storage, parse_url
 
 
-class MinioServer:
-    def __init__(self, state_dir: Path):
-        self.state_dir = state_dir
-        self.up()
-
-    def up(self) -> None:
-        testbed(self.state_dir, "minio", "up")
-        self.env = {k: v for k, v in testbed_exports(self.state_dir).items() if k != "PATH"}
+class MinioServer(TestbedService):
+    def __init__(self):
+        super().__init__("minio")
+        self.env = {k: v for k, v in self.env.items() if k.startswith(("S3_", "AWS_"))}
         self.port = int(self.env["S3_ENDPOINT_URL"].rsplit(":", 1)[1])
-
-    def down(self) -> None:
-        testbed(self.state_dir, "minio", "down")
 
     def restart(self) -> None:
         """Same port, same data: what a pod restart of MinIO looks like to its clients."""
@@ -32,14 +27,14 @@ class MinioServer:
 
 
 @pytest.fixture(scope="session")
-def minio(tmp_path_factory) -> MinioServer:
-    server = MinioServer(tmp_path_factory.mktemp("testbed"))
+def minio() -> MinioServer:
+    server = MinioServer()
     yield server
-    server.down()
+    server.release()
 
 
 @pytest.fixture(scope="session")
-def s3_env(minio) -> dict:
+def s3_env(minio, storage) -> dict:
     """The environment a user's shell has after `eval "$(scripts/testbed.sh env)"`."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "S3_"))}
     return env | minio.env | {"PETAL_S3_RETRY_SECONDS": "120"}
@@ -47,7 +42,14 @@ def s3_env(minio) -> dict:
 
 @pytest.fixture(scope="session")
 def storage(minio) -> Storage:
-    return Storage(minio.env["S3_ENDPOINT_URL"], minio.env["AWS_ACCESS_KEY_ID"], minio.env["AWS_SECRET_ACCESS_KEY"])
+    store = Storage(minio.env["S3_ENDPOINT_URL"], minio.env["AWS_ACCESS_KEY_ID"], minio.env["AWS_SECRET_ACCESS_KEY"])
+    store.ensure_bucket(parse_url(s3("")))
+    yield store
+    bucket = parse_url(s3("")).bucket
+    names = [o.object_name for o in store.client.list_objects(bucket, recursive=True)]
+    errors = list(store.client.remove_objects(bucket, (DeleteObject(name) for name in names)))
+    assert not errors, errors
+    store.client.remove_bucket(bucket)
 
 
 @pytest.fixture(scope="session")
@@ -70,7 +72,7 @@ def synthetic_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def synthetic_dataset(s3_env, synthetic_dir) -> str:
-    url = "s3://petal/datasets/synthetic"
+    url = s3("datasets/synthetic")
     result = run_script(s3_env, "upload_dataset.py", str(synthetic_dir), url)
     assert result.returncode == 0, result.stderr
     return url
@@ -79,7 +81,7 @@ def synthetic_dataset(s3_env, synthetic_dir) -> str:
 @pytest.fixture()
 def run_dir(storage, request) -> str:
     """A fresh run directory (output prefix) per test."""
-    url = f"s3://petal/runs/{re.sub(r'[^A-Za-z0-9._-]+', '-', request.node.name)[:100]}"
+    url = s3(f"runs/{re.sub(r'[^A-Za-z0-9._-]+', '-', request.node.name)[:100]}")
     storage.ensure_bucket(parse_url(url))
     for obj in storage.list(parse_url(url)):
         storage.delete(obj)
@@ -89,7 +91,7 @@ def run_dir(storage, request) -> str:
 @pytest.fixture(scope="session")
 def reference_run(s3_env, synthetic_dataset, storage):
     """One uninterrupted 2-rank run on the synthetic set, which several tests use or compare against."""
-    output = "s3://petal/runs/reference"
+    output = s3("runs/reference")
     for obj in storage.list(parse_url(output)):
         storage.delete(obj)
     proc = trainer(s3_env, ["--data", synthetic_dataset, "--output", output, *SMALL_TRAINING])

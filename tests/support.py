@@ -15,6 +15,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+# Every object a test session writes goes into a bucket of its own, removed at the end: the test bed's
+# MinIO is shared with the demo and with earlier sessions, and tests expect to start from nothing.
+BUCKET = f"petal-test-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
 TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
 TESTBED = str(ROOT / "scripts" / "testbed.sh")
 
@@ -37,6 +40,11 @@ SMALL_TRAINING = [
     "--epochs",
     "4",
 ]
+
+
+def s3(path: str) -> str:
+    """The session bucket's URL for path."""
+    return f"s3://{BUCKET}/{path}"
 
 
 def free_port() -> int:
@@ -202,17 +210,39 @@ class StallingProxy:
         self.server.close()
 
 
-def testbed(state_dir: Path, *args: str, timeout: float = 120) -> str:
-    """scripts/testbed.sh with its services' state in state_dir; a failure shows its stderr."""
-    env = os.environ | {"PETAL_STATE": str(state_dir)}
-    result = subprocess.run([TESTBED, *args], env=env, capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, f"testbed.sh {' '.join(args)} failed:\n{result.stderr[-4000:]}"
-    return result.stdout
+def testbed(*args: str, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess:
+    """scripts/testbed.sh with the test bed's own state (the one the demo uses); a failure shows its stderr."""
+    result = subprocess.run([TESTBED, *args], capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0 or not check, f"testbed.sh {' '.join(args)} failed:\n{result.stderr[-4000:]}"
+    return result
 
 
-def testbed_exports(state_dir: Path) -> dict[str, str]:
+def testbed_exports() -> dict[str, str]:
     """What `eval "$(scripts/testbed.sh env)"` sets, PATH with this process's PATH behind it."""
     exports: dict[str, str] = {}
-    for key, value in re.findall(r"^export (\w+)=(.*)$", testbed(state_dir, "env"), flags=re.M):
+    for key, value in re.findall(r"^export (\w+)=(.*)$", testbed("env").stdout, flags=re.M):
         exports[key] = value.strip('"').replace("$PATH", exports.get("PATH", os.environ["PATH"]))
     return exports
+
+
+class TestbedService:
+    """One of the test bed's services (minio, cluster) for a test session: used as it is if it already
+    runs (the demo leaves both up), else started, and then stopped again at the end."""
+
+    def __init__(self, name: str, up_timeout: float = 120):
+        self.name = name
+        self.started_here = testbed(name, "status", check=False).returncode != 0
+        if self.started_here:
+            self.up(up_timeout)
+        self.env = testbed_exports()
+        self.state_dir = Path(self.env["PETAL_STATE"])
+
+    def up(self, timeout: float = 120) -> None:
+        testbed(self.name, "up", timeout=timeout)
+
+    def down(self) -> None:
+        testbed(self.name, "down")
+
+    def release(self) -> None:
+        if self.started_here:
+            self.down()

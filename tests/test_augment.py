@@ -17,7 +17,7 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 import numpy as np
 import pytest
 from PIL import Image
-from support import ROOT, run_script
+from support import ROOT, run_script, s3
 
 from training.data import SplitStream
 from training.shards import fetch_shard, read_image_bytes, read_index, read_shard_table
@@ -77,7 +77,7 @@ def dataset_image(storage, dataset: str, split: str, cache) -> bytes:
 
 @pytest.fixture()
 def dataset(s3_env, synthetic_dir, request) -> str:
-    url = f"s3://petal/datasets/augment-{re.sub(r'[^A-Za-z0-9._-]+', '-', request.node.name)[:100]}"
+    url = s3(f"datasets/augment-{re.sub(r'[^A-Za-z0-9._-]+', '-', request.node.name)[:100]}")
     result = run_script(s3_env, "upload_dataset.py", str(synthetic_dir), url)
     assert result.returncode == 0, result.stderr
     return url
@@ -169,6 +169,7 @@ def test_crafted_downloads_are_kept_or_rejected_for_the_right_reason(web, datase
     assert read_index(storage, url) == after
 
 
+@pytest.mark.slow
 def test_relevance_rejects_images_the_trained_model_places_elsewhere(web, dataset, reference_run, s3_env, tmp_path):
     root, base, _ = web
     (root / "rel").mkdir(exist_ok=True)

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 from support import ROOT
 
 
@@ -21,6 +22,7 @@ def test_the_data_benchmark_reports_every_contender_and_ratio(s3_env, tmp_path):
     assert "shards_vs_imagefolder" in result.stdout
 
 
+@pytest.mark.slow
 def test_the_gpu_benchmark_runs_its_code_paths_on_cpu(tmp_path):
     argv = [sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--smoke", "--json", str(tmp_path / "gpu.json")]
     result = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=600)

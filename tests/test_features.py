@@ -100,6 +100,7 @@ def test_a_feature_cache_directory_is_reused_without_running_the_backbone(model_
     assert torch.equal(first, again)
 
 
+@pytest.mark.slow
 def test_two_ranks_transfer_learn_a_head_from_cached_features_of_a_frozen_backbone(
     s3_env, synthetic_dataset, reference_run, run_dir, storage
 ):

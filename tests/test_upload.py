@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 from scipy.io import savemat
-from support import ROOT, StallingProxy, Watched, run_script
+from support import BUCKET, ROOT, StallingProxy, Watched, run_script, s3
 
 from training.shards import fetch_shard, read_index, read_shard_table
 from training.storage import parse_url
@@ -39,14 +39,14 @@ def test_seed_layout_with_broken_images_is_uploaded_without_them(s3_env, storage
     (src / "valid" / "1" / "page.jpg").write_text("<html>not an image</html>")
     (src / "train" / "1" / "notes.txt").write_text("not an image, not reported either")
 
-    summary = uploaded(run_script(s3_env, "upload_dataset.py", str(src), "s3://petal/datasets/seed-layout"))
+    summary = uploaded(run_script(s3_env, "upload_dataset.py", str(src), s3("datasets/seed-layout")))
     assert summary["splits"] == {"train": 200, "valid": 100, "test": 100}
     assert summary["classes"] == 5 and summary["rejected"] == 2
-    index = read_index(storage, parse_url("s3://petal/datasets/seed-layout"))
+    index = read_index(storage, parse_url(s3("datasets/seed-layout")))
     assert [c["name"] for c in index["classes"]][:2] == ["red circle", "blue square"]
     assert all(s["samples"] == sum(x["samples"] for x in s["shards"]) for s in index["splits"].values())
 
-    labels = labels_by_source(storage, "s3://petal/datasets/seed-layout", "train", tmp_path / "cache")
+    labels = labels_by_source(storage, s3("datasets/seed-layout"), "train", tmp_path / "cache")
     assert labels["train/3/triangle_00007.jpg"] == 2 and "train/2/truncated.jpg" not in labels
 
 
@@ -54,14 +54,14 @@ def test_broken_images_are_reported_by_path(s3_env, synthetic_dir, tmp_path):
     src = tmp_path / "data"
     shutil.copytree(synthetic_dir, src)
     (src / "valid" / "4" / "empty.jpg").write_bytes(b"")
-    result = run_script(s3_env, "upload_dataset.py", str(src), "s3://petal/datasets/reported")
+    result = run_script(s3_env, "upload_dataset.py", str(src), s3("datasets/reported"))
     assert uploaded(result)["rejected"] == 1
     assert str(src / "valid" / "4" / "empty.jpg") in result.stderr
 
 
 def test_a_rerun_uploads_nothing_already_there(s3_env, synthetic_dir):
-    first = uploaded(run_script(s3_env, "upload_dataset.py", str(synthetic_dir), "s3://petal/datasets/rerun"))
-    again = uploaded(run_script(s3_env, "upload_dataset.py", str(synthetic_dir), "s3://petal/datasets/rerun"))
+    first = uploaded(run_script(s3_env, "upload_dataset.py", str(synthetic_dir), s3("datasets/rerun")))
+    again = uploaded(run_script(s3_env, "upload_dataset.py", str(synthetic_dir), s3("datasets/rerun")))
     assert first["shards_uploaded"] == 48 and again["shards_uploaded"] == 0 and again["shards_already_there"] == 48
 
 
@@ -83,11 +83,11 @@ def test_torchvision_flowers102_files_keep_their_official_splits(s3_env, storage
     )
     (tmp_path / "cat_to_name.json").write_text(json.dumps({"1": "pink primrose", "2": "globe thistle"}))
 
-    summary = uploaded(run_script(s3_env, "upload_dataset.py", str(tmp_path), "s3://petal/datasets/f102"))
+    summary = uploaded(run_script(s3_env, "upload_dataset.py", str(tmp_path), s3("datasets/f102")))
     assert summary["layout"] == "flowers-102" and summary["splits"] == {"train": 6, "valid": 3, "test": 3}
-    index = read_index(storage, parse_url("s3://petal/datasets/f102"))
+    index = read_index(storage, parse_url(s3("datasets/f102")))
     assert [c["name"] for c in index["classes"]] == ["pink primrose", "globe thistle", "3"]
-    found = labels_by_source(storage, "s3://petal/datasets/f102", "valid", tmp_path / "cache")
+    found = labels_by_source(storage, s3("datasets/f102"), "valid", tmp_path / "cache")
     assert found == {f"flowers-102/jpg/image_{i:05d}.jpg": int(labels[i - 1]) - 1 for i in (7, 8, 9)}
 
 
@@ -95,35 +95,35 @@ def test_an_imagefolder_tree_gets_a_stable_validation_split(s3_env, synthetic_di
     src = tmp_path / "folder"
     shutil.copytree(synthetic_dir / "train", src)
     first = uploaded(
-        run_script(s3_env, "upload_dataset.py", str(src), "s3://petal/datasets/folder", "--valid-fraction", "0.25")
+        run_script(s3_env, "upload_dataset.py", str(src), s3("datasets/folder"), "--valid-fraction", "0.25")
     )
     assert first["layout"] == "imagefolder" and sum(first["splits"].values()) == 200
     assert 30 <= first["splits"]["valid"] <= 70
     again = uploaded(
-        run_script(s3_env, "upload_dataset.py", str(src), "s3://petal/datasets/folder", "--valid-fraction", "0.25")
+        run_script(s3_env, "upload_dataset.py", str(src), s3("datasets/folder"), "--valid-fraction", "0.25")
     )
     assert again["splits"] == first["splits"] and again["shards_uploaded"] == 0
 
 
 def test_an_interrupted_upload_leaves_no_index_and_a_rerun_completes_it(minio, s3_env, storage, synthetic_dir):
-    proxy = StallingProxy(minio.port, rb"PUT /petal/datasets/interrupted/shards/valid-")
+    proxy = StallingProxy(minio.port, f"PUT /{BUCKET}/datasets/interrupted/shards/valid-".encode())
     argv = [
         sys.executable,
         str(ROOT / "scripts" / "upload_dataset.py"),
         str(synthetic_dir),
-        "s3://petal/datasets/interrupted",
+        s3("datasets/interrupted"),
     ]
     proc = Watched(argv, s3_env | {"S3_ENDPOINT_URL": f"http://127.0.0.1:{proxy.port}"})
     assert proxy.matched.wait(120), "\n".join(proc.stderr[-10:])
     os.killpg(proc.proc.pid, signal.SIGKILL)
     proc.wait(30)
     proxy.close()
-    dataset = parse_url("s3://petal/datasets/interrupted")
+    dataset = parse_url(s3("datasets/interrupted"))
     assert not storage.exists(dataset.join("index.json"))
     stored = sorted(str(u).rsplit("/", 1)[1] for u in storage.list(dataset.join("shards")))
     assert len(stored) == 16 and all(n.startswith("train-") for n in stored), stored
 
-    summary = uploaded(run_script(s3_env, "upload_dataset.py", str(synthetic_dir), "s3://petal/datasets/interrupted"))
+    summary = uploaded(run_script(s3_env, "upload_dataset.py", str(synthetic_dir), s3("datasets/interrupted")))
     assert summary["shards_already_there"] == 16 and summary["shards_uploaded"] == 32
     assert read_index(storage, dataset)["splits"]["valid"]["samples"] == 100
 
@@ -132,10 +132,10 @@ def test_an_interrupted_upload_leaves_no_index_and_a_rerun_completes_it(minio, s
     ("args", "expected"),
     [
         (["{src}", "/tmp/not-s3"], "'/tmp/not-s3' is not an object-storage URL"),
-        (["{src}", "s3://petal"], "names no prefix"),
-        (["/no/such/dir", "s3://petal/x"], "/no/such/dir is not a directory"),
+        (["{src}", f"s3://{BUCKET}"], "names no prefix"),
+        (["/no/such/dir", s3("x")], "/no/such/dir is not a directory"),
         (
-            ["{src}", "s3://petal/x", "--valid-fraction", "1.5"],
+            ["{src}", s3("x"), "--valid-fraction", "1.5"],
             "--valid-fraction 1.5 must be between 0 and 1",
         ),
     ],
@@ -144,4 +144,4 @@ def test_bad_arguments_get_one_line_and_write_nothing(s3_env, storage, synthetic
     result = run_script(s3_env, "upload_dataset.py", *[a.format(src=synthetic_dir) for a in args])
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and expected in result.stderr
-    assert not storage.exists(parse_url("s3://petal/x/index.json"))
+    assert not storage.exists(parse_url(s3("x/index.json")))

@@ -1,6 +1,7 @@
-"""The cluster test bed: one real single-node cluster per session (`scripts/testbed.sh cluster up`),
-in the same state dir as the session's MinIO, so its pods reach that MinIO as the chart's default
-endpoint. Waits are on conditions; a timeout shows what was still missing.
+"""The cluster test bed: the test bed's real single-node cluster (`scripts/testbed.sh cluster up`),
+used as it is when it already runs (the demo leaves it up) and otherwise started for the session and
+stopped after it. Its pods reach the test bed's MinIO at the chart's default endpoint. Waits are on
+conditions; a timeout shows what was still missing.
 
     scripts/testbed.sh install cluster && python -m pytest tests/cluster
 """
@@ -19,27 +20,24 @@ from pathlib import Path
 
 import pytest
 import yaml
-from support import ROOT, testbed, testbed_exports
+from support import ROOT, TestbedService, testbed
 
 NODE = "petal-node"
-# The namespace `cluster up` publishes MinIO and its petal-s3 Secret in (the kubeconfig's default).
-PETAL_NAMESPACE = "petal"
+CHART_VALUES = yaml.safe_load((ROOT / "charts" / "petal" / "values.yaml").read_text())
+# The namespace `cluster up` publishes MinIO and its Secret in (the kubeconfig's default): the one in
+# the chart's default endpoint.
+PETAL_NAMESPACE = re.match(r"https?://[^.]+\.([^.]+)\.svc", CHART_VALUES["s3"]["endpoint"])[1]
+S3_SECRET = CHART_VALUES["s3"]["existingSecret"]
 
 
-class Cluster:
-    def __init__(self, state_dir: Path):
-        self.state_dir = state_dir
-        self.cluster_dir = state_dir / "cluster"
+class Cluster(TestbedService):
+    def __init__(self):
+        super().__init__("cluster", up_timeout=600)
+        self.env = os.environ | self.env
+        self.cluster_dir = self.state_dir / "cluster"
 
     def testbed(self, *args: str, timeout: float = 900) -> str:
-        return testbed(self.state_dir, *args, timeout=timeout)
-
-    def up(self) -> None:
-        self.testbed("cluster", "up", timeout=600)
-        self.env = os.environ | testbed_exports(self.state_dir)
-
-    def down(self) -> None:
-        self.testbed("cluster", "down")
+        return testbed(*args, timeout=timeout).stdout
 
     def kubectl(self, *args: str, input: str | None = None, check: bool = True, timeout: float = 120):
         result = subprocess.run(["kubectl", *args], env=self.env, input=input, capture_output=True, text=True,
@@ -89,21 +87,13 @@ class Cluster:
                                lambda: re.search(pattern, self.logs(pod, namespace)), namespace, timeout)  # fmt: skip
 
 
-def apiserver_port_taken() -> bool:
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", 6443)) == 0
-
-
 @pytest.fixture(scope="session")
 def cluster(minio) -> Cluster:
     if os.geteuid() != 0:
         pytest.skip("the test bed cluster runs containerd, the kubelet and iptables as root; tests run as a user")
-    if apiserver_port_taken():
-        pytest.fail("port 6443 is taken: another cluster is up (scripts/testbed.sh cluster down stops the test bed's)")
-    server = Cluster(minio.state_dir)
-    server.up()
+    server = Cluster()
     yield server
-    server.down()
+    server.release()
 
 
 @pytest.fixture()

@@ -9,7 +9,8 @@ import re
 import textwrap
 import uuid
 
-from conftest import NODE, PETAL_NAMESPACE
+from conftest import CHART_VALUES, NODE, PETAL_NAMESPACE, S3_SECRET
+from support import BUCKET, s3
 
 from training.storage import parse_url
 
@@ -99,17 +100,17 @@ def test_a_secret_reaches_env_and_dev_shm_is_memory_backed(cluster, namespace, p
 
 
 def test_pods_reach_the_test_beds_minio_with_the_published_secret(cluster, petal_image, storage):
-    """The chart's defaults (endpoint minio.petal.svc.cluster.local:9000, Secret petal-s3) work as they are."""
+    """The chart's defaults (its s3.endpoint and s3.existingSecret) work as they are."""
     marker = uuid.uuid4().hex
-    storage.ensure_bucket(parse_url("s3://petal/probe"))
-    storage.write_bytes(parse_url(f"s3://petal/probe/{marker}"), marker.encode())
+    storage.ensure_bucket(parse_url(s3("probe")))
+    storage.write_bytes(parse_url(s3(f"probe/{marker}")), marker.encode())
     script = textwrap.dedent(f"""
         from training.storage import Storage, parse_url
-        print("read", Storage.from_env().read_bytes(parse_url("s3://petal/probe/{marker}")).decode())
+        print("read", Storage.from_env().read_bytes(parse_url("s3://{BUCKET}/probe/{marker}")).decode())
     """)
-    env = [{"name": "S3_ENDPOINT_URL", "value": "http://minio.petal.svc.cluster.local:9000"}]
+    env = [{"name": "S3_ENDPOINT_URL", "value": CHART_VALUES["s3"]["endpoint"]}]
     name = f"minio-probe-{marker[:6]}"
-    spec = pod(name, petal_image, script, container={"env": env, "envFrom": [{"secretRef": {"name": "petal-s3"}}]})
+    spec = pod(name, petal_image, script, container={"env": env, "envFrom": [{"secretRef": {"name": S3_SECRET}}]})
     cluster.apply(spec, namespace=PETAL_NAMESPACE)
     try:
         cluster.wait(f"pod/{name}", "jsonpath={.status.phase}=Succeeded", PETAL_NAMESPACE)

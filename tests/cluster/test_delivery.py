@@ -11,8 +11,8 @@ import uuid
 from pathlib import Path
 
 import pytest
-from conftest import PETAL_NAMESPACE
-from support import ROOT
+from conftest import PETAL_NAMESPACE, S3_SECRET
+from support import ROOT, s3
 
 from training.storage import parse_url
 
@@ -20,8 +20,9 @@ CHART = ROOT / "charts" / "petal"
 CPU_VALUES = CHART / "ci" / "cpu-values.yaml"
 
 
-def test_smoke_submits_four_replicas_collects_and_predicts(cluster, petal_image, tmp_path):
-    env = cluster.env | {"PETAL_IMAGE": petal_image, "PETAL_REPLICAS": "4", "PETAL_RUNS_DIR": str(tmp_path)}
+def test_smoke_submits_four_replicas_collects_and_predicts(cluster, petal_image, storage, tmp_path):
+    env = cluster.env | {"PETAL_IMAGE": petal_image, "PETAL_REPLICAS": "4", "PETAL_RUNS_DIR": str(tmp_path),
+                         "PETAL_S3_PREFIX": s3("smoke")}  # fmt: skip
     smoke = subprocess.run([str(ROOT / "scripts" / "smoke.sh")], cwd=tmp_path, env=env, capture_output=True,
                            text=True, timeout=1800)  # fmt: skip
     assert smoke.returncode == 0, f"{smoke.stdout[-3000:]}\n{smoke.stderr[-5000:]}"
@@ -42,7 +43,7 @@ def test_smoke_submits_four_replicas_collects_and_predicts(cluster, petal_image,
 def test_helm_install_resumes_after_a_worker_is_lost_mid_epoch(cluster, petal_image, synthetic_dataset, storage):
     release = f"helm-{uuid.uuid4().hex[:6]}"
     epochs = 6
-    output = f"s3://petal/runs/{release}"
+    output = s3(f"runs/{release}")
 
     def helm(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run(["helm", *args, "--namespace", PETAL_NAMESPACE], env=cluster.env, capture_output=True,
@@ -51,7 +52,8 @@ def test_helm_install_resumes_after_a_worker_is_lost_mid_epoch(cluster, petal_im
     repository, tag = petal_image.split(":")
     install = helm("install", release, str(CHART), "--values", str(CPU_VALUES),
                    "--set", f"image.repository={repository}", "--set", f"image.tag={tag}",
-                   "--set", f"training.data={synthetic_dataset}", "--set", f"training.epochs={epochs}")  # fmt: skip
+                   "--set", f"training.data={synthetic_dataset}", "--set", f"training.epochs={epochs}",
+                   "--set", f"outputPrefix={s3('runs')}")  # fmt: skip
     assert install.returncode == 0, install.stderr
     try:
         master, worker = f"{release}-master-0", f"{release}-worker-1"
@@ -94,7 +96,7 @@ def test_several_processes_per_pod_are_ranked_by_torchrun(cluster, petal_image, 
     submit = subprocess.run(
         ["python", str(ROOT / "scripts" / "submit.py"), "--name", name, "--replicas", "2", "--image", petal_image,
          "--values", str(CPU_VALUES), "--set", "nprocPerNode=2", "--dataset", synthetic_dataset, "--epochs", "1",
-         "--collect", str(tmp_path / name), "--timeout", "900"],
+         "--collect", str(tmp_path / name), "--timeout", "900", "--set", f"outputPrefix={s3('runs')}"],
         env=cluster.env, capture_output=True, text=True, timeout=1000,
     )  # fmt: skip
     assert submit.returncode == 0, submit.stderr[-5000:]
@@ -104,13 +106,15 @@ def test_several_processes_per_pod_are_ranked_by_torchrun(cluster, petal_image, 
 
 @pytest.mark.parametrize("missing", ["namespace", "Secret"])
 def test_a_missing_namespace_or_secret_exits_3_and_applies_nothing(cluster, namespace, missing):
-    target = f"{namespace}-absent" if missing == "namespace" else namespace  # the fixture's has no petal-s3
+    target = f"{namespace}-absent" if missing == "namespace" else namespace  # the fixture's has no Secret
     name = f"pre-{uuid.uuid4().hex[:6]}"
     submit = subprocess.run(["python", str(ROOT / "scripts" / "submit.py"), "--name", name, "--replicas", "2",
                              "--image", "petal:dev", "--namespace", target],
                             env=cluster.env, capture_output=True, text=True, timeout=120)  # fmt: skip
     assert submit.returncode == 3, submit.stderr
-    said = f"namespace {target!r} does not exist" if missing == "namespace" else "Secret 'petal-s3' (S3 credentials)"
+    said = (
+        f"namespace {target!r} does not exist" if missing == "namespace" else f"Secret {S3_SECRET!r} (S3 credentials)"
+    )
     assert said in submit.stderr
     assert name not in cluster.kubectl("get", "pytorchjobs", "-A", "-o", "name").stdout
 

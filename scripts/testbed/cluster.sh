@@ -1,7 +1,10 @@
-# Sourced by scripts/testbed.sh: a single-node Kubernetes cluster from upstream programs, started on
-# this host (what kind runs, without kind's node image): etcd, kube-apiserver, controller-manager,
-# scheduler, kubelet + containerd (CRI) + CNI bridge, kube-proxy, CoreDNS, and the Kubeflow
-# training-operator with its validating webhook. Every process is recorded in $STATE/cluster/pids.
+# shellcheck shell=bash
+# A single-node Kubernetes cluster from upstream programs, started on this host (what kind runs,
+# without kind's node image): etcd, kube-apiserver, controller-manager, scheduler, kubelet +
+# containerd (CRI) + CNI bridge, kube-proxy, CoreDNS, and the Kubeflow training-operator with its
+# validating webhook. Every process it starts is recorded in $STATE/cluster/pids and stopped by that
+# PID; the pods' shims by the PIDs containerd recorded for them. Uses common.sh, tools.sh's programs
+# and images.sh (the cluster's own images, loading into its containerd).
 #
 # What this sandbox needs that a normal host does not (found the hard way, see the issue notes):
 # - no CAP_SYS_RESOURCE: containerd's CRI must not give pod sandboxes a negative oom_score_adj
@@ -16,39 +19,17 @@ POD_GATEWAY=10.244.0.1
 SERVICE_CIDR=10.96.0.0/16
 DNS_IP=10.96.0.10
 NODE_NAME=petal-node
-# The kubeconfig's default namespace, where the MinIO Service and the petal-s3 Secret are published.
-PETAL_NAMESPACE=petal
 WEBHOOK_CERTS=/tmp/k8s-webhook-server/serving-certs
-CLUSTER_APT="docker.io containerd runc containernetworking-plugins etcd-server mmdebstrap iptables iproute2 openssl"
 
-cluster_dir() { echo "$STATE/cluster"; }
-kbin() { echo "$(kube_dir)/bin/$1"; }
-coredns_bin() { echo "$CACHE/coredns-$COREDNS_VERSION/bin/coredns"; }
-operator_bin() { echo "$CACHE/training-operator-$TRAINING_OPERATOR_VERSION/bin/training-operator.v1"; }
 node_ip() { ip -4 route get 1.1.1.1 2>/dev/null | sed -n 's/.* src \([0-9.]*\).*/\1/p'; }
 kctl() { "$(kbin kubectl)" --kubeconfig "$(cluster_dir)/kubeconfig" "$@"; }
-operator_src() { go mod download -json "github.com/kubeflow/training-operator@$TRAINING_OPERATOR_VERSION" | sed -n 's/.*"Dir": "\(.*\)".*/\1/p'; }
-
-install_cluster() {
-  local missing=""
-  for package in $CLUSTER_APT; do dpkg -s "$package" >/dev/null 2>&1 || missing="$missing $package"; done
-  if [ -n "$missing" ]; then
-    say "installing Debian packages:$missing"
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing >/dev/null
-  else
-    say "Debian packages for the cluster are already installed"
-  fi
-  install_kube
-  if [ -x "$(coredns_bin)" ]; then say "coredns $COREDNS_VERSION is already built"; else
-    say "building coredns $COREDNS_VERSION"
-    GOBIN="$(dirname "$(coredns_bin)")" go install "github.com/coredns/coredns@$COREDNS_VERSION"
-  fi
-  if [ -x "$(operator_bin)" ]; then say "training-operator $TRAINING_OPERATOR_VERSION is already built"; else
-    say "building training-operator $TRAINING_OPERATOR_VERSION"
-    GOBIN="$(dirname "$(operator_bin)")" go install "github.com/kubeflow/training-operator/cmd/training-operator.v1@$TRAINING_OPERATOR_VERSION"
-  fi
-  docker_up
-  build_images
+# The namespace and name pods reach MinIO by, from the chart's default endpoint
+# (http://<service>.<namespace>.svc.cluster.local:<port>); the kubeconfig's default namespace.
+chart_endpoint_part() {  # chart_endpoint_part service|namespace|port
+  local endpoint; endpoint=$(chart_default s3.endpoint)
+  [[ "$endpoint" =~ ^https?://([a-z0-9-]+)\.([a-z0-9-]+)\.svc\.cluster\.local:([0-9]+)/?$ ]] \
+    || die "the chart's s3.endpoint $endpoint is not http://SERVICE.NAMESPACE.svc.cluster.local:PORT"
+  case $1 in service) echo "${BASH_REMATCH[1]}" ;; namespace) echo "${BASH_REMATCH[2]}" ;; port) echo "${BASH_REMATCH[3]}" ;; esac
 }
 
 # start NAME COMMAND...: runs a cluster process in the background, logging to $dir/NAME.log.
@@ -56,89 +37,6 @@ start() {
   local name=$1 dir; dir=$(cluster_dir); shift
   nohup "$@" > "$dir/$name.log" 2>&1 < /dev/null &
   echo "$! $name" >> "$dir/pids"
-}
-
-# wait_for WHAT SECONDS LOG COMMAND...: polls COMMAND until it succeeds; on timeout shows LOG's tail.
-wait_for() {
-  local what=$1 seconds=$2 log=$3 deadline; shift 3
-  deadline=$((SECONDS + seconds))
-  until "$@" >/dev/null 2>&1; do
-    if [ $SECONDS -ge $deadline ]; then
-      [ -f "$log" ] && tail -n 25 "$log" >&2
-      die "$what not ready after ${seconds}s (log: $log)"
-    fi
-    sleep 0.5
-  done
-}
-
-# dockerd serves every state dir and outlives clusters (its images are a cache), so it is recorded
-# beside the cache rather than in a cluster's state, and `cluster down` leaves it running.
-docker_up() {
-  docker info >/dev/null 2>&1 && return
-  local dir="$CACHE/dockerd"
-  mkdir -p "$dir"
-  nohup dockerd --storage-driver=overlay2 > "$dir/log" 2>&1 < /dev/null &
-  echo $! > "$dir/pid"
-  wait_for "dockerd" 60 "$dir/log" docker info
-}
-
-# The project Dockerfile on the local base image: what the cluster's PyTorchJobs run. Loaded into the
-# cluster when one is up. The image it replaces (6 GB of CUDA wheels) is removed once untagged.
-build_image() {
-  local image=$1 previous
-  docker_up
-  build_images
-  previous=$(docker image inspect -f '{{.Id}}' "$image" 2>/dev/null || true)
-  say "building $image from $ROOT/Dockerfile on $BASE_IMAGE"
-  docker build --network host --build-arg BASE_IMAGE="$BASE_IMAGE" -t "$image" "$ROOT" >&2
-  if [ -n "$previous" ] && [ "$previous" != "$(docker image inspect -f '{{.Id}}' "$image")" ]; then
-    docker rmi "$previous" >/dev/null 2>&1 || true
-  fi
-  if cluster_running; then load_image "$image"; fi
-}
-
-# Images the cluster needs and cannot pull: pause (from the kubernetes module's pause.c), a Debian
-# base with Python in /opt/venv (the project Dockerfile builds on it), and the operator's init image
-# (it runs nslookup until the master resolves).
-build_images() {
-  local work="$CACHE/image-build"
-  mkdir -p "$work"
-  if docker image inspect "registry.k8s.io/pause:$PAUSE_VERSION" "$BASE_IMAGE" "$INIT_IMAGE" >/dev/null 2>&1; then
-    say "images pause:$PAUSE_VERSION, $BASE_IMAGE and $INIT_IMAGE are already built"
-    return
-  fi
-  if ! docker image inspect "registry.k8s.io/pause:$PAUSE_VERSION" >/dev/null 2>&1; then
-    mkdir -p "$work/pause"
-    gcc -Os -static -DVERSION="$PAUSE_VERSION" -o "$work/pause/pause" "$(kube_src_dir)/build/pause/linux/pause.c"
-    printf 'FROM scratch\nCOPY pause /pause\nUSER 65535:65535\nENTRYPOINT ["/pause"]\n' > "$work/pause/Dockerfile"
-    docker build -q -t "registry.k8s.io/pause:$PAUSE_VERSION" "$work/pause" >/dev/null
-  fi
-  if ! docker image inspect "$BASE_IMAGE" >/dev/null 2>&1; then
-    say "making $BASE_IMAGE with mmdebstrap"
-    mmdebstrap --quiet --variant=minbase --include=python3,python3-pip,python3-venv,python-is-python3,ca-certificates,passwd \
-      --customize-hook='cp /etc/ssl/certs/ca-certificates.crt "$1/usr/local/share/host-ca.crt"' \
-      --customize-hook='chroot "$1" python3 -m venv /opt/venv' \
-      bookworm "$work/base.tar" http://deb.debian.org/debian
-    docker import --change 'ENV PATH=/opt/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
-      --change 'ENV PIP_CERT=/usr/local/share/host-ca.crt' "$work/base.tar" "$BASE_IMAGE" >/dev/null
-    rm -f "$work/base.tar"
-  fi
-  if ! docker image inspect "$INIT_IMAGE" >/dev/null 2>&1; then
-    mkdir -p "$work/init"
-    printf 'FROM %s\nRUN apt-get update && apt-get install -y --no-install-recommends bind9-dnsutils && rm -rf /var/lib/apt/lists/*\n' \
-      "$BASE_IMAGE" > "$work/init/Dockerfile"
-    docker build -q --network host -t "$INIT_IMAGE" "$work/init" >/dev/null
-  fi
-}
-
-kube_src_dir() { go mod download -json "k8s.io/kubernetes@$KUBERNETES_VERSION" | sed -n 's/.*"Dir": "\(.*\)".*/\1/p'; }
-
-load_image() {
-  local image=$1
-  [ -S "$(cluster_dir)/containerd/containerd.sock" ] || die "the cluster is not up (scripts/testbed.sh cluster up)"
-  docker image inspect "$image" >/dev/null 2>&1 || die "no local Docker image $image"
-  say "loading $image into the cluster's containerd"
-  docker save "$image" | ctr -a "$(cluster_dir)/containerd/containerd.sock" -n k8s.io images import - >/dev/null
 }
 
 make_certs() {
@@ -166,15 +64,15 @@ apiVersion: v1
 kind: Config
 clusters: [{name: petal, cluster: {server: "https://127.0.0.1:6443", certificate-authority: $dir/pki/ca.crt}}]
 users: [{name: admin, user: {client-certificate: $dir/pki/admin.crt, client-key: $dir/pki/admin.key}}]
-contexts: [{name: petal, context: {cluster: petal, user: admin, namespace: $PETAL_NAMESPACE}}]
+contexts: [{name: petal, context: {cluster: petal, user: admin, namespace: $(chart_endpoint_part namespace)}}]
 current-context: petal
 EOF
   cat > "$dir/containerd/config.toml" <<EOF
 version = 2
-root = "$dir/containerd/root"
+root = "$(image_store)/root"
 state = "$dir/containerd/state"
 [grpc]
-  address = "$dir/containerd/containerd.sock"
+  address = "$(containerd_socket)"
 [plugins."io.containerd.grpc.v1.cri"]
   sandbox_image = "registry.k8s.io/pause:$PAUSE_VERSION"
   restrict_oom_score_adj = true
@@ -201,7 +99,7 @@ cgroupDriver: cgroupfs
 failSwapOn: false
 clusterDNS: [$DNS_IP]
 clusterDomain: cluster.local
-containerRuntimeEndpoint: unix://$dir/containerd/containerd.sock
+containerRuntimeEndpoint: unix://$(containerd_socket)
 tlsCertFile: $dir/pki/apiserver.crt
 tlsPrivateKeyFile: $dir/pki/apiserver.key
 evictionHard: {memory.available: "100Mi", nodefs.available: "1%", imagefs.available: "1%"}
@@ -252,37 +150,41 @@ EOF
 
 cluster_running() { [ -f "$(cluster_dir)/kubeconfig" ] && kctl get --raw /readyz >/dev/null 2>&1; }
 
-# Pods reach the test bed's MinIO as http://minio.petal.svc.cluster.local:9000 (the chart's default
-# endpoint, and the name manifests/minio-dev.yaml gives it on a real cluster) through a Service backed
-# by this host, and get its credentials from the Secret petal-s3 (the chart's default existingSecret).
-# Called by `minio up` and `cluster up`, whichever comes second.
+# publish_minio PORT ACCESS_KEY SECRET_KEY: pods reach a MinIO on this host at the chart's default
+# endpoint through a Service backed by the host, and get its credentials from the Secret the chart
+# reads by default (made from an env file on a pipe, never on a command line).
 publish_minio() {
-  local minio="$STATE/minio"
-  cluster_running && pid_alive "$minio/pid" || return 0
-  kctl create namespace "$PETAL_NAMESPACE" --dry-run=client -o yaml | kctl apply -f - >/dev/null
-  host_service "$PETAL_NAMESPACE" minio 9000 "$(cat "$minio/port")" TCP
-  kctl -n "$PETAL_NAMESPACE" create secret generic petal-s3 --dry-run=client -o yaml \
-    --from-env-file=<(printf 'AWS_ACCESS_KEY_ID=%s\nAWS_SECRET_ACCESS_KEY=%s\n' "$(sed -n 1p "$minio/credentials")" "$(sed -n 2p "$minio/credentials")") \
+  local port=$1 access_key=$2 secret_key=$3 namespace service secret
+  namespace=$(chart_endpoint_part namespace)
+  service=$(chart_endpoint_part service)
+  secret=$(chart_default s3.existingSecret)
+  kctl create namespace "$namespace" --dry-run=client -o yaml | kctl apply -f - >/dev/null
+  host_service "$namespace" "$service" "$(chart_endpoint_part port)" "$port" TCP
+  kctl -n "$namespace" create secret generic "$secret" --dry-run=client -o yaml \
+    --from-env-file=<(printf 'AWS_ACCESS_KEY_ID=%s\nAWS_SECRET_ACCESS_KEY=%s\n' "$access_key" "$secret_key") \
     | kctl apply -f - >/dev/null
-  say "pods reach this MinIO at http://minio.$PETAL_NAMESPACE.svc.cluster.local:9000 (Secret $PETAL_NAMESPACE/petal-s3)"
+  say "pods reach this MinIO at $(chart_default s3.endpoint) (Secret $namespace/$secret)"
 }
 
 cluster_up() {
   local dir; dir=$(cluster_dir)
   [ -x "$(operator_bin)" ] || die "the cluster is not built: run scripts/testbed.sh install cluster"
   if [ -f "$dir/pids" ]; then
-    if cluster_running; then say "cluster already up (kubeconfig $dir/kubeconfig)"; publish_minio; return; fi
+    if cluster_running; then say "cluster already up (kubeconfig $dir/kubeconfig)"; return; fi
     say "cleaning up a previous cluster first"
     cluster_down
   fi
-  mkdir -p "$dir"
+  if (exec 3<>/dev/tcp/127.0.0.1/6443) 2>/dev/null; then
+    die "port 6443 is taken by a cluster this test bed did not start (state $STATE); stop it first"
+  fi
+  mkdir -p "$dir" "$(image_store)"
   docker_up
-  build_images
+  build_base_images
   make_certs
   write_configs
   pod_network_up
   start containerd containerd --config "$dir/containerd/config.toml"
-  wait_for "containerd" 30 "$dir/containerd.log" test -S "$dir/containerd/containerd.sock"
+  wait_for "containerd" 30 "$dir/containerd.log" test -S "$(containerd_socket)"
   load_image "registry.k8s.io/pause:$PAUSE_VERSION"
   load_image "$INIT_IMAGE"
 
@@ -311,7 +213,7 @@ cluster_up() {
   host_service kube-system kube-dns 53 53 "UDP TCP" "$DNS_IP"
   wait_for "CoreDNS" 30 "$dir/coredns.log" curl -fsS http://127.0.0.1:18053/health
 
-  local operator; operator=$(operator_src)
+  local operator; operator=$(module_dir "github.com/kubeflow/training-operator@$TRAINING_OPERATOR_VERSION")
   kctl apply --server-side -f "$operator/manifests/base/crds/kubeflow.org_pytorchjobs.yaml" >/dev/null
   wait_for "the PyTorchJob CRD" 30 "$dir/kube-apiserver.log" kctl wait --for=condition=Established crd/pytorchjobs.kubeflow.org --timeout=1s
   kctl create namespace kubeflow >/dev/null
@@ -331,21 +233,46 @@ cluster_up() {
     kctl -n kubeflow get secret training-operator-webhook-cert -o jsonpath="{.data.${file//./\\.}}" | base64 -d > "$WEBHOOK_CERTS/$file"
   done
   wait_for "the training-operator" 60 "$dir/training-operator.log" grep -q '"controller": "pytorchjob-controller", "worker count"' "$dir/training-operator.log"
-  publish_minio
+  kctl create namespace "$(chart_endpoint_part namespace)" --dry-run=client -o yaml | kctl apply -f - >/dev/null
   say "cluster up: node $NODE_NAME Ready, DNS at $DNS_IP, training-operator $TRAINING_OPERATOR_VERSION running"
   say "use it: eval \"\$(scripts/testbed.sh env)\"; kubectl get nodes   (logs: $dir/*.log)"
+}
+
+# The pods' containers, through containerd itself: every task killed and deleted (its shim exits with
+# its last task), every container record removed, and any shim still alive stopped by the PID
+# containerd recorded for it in this cluster's state. The image store stays.
+stop_pods() {
+  local socket; socket=$(containerd_socket)
+  local ctr_k8s=(ctr -a "$socket" -n k8s.io)
+  if [ -S "$socket" ]; then
+    local task
+    for task in $("${ctr_k8s[@]}" tasks ls -q 2>/dev/null); do
+      "${ctr_k8s[@]}" tasks kill -a -s SIGKILL "$task" >/dev/null 2>&1 || true
+    done
+    for task in $("${ctr_k8s[@]}" tasks ls -q 2>/dev/null); do
+      "${ctr_k8s[@]}" tasks rm -f "$task" >/dev/null 2>&1 || true
+    done
+    local containers; containers=$("${ctr_k8s[@]}" containers ls -q 2>/dev/null || true)
+    # shellcheck disable=SC2086
+    [ -z "$containers" ] || "${ctr_k8s[@]}" containers rm $containers >/dev/null 2>&1 || true
+  fi
+  local shim_pid
+  for shim_pid in "$(cluster_dir)"/containerd/state/io.containerd.runtime.v2.task/*/*/shim.pid; do
+    [ -f "$shim_pid" ] && stop_pid "$(cat "$shim_pid")"
+  done
+  # The CRI plugin's per-sandbox files (hostname, resolv.conf) belong to this cluster's pods only.
+  rm -rf "$(image_store)/root/io.containerd.grpc.v1.cri/sandboxes" "$(image_store)/root/io.containerd.grpc.v1.cri/containers"
 }
 
 cluster_down() {
   local dir; dir=$(cluster_dir)
   if [ -f "$dir/pids" ]; then
-    # Reverse start order; dockerd (if we started it) last.
+    # Reverse start order; containerd (started first) goes last, once it has stopped the pods.
     tac "$dir/pids" | while read -r pid name; do
-      if kill -0 "$pid" 2>/dev/null; then kill "$pid"; while kill -0 "$pid" 2>/dev/null; do sleep 0.1; done; fi
+      [ "$name" = containerd ] && kill -0 "$pid" 2>/dev/null && stop_pods
+      stop_pid "$pid"
     done
   fi
-  # Containers outlive containerd's shims only until their shim is told; kill what is left of the pods.
-  pgrep -f "containerd-shim-runc-v2 -namespace k8s.io -id" >/dev/null && pkill -f "containerd-shim-runc-v2 -namespace k8s.io -id" || true
   if [ -d "$dir" ]; then
     grep -o " $dir/[^ ]*" /proc/mounts | sort -r | while read -r mount; do umount -l "$mount" 2>/dev/null || true; done
   fi
@@ -357,10 +284,17 @@ cluster_down() {
 
 cluster_status() {
   local dir; dir=$(cluster_dir)
-  [ -f "$dir/pids" ] || { echo "cluster: down"; return; }
+  [ -f "$dir/pids" ] || { echo "cluster: down"; return 1; }
   while read -r pid name; do
     printf '%-24s %s (pid %s, log %s)\n' "$name" "$(kill -0 "$pid" 2>/dev/null && echo running || echo STOPPED)" "$pid" "$dir/$name.log"
   done < "$dir/pids"
   echo "kube-apiserver https://127.0.0.1:6443, DNS $DNS_IP, pods $POD_CIDR (gateway $POD_GATEWAY), kubeconfig $dir/kubeconfig"
-  echo "namespace $PETAL_NAMESPACE: MinIO as http://minio.$PETAL_NAMESPACE.svc.cluster.local:9000 when \`minio up\` runs with this state dir"
+  echo "pods reach the test bed's MinIO (when it runs) at $(chart_default s3.endpoint) with Secret $(chart_endpoint_part namespace)/$(chart_default s3.existingSecret)"
+  cluster_running || { echo "cluster: NOT answering (scripts/testbed.sh cluster down cleans up)"; return 1; }
+}
+
+cluster_env() {
+  [ -f "$(cluster_dir)/kubeconfig" ] || return 0
+  echo "export KUBECONFIG=\"$(cluster_dir)/kubeconfig\""
+  echo "export PATH=\"$(kube_dir)/bin:\$PATH\""
 }

@@ -1,0 +1,82 @@
+# shellcheck shell=bash
+# The test bed's bottom layer (sourced first by scripts/testbed.sh; every file above may use it, it
+# uses none of them): where things live, pinned versions, messages, and processes by recorded PID.
+#
+# PETAL_CACHE (default ~/.cache/petal) holds builds, keyed by version; PETAL_STATE (default
+# $PETAL_CACHE/state) holds running services' data, PIDs, logs and generated credentials.
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+# shellcheck source=../versions.env
+source "$ROOT/scripts/versions.env"
+CACHE=${PETAL_CACHE:-$HOME/.cache/petal}
+STATE=${PETAL_STATE:-$CACHE/state}
+PYTHON=${PYTHON:-python3}
+EXTRAS="train,dataset,submit,augment,dev"
+
+say() { printf 'testbed: %s\n' "$*" >&2; }
+die() { say "error: $*"; exit 1; }
+
+# Keyed by the interpreter and the declared dependencies, not by the rest of pyproject.toml.
+python_key() {
+  "$PYTHON" - "$ROOT/pyproject.toml" "$EXTRAS" <<'PY' | sha256sum | cut -c1-12
+import sys, tomllib
+project = tomllib.load(open(sys.argv[1], "rb"))["project"]
+print(sys.version, sys.argv[2], project["dependencies"], project["optional-dependencies"])
+PY
+}
+venv_dir() { echo "$CACHE/venv-$(python_key)"; }
+minio_bin() { echo "$CACHE/minio-$MINIO_VERSION/bin/minio"; }
+helm_bin() { echo "$CACHE/helm-$HELM_VERSION/bin/helm"; }
+helm_plugins() { echo "$CACHE/helm-plugins-$HELM_UNITTEST_VERSION"; }
+kubeconform_bin() { echo "$CACHE/kubeconform-$KUBECONFORM_VERSION/bin/kubeconform"; }
+actionlint_bin() { echo "$CACHE/actionlint-$ACTIONLINT_VERSION/bin/actionlint"; }
+schema_dir() { echo "$CACHE/schemas-training-operator-$TRAINING_OPERATOR_VERSION"; }
+kube_dir() { echo "$CACHE/kubernetes-$KUBERNETES_VERSION"; }
+kbin() { echo "$(kube_dir)/bin/$1"; }
+coredns_bin() { echo "$CACHE/coredns-$COREDNS_VERSION/bin/coredns"; }
+operator_bin() { echo "$CACHE/training-operator-$TRAINING_OPERATOR_VERSION/bin/training-operator.v1"; }
+cluster_dir() { echo "$STATE/cluster"; }
+containerd_socket() { echo "$(cluster_dir)/containerd/containerd.sock"; }
+# containerd's image store outlives clusters (`cluster down` keeps it), so a 6 GB image is imported
+# once per digest, not once per cluster.
+image_store() { echo "$CACHE/containerd-store"; }
+module_dir() { go mod download -json "$1" | sed -n 's/.*"Dir": "\(.*\)".*/\1/p'; }
+
+# A chart default (charts/petal/values.yaml), e.g. `chart_default s3.existingSecret`: the one place
+# the Secret name and the in-cluster MinIO endpoint are defined.
+chart_default() {
+  "$(venv_dir)/bin/python" - "$ROOT/charts/petal/values.yaml" "$1" <<'PY'
+import sys, yaml
+value = yaml.safe_load(open(sys.argv[1]))
+for key in sys.argv[2].split("."):
+    value = value[key]
+print(value)
+PY
+}
+
+free_port() { "$PYTHON" -c 'import socket; s=socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])'; }
+pid_alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+
+# stop_pid PID: SIGTERM, then waits until it is gone (SIGKILL after 30 s).
+stop_pid() {
+  local pid=$1 waited=0
+  kill "$pid" 2>/dev/null || return 0
+  while kill -0 "$pid" 2>/dev/null; do
+    if [ $waited -ge 300 ]; then kill -9 "$pid" 2>/dev/null || true; fi
+    sleep 0.1
+    waited=$((waited + 1))
+  done
+}
+
+# wait_for WHAT SECONDS LOG COMMAND...: polls COMMAND until it succeeds; on timeout shows LOG's tail.
+wait_for() {
+  local what=$1 seconds=$2 log=$3 deadline; shift 3
+  deadline=$((SECONDS + seconds))
+  until "$@" >/dev/null 2>&1; do
+    if [ $SECONDS -ge $deadline ]; then
+      [ -f "$log" ] && tail -n 25 "$log" >&2
+      die "$what not ready after ${seconds}s (log: $log)"
+    fi
+    sleep 0.5
+  done
+}

@@ -1,0 +1,98 @@
+# shellcheck shell=bash
+# Container images, made here because none can be pulled: dockerd, the cluster's own images (pause
+# from the kubernetes module's pause.c, a Debian base with Python in /opt/venv, the operator's init
+# image with nslookup), the project's Dockerfile on that base, and loading an image into the
+# cluster's containerd only when its digest changed. Uses common.sh only.
+
+# dockerd serves every state dir and outlives clusters (its images are a cache), so it is recorded
+# beside the cache rather than in a cluster's state, and `cluster down` leaves it running.
+docker_up() {
+  docker info >/dev/null 2>&1 && return
+  local dir="$CACHE/dockerd"
+  mkdir -p "$dir"
+  nohup dockerd --storage-driver=overlay2 > "$dir/log" 2>&1 < /dev/null &
+  echo $! > "$dir/pid"
+  wait_for "dockerd" 60 "$dir/log" docker info
+}
+
+docker_status() {
+  if docker info >/dev/null 2>&1; then
+    echo "dockerd: running$(pid_alive "$CACHE/dockerd/pid" && echo ", started by the test bed, log $CACHE/dockerd/log")"
+  else
+    echo "dockerd: stopped"
+  fi
+}
+
+build_base_images() {
+  local work="$CACHE/image-build"
+  mkdir -p "$work"
+  if docker image inspect "registry.k8s.io/pause:$PAUSE_VERSION" "$BASE_IMAGE" "$INIT_IMAGE" >/dev/null 2>&1; then
+    say "images pause:$PAUSE_VERSION, $BASE_IMAGE and $INIT_IMAGE are already built"
+    return
+  fi
+  if ! docker image inspect "registry.k8s.io/pause:$PAUSE_VERSION" >/dev/null 2>&1; then
+    mkdir -p "$work/pause"
+    gcc -Os -static -DVERSION="$PAUSE_VERSION" -o "$work/pause/pause" "$(module_dir "k8s.io/kubernetes@$KUBERNETES_VERSION")/build/pause/linux/pause.c"
+    printf 'FROM scratch\nCOPY pause /pause\nUSER 65535:65535\nENTRYPOINT ["/pause"]\n' > "$work/pause/Dockerfile"
+    docker build -q -t "registry.k8s.io/pause:$PAUSE_VERSION" "$work/pause" >/dev/null
+  fi
+  if ! docker image inspect "$BASE_IMAGE" >/dev/null 2>&1; then
+    say "making $BASE_IMAGE with mmdebstrap"
+    # shellcheck disable=SC2016  # the hooks' $1 is mmdebstrap's, not ours
+    mmdebstrap --quiet --variant=minbase --include=python3,python3-pip,python3-venv,python-is-python3,ca-certificates,passwd \
+      --customize-hook='cp /etc/ssl/certs/ca-certificates.crt "$1/usr/local/share/host-ca.crt"' \
+      --customize-hook='chroot "$1" python3 -m venv /opt/venv' \
+      bookworm "$work/base.tar" http://deb.debian.org/debian
+    docker import --change 'ENV PATH=/opt/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
+      --change 'ENV PIP_CERT=/usr/local/share/host-ca.crt' "$work/base.tar" "$BASE_IMAGE" >/dev/null
+    rm -f "$work/base.tar"
+  fi
+  if ! docker image inspect "$INIT_IMAGE" >/dev/null 2>&1; then
+    mkdir -p "$work/init"
+    printf 'FROM %s\nRUN apt-get update && apt-get install -y --no-install-recommends bind9-dnsutils && rm -rf /var/lib/apt/lists/*\n' \
+      "$BASE_IMAGE" > "$work/init/Dockerfile"
+    docker build -q --network host -t "$INIT_IMAGE" "$work/init" >/dev/null
+  fi
+}
+
+# The project Dockerfile on the local base image: what the cluster's jobs run. The image it replaces
+# (6 GB of CUDA wheels) is removed once untagged.
+build_image() {
+  local image=$1 previous
+  docker_up
+  build_base_images
+  previous=$(docker image inspect -f '{{.Id}}' "$image" 2>/dev/null || true)
+  say "building $image from $ROOT/Dockerfile on $BASE_IMAGE"
+  docker build --network host --build-arg BASE_IMAGE="$BASE_IMAGE" -t "$image" "$ROOT" >&2
+  if [ -n "$previous" ] && [ "$previous" != "$(docker image inspect -f '{{.Id}}' "$image")" ]; then
+    docker rmi "$previous" >/dev/null 2>&1 || true
+  fi
+}
+
+# containerd's name for a Docker reference: petal:dev is docker.io/library/petal:dev.
+containerd_name() {
+  local image=$1 first=${1%%/*}
+  if [ "$first" = "$image" ]; then echo "docker.io/library/$image"
+  elif [[ "$first" == *.* || "$first" == *:* || "$first" == localhost ]]; then echo "$image"
+  else echo "docker.io/$image"
+  fi
+}
+
+# load_image IMAGE: into the running cluster's containerd, unless that exact image (Docker image ID)
+# is already there.
+load_image() {
+  local image=$1 socket id marker
+  socket=$(containerd_socket)
+  [ -S "$socket" ] || die "the cluster is not up (scripts/testbed.sh cluster up)"
+  id=$(docker image inspect -f '{{.Id}}' "$image" 2>/dev/null) || die "no local Docker image $image"
+  marker="$(image_store)/loaded/$(echo "$image" | tr '/:' '__')"
+  if [ "$(cat "$marker" 2>/dev/null)" = "$id" ] \
+    && ctr -a "$socket" -n k8s.io images ls -q | grep -qxF "$(containerd_name "$image")"; then
+    say "$image ($id) is already in the cluster's image store"
+    return
+  fi
+  say "loading $image into the cluster's containerd"
+  docker save "$image" | ctr -a "$socket" -n k8s.io images import - >/dev/null
+  mkdir -p "$(dirname "$marker")"
+  echo "$id" > "$marker"
+}

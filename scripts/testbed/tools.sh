@@ -1,0 +1,125 @@
+# shellcheck shell=bash
+# Builds the test bed's programs into the cache, each keyed by its pinned version and skipped when
+# already there: the Python environment, MinIO, helm and the chart lint tools, and the cluster's
+# programs (Debian packages; Kubernetes, CoreDNS and the training-operator from their Go modules).
+# Uses common.sh only.
+
+install_python() {
+  local venv; venv=$(venv_dir)
+  if [ -f "$venv/.complete" ]; then
+    say "python env $venv is already installed"
+  else
+    say "installing python env into $venv (torch is large: minutes on a cold cache)"
+    rm -rf "$venv"
+    "$PYTHON" -m venv "$venv"
+    "$venv/bin/pip" install --quiet --upgrade pip
+    "$venv/bin/pip" install --quiet -e "$ROOT[$EXTRAS]"
+    touch "$venv/.complete"
+  fi
+  # The editable install points at one checkout; re-point it when this is another (a CI clone).
+  if [ "$("$venv/bin/python" -c 'import training, os; print(os.path.dirname(os.path.dirname(training.__file__)))')" != "$ROOT" ]; then
+    "$venv/bin/pip" install --quiet --no-deps -e "$ROOT"
+  fi
+}
+
+install_minio() {
+  if [ -x "$(minio_bin)" ]; then say "minio $MINIO_VERSION is already built"; return; fi
+  say "building minio $MINIO_VERSION with go install (a few minutes on a cold cache)"
+  GOBIN="$(dirname "$(minio_bin)")" go install "$MINIO_MODULE@$MINIO_VERSION"
+}
+
+install_helm() {
+  if [ -x "$(helm_bin)" ]; then say "helm $HELM_VERSION is already built"; return; fi
+  say "building helm $HELM_VERSION with go install"
+  GOBIN="$(dirname "$(helm_bin)")" go install "helm.sh/helm/v3/cmd/helm@$HELM_VERSION"
+}
+
+# Lint tools: the helm-unittest plugin, kubeconform with the PyTorchJob JSON schema made from the
+# training-operator's own CRD, and actionlint for the GitHub workflow.
+install_lint_tools() {
+  local plugin; plugin="$(helm_plugins)/unittest"
+  if [ -x "$plugin/untt" ]; then
+    say "helm-unittest $HELM_UNITTEST_VERSION is already built"
+  else
+    say "building helm-unittest $HELM_UNITTEST_VERSION"
+    local src; src=$(module_dir "github.com/helm-unittest/helm-unittest@$HELM_UNITTEST_VERSION")
+    mkdir -p "$plugin"
+    # Its go.mod has replace directives, so it is built inside its module rather than go-installed.
+    (cd "$src" && go build -o "$plugin/untt" ./cmd/helm-unittest)
+    printf 'name: unittest\nversion: "%s"\nusage: unittest for helm charts\ndescription: helm-unittest, built from source\ncommand: "$HELM_PLUGIN_DIR/untt"\n' \
+      "${HELM_UNITTEST_VERSION#v}" > "$plugin/plugin.yaml"
+  fi
+  if [ -x "$(kubeconform_bin)" ]; then
+    say "kubeconform $KUBECONFORM_VERSION is already built"
+  else
+    say "building kubeconform $KUBECONFORM_VERSION"
+    GOBIN="$(dirname "$(kubeconform_bin)")" go install "github.com/yannh/kubeconform/cmd/kubeconform@$KUBECONFORM_VERSION"
+  fi
+  if [ -f "$(schema_dir)/pytorchjob-kubeflow.org-v1.json" ]; then
+    say "the PyTorchJob schema of training-operator $TRAINING_OPERATOR_VERSION is already made"
+  else
+    local operator; operator=$(module_dir "github.com/kubeflow/training-operator@$TRAINING_OPERATOR_VERSION")
+    "$(venv_dir)/bin/python" "$ROOT/scripts/crd_to_jsonschema.py" "$operator/manifests/base/crds/kubeflow.org_pytorchjobs.yaml" "$(schema_dir)"
+  fi
+  if [ -x "$(actionlint_bin)" ]; then
+    say "actionlint $ACTIONLINT_VERSION is already built"
+  else
+    say "building actionlint $ACTIONLINT_VERSION"
+    GOBIN="$(dirname "$(actionlint_bin)")" go install "github.com/rhysd/actionlint/cmd/actionlint@$ACTIONLINT_VERSION"
+  fi
+}
+
+KUBE_COMMANDS="kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy kubectl"
+CLUSTER_APT="docker.io containerd runc containernetworking-plugins etcd-server mmdebstrap iptables iproute2 openssl"
+
+install_kube() {
+  local dir; dir=$(kube_dir)
+  if [ -f "$dir/.complete" ]; then say "kubernetes $KUBERNETES_VERSION is already built"; return; fi
+  say "building kubernetes $KUBERNETES_VERSION ($KUBE_COMMANDS) with go build: tens of minutes on a cold cache"
+  local src="$dir/src" staging_version="v0${KUBERNETES_VERSION#v1}"
+  mkdir -p "$src" "$dir/bin"
+  # k8s.io/kubernetes requires its staging modules at v0.0.0 through local replaces, which a module
+  # download does not carry; this wrapper module replaces each with its published release instead.
+  (
+    cd "$src"
+    local kube_mod; kube_mod=$(go mod download -json k8s.io/kubernetes@"$KUBERNETES_VERSION" | sed -n 's/.*"GoMod": "\(.*\)".*/\1/p')
+    {
+      echo "module petal.local/kubernetes-build"
+      echo "go 1.24.0"
+      echo "require k8s.io/kubernetes $KUBERNETES_VERSION"
+      echo "replace ("
+      sed -n 's#^\s*\(k8s.io/[a-z0-9-]*\) => ./staging/.*#\1 => \1 '"$staging_version"'#p' "$kube_mod"
+      echo ")"
+    } > go.mod
+    local packages=""
+    for command in $KUBE_COMMANDS; do packages="$packages k8s.io/kubernetes/cmd/$command"; done
+    # shellcheck disable=SC2086
+    go get $(for p in $packages; do echo "$p@$KUBERNETES_VERSION"; done)
+    # shellcheck disable=SC2086
+    CGO_ENABLED=0 go build -trimpath -ldflags "-s -w -X k8s.io/component-base/version.gitVersion=$KUBERNETES_VERSION" -o "$dir/bin/" $packages
+  )
+  touch "$dir/.complete"
+}
+
+# Everything the cluster runs as host programs: Debian's container runtime, etcd and CNI plugins;
+# Kubernetes, CoreDNS and the training-operator built from their Go modules.
+install_cluster_programs() {
+  local missing=""
+  for package in $CLUSTER_APT; do dpkg -s "$package" >/dev/null 2>&1 || missing="$missing $package"; done
+  if [ -n "$missing" ]; then
+    say "installing Debian packages:$missing"
+    # shellcheck disable=SC2086
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing >/dev/null
+  else
+    say "Debian packages for the cluster are already installed"
+  fi
+  install_kube
+  if [ -x "$(coredns_bin)" ]; then say "coredns $COREDNS_VERSION is already built"; else
+    say "building coredns $COREDNS_VERSION"
+    GOBIN="$(dirname "$(coredns_bin)")" go install "github.com/coredns/coredns@$COREDNS_VERSION"
+  fi
+  if [ -x "$(operator_bin)" ]; then say "training-operator $TRAINING_OPERATOR_VERSION is already built"; else
+    say "building training-operator $TRAINING_OPERATOR_VERSION"
+    GOBIN="$(dirname "$(operator_bin)")" go install "github.com/kubeflow/training-operator/cmd/training-operator.v1@$TRAINING_OPERATOR_VERSION"
+  fi
+}
