@@ -71,8 +71,9 @@ def run(args) -> dict:
 
     def shards() -> float:
         shutil.rmtree(work / "cache", ignore_errors=True)  # cold: fetching the shards is part of the cost
-        loader = stream.loader(transform, seed=0, epoch=1, rank=0, world_size=1, shuffle=True, batch_size=32,
-                               workers=args.workers, pin_memory=False)  # fmt: skip
+        refs = stream.epoch_refs(seed=0, epoch=1, rank=0, world_size=1, shuffle=True)
+        loader = stream.loader(refs, transform, seed=0, epoch=1, augment=True, batch_size=32, workers=args.workers,
+                               pin_memory=False)  # fmt: skip
         return images_per_second(loader, len(files))
 
     contenders = {

@@ -18,16 +18,8 @@ storage = Storage.from_env()
 stream = SplitStream(storage, dataset, read_index(storage, dataset), ["train"], cache_dir)
 seen = {}
 for epoch in (1, 2):
-    loader = stream.loader(
-        train_transform(32),
-        seed=7,
-        epoch=epoch,
-        rank=world.rank,
-        world_size=world.world_size,
-        shuffle=True,
-        batch_size=5,
-        workers=2,
-        pin_memory=False,
-    )
+    refs = stream.epoch_refs(7, epoch, world.rank, world.world_size, shuffle=True)
+    loader = stream.loader(refs, train_transform(32), seed=7, epoch=epoch, augment=True, batch_size=5, workers=2,
+                           pin_memory=False)  # fmt: skip
     seen[epoch] = [key for _, _, keys in loader for key in keys]
 (out_dir / f"rank{world.rank}.json").write_text(json.dumps(seen))

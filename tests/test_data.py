@@ -9,7 +9,7 @@ from collections import Counter
 import pytest
 from support import BUCKET, ROOT, torchrun
 
-from training.data import rank_share
+from training.data import continue_epoch, epoch_assignment
 from training.shards import DatasetError, fetch_shard, read_index, read_shard_table
 from training.storage import parse_url
 
@@ -51,16 +51,10 @@ def test_every_sample_is_seen_exactly_once_per_epoch_across_ranks(nproc, s3_env,
 @pytest.mark.parametrize("counts", [[5, 5, 5], [7, 1, 3, 9], [1], [2, 2]])
 @pytest.mark.parametrize("world_size", [1, 2, 3, 5])
 def test_rank_shares_partition_the_epoch(counts, world_size):
-    shards = [{"name": f"s{i}", "samples": n} for i, n in enumerate(counts)]
     for shuffle in (False, True):
-        taken = Counter()
-        sizes = []
-        for rank in range(world_size):
-            share = rank_share(shards, seed=3, epoch=2, rank=rank, world_size=world_size, shuffle=shuffle)
-            sizes.append(sum(last - first for _, first, last in share))
-            taken.update((s["name"], i) for s, first, last in share for i in range(first, last))
-        assert taken == Counter((s["name"], i) for s in shards for i in range(s["samples"]))
-        assert max(sizes) - min(sizes) <= 1
+        ranks = epoch_assignment(counts, seed=3, epoch=2, world_size=world_size, shuffle=shuffle)
+        assert sorted(n for ids in ranks for n in ids) == list(range(sum(counts)))
+        assert max(map(len, ranks)) - min(map(len, ranks)) <= 1
 
 
 def test_a_corrupted_cached_shard_is_fetched_again_and_a_bad_download_refused(storage, synthetic_dataset, tmp_path):
@@ -99,3 +93,30 @@ def test_storage_used_in_forked_dataloader_workers_returns_each_object_whole(sto
         storage.read_bytes(urls[0])  # the parent's pool now holds a live connection the workers inherit
         intact = [ok for batch in DataLoader(Objects(), batch_size=4, num_workers=4) for ok in batch.tolist()]
         assert intact == [True] * len(urls)
+
+
+@pytest.mark.parametrize(
+    "stretches",
+    [
+        [(2, 4, 3)],  # 2 ranks, batch 4, 3 steps done; resumed on 2
+        [(2, 4, 3), (3, 2, 5)],  # … then 5 steps on 3 ranks at batch 2; resumed on 2
+        [(3, 5, 1), (1, 7, 4), (4, 3, 2)],
+        [(2, 4, 0)],
+    ],
+)
+@pytest.mark.parametrize("resumed_on", [1, 2, 3, 5])
+def test_a_resume_trains_each_sample_of_the_interrupted_epoch_exactly_once(stretches, resumed_on):
+    sizes = [13, 7, 20, 9]
+    done = [{"world_size": w, "batch_size": b, "steps": s} for w, b, s in stretches]
+    first = epoch_assignment(sizes, seed=1, epoch=3, world_size=done[0]["world_size"], shuffle=True)
+    trained = []
+    for i in range(len(done)):
+        ranks = continue_epoch(first, done[:i], done[i]["world_size"])
+        trained += [n for ids in ranks for n in ids[: done[i]["steps"] * done[i]["batch_size"]]]
+    left = continue_epoch(first, done, resumed_on)
+    assert len(left) == resumed_on and max(map(len, left)) - min(map(len, left)) <= 1
+    assert sorted(trained + [n for ids in left for n in ids]) == list(range(sum(sizes)))
+    if done[-1]["world_size"] == resumed_on:  # the same ranks: each goes on exactly where it stopped
+        before = continue_epoch(first, done[:-1], resumed_on)
+        skipped = done[-1]["steps"] * done[-1]["batch_size"]
+        assert left == [ids[skipped:] for ids in before]

@@ -31,20 +31,20 @@ def model_and_refs(storage, synthetic_dataset, tmp_path):
     return model, stream.epoch_refs(seed=0, epoch=1, rank=0, world_size=1, shuffle=True)[:40]
 
 
-def make_cache(backbone: nn.Module, directory=None) -> FeatureCache:
+def make_cache(backbone: nn.Module, directory=None, dataset: str = "synthetic") -> FeatureCache:
     return FeatureCache(backbone, torch.device("cpu"), IMAGE_SIZE, seed=3, batch_size=8, workers=0,
-                        autocast=nullcontext, directory=directory)  # fmt: skip
+                        autocast=nullcontext, width=512, directory=directory, dataset=dataset)  # fmt: skip
 
 
-class CountingBackbone(nn.Module):
-    def __init__(self, backbone: nn.Module):
-        super().__init__()
-        self.backbone = backbone
-        self.images_seen = 0
+def counted(backbone: nn.Module) -> nn.Module:
+    """The same module (same state_dict keys), counting the images it is run on."""
+    backbone.images_seen = 0
 
-    def forward(self, images):
-        self.images_seen += len(images)
-        return self.backbone(images)
+    def count(module, args):
+        module.images_seen += len(args[0])
+
+    backbone.register_forward_pre_hook(count)
+    return backbone
 
 
 def test_cached_features_are_what_the_full_model_computes_for_that_view(model_and_refs):
@@ -66,7 +66,7 @@ def test_head_trained_from_cached_features_equals_head_trained_from_recomputed_o
     def train_head(reuse_cache: bool) -> tuple[dict, int]:
         head = copy.deepcopy(model.fc).train()
         optimizer = torch.optim.Adam(head.parameters(), lr=1e-3)
-        backbone = CountingBackbone(backbone_of(model))
+        backbone = counted(backbone_of(model))
         cache = make_cache(backbone)
         for epoch in range(1, 5):
             if not reuse_cache:
@@ -92,12 +92,40 @@ def test_a_feature_cache_directory_is_reused_without_running_the_backbone(model_
     items = [(ref, 1) for ref in refs[:10]]
     first = make_cache(backbone_of(model), tmp_path / "features").features(items)
 
-    class MustNotRun(nn.Module):
-        def forward(self, images):
-            raise AssertionError("the backbone ran although every feature was on disk")
-
-    again = make_cache(MustNotRun(), tmp_path / "features").features(items)
+    same_weights = copy.deepcopy(backbone_of(model))
+    same_weights.forward = must_not_run
+    again = make_cache(same_weights, tmp_path / "features").features(items)
     assert torch.equal(first, again)
+
+
+def must_not_run(images):
+    raise AssertionError("the backbone ran although every feature was on disk")
+
+
+def test_a_reused_directory_never_serves_features_of_other_weights_or_data(model_and_refs, tmp_path):
+    model, refs = model_and_refs
+    items = [(ref, 1) for ref in refs[:6]]
+    make_cache(backbone_of(model), tmp_path / "features").features(items)
+
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        other.layer4[1].conv2.weight.mul_(-1)
+    counting = counted(backbone_of(other))
+    fresh = make_cache(counting, tmp_path / "features").features(items)
+    assert counting.images_seen == len(items), "features of other weights must be computed, not read back"
+    assert torch.allclose(fresh, make_cache(backbone_of(other)).features(items))
+
+    counting = counted(backbone_of(model))
+    make_cache(counting, tmp_path / "features", dataset="another dataset").features(items)
+    assert counting.images_seen == len(items)
+    counting = counted(backbone_of(model))
+    make_cache(counting, tmp_path / "features").features(items)
+    assert counting.images_seen == 0, "the same weights and data: read back"
+
+
+def test_a_rank_with_no_samples_gets_an_empty_loader(model_and_refs):
+    model, _ = model_and_refs
+    assert list(make_cache(backbone_of(model)).loader([], [], batch_size=8)) == []
 
 
 @pytest.mark.slow

@@ -1,12 +1,15 @@
 """Checkpoints in the run directory, written so that a kill at any moment leaves a resumable run.
 
-    <output>/checkpoints/epoch-0003.pt   one per epoch, the newest --keep-checkpoints kept
-    <output>/best.pt                     the checkpoint with the best validation accuracy so far
-    <output>/latest                      {"checkpoint": "checkpoints/epoch-0003.pt", "sha256": ..., "bytes": ...}
+    <output>/checkpoints/epoch-0003.pt              after epoch 3 (epoch 4 starts from it)
+    <output>/checkpoints/epoch-0004-step-000040.pt  40 optimizer steps into epoch 4
+    <output>/checkpoints/<name>.sha256              its sha256, written after it
+    <output>/best.pt                                the checkpoint with the best validation accuracy so far
+    <output>/latest                                 {"checkpoint": "checkpoints/…", "sha256": ..., "bytes": ...}
 
 An S3 object becomes visible only when all of its bytes are stored, and `latest` is written only
-after the checkpoint it names, with that checkpoint's sha256: `latest` never names a torn object,
-and a resume checks the hash anyway.
+after the checkpoint it names, with that checkpoint's sha256. A resume still trusts nothing: if
+`latest` is missing, unreadable, or names a checkpoint that is gone or fails its sha256, it falls
+back to the newest kept checkpoint whose own .sha256 matches, and says so.
 """
 
 from __future__ import annotations
@@ -14,17 +17,32 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
+from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
-from training.storage import S3Url, Storage, StorageError, parse_url
+from training.storage import S3Url, Storage, StorageError, parse_url, sha256_file
 
 LATEST = "latest"
 BEST = "best.pt"
+NAME = re.compile(r"^checkpoints/epoch-(\d{4,})(?:-step-(\d{6,}))?\.pt$")
 
 
-def checkpoint_name(epoch: int) -> str:
-    return f"checkpoints/epoch-{epoch:04d}.pt"
+class CheckpointError(Exception):
+    """A file that is not a petal checkpoint (or a torch state_dict, where one is expected)."""
+
+
+def checkpoint_name(epoch: int, step: int = 0) -> str:
+    """After epoch `epoch` when step is 0, else `step` optimizer steps into epoch `epoch`."""
+    return f"checkpoints/epoch-{epoch:04d}.pt" if not step else f"checkpoints/epoch-{epoch:04d}-step-{step:06d}.pt"
+
+
+def position(name: str) -> tuple[int, int]:
+    """(epoch in progress, steps of it done) of a checkpoint name, for ordering them."""
+    epoch, step = NAME.match(name).groups()
+    return (int(epoch), int(step)) if step else (int(epoch) + 1, 0)
 
 
 def serialize(state: dict) -> bytes:
@@ -33,42 +51,90 @@ def serialize(state: dict) -> bytes:
     return buffer.getvalue()
 
 
-def deserialize(data: bytes) -> dict:
-    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+def deserialize(data: bytes, what: str = "checkpoint") -> dict:
+    try:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises RuntimeError, pickle errors, EOFError … for foreign bytes
+        raise CheckpointError(f"{what} is not a torch checkpoint ({type(err).__name__})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{what} holds a {type(state).__name__}, not a checkpoint")
+    return state
 
 
-def save(storage: Storage, output: S3Url, state: dict, epoch: int, is_best: bool, keep: int) -> None:
+def save(storage: Storage, output: S3Url, state: dict, name: str, is_best: bool, keep: int) -> None:
     data = serialize(state)
-    name = checkpoint_name(epoch)
+    digest = hashlib.sha256(data).hexdigest()
     storage.write_bytes(output.join(name), data)
+    storage.write_bytes(output.join(f"{name[:-3]}.sha256"), digest.encode(), "text/plain")
     if is_best:
         storage.write_bytes(output.join(BEST), data)
-    pointer = {
-        "checkpoint": name,
-        "epoch": epoch,
-        "sha256": hashlib.sha256(data).hexdigest(),
-        "bytes": len(data),
-    }
+    pointer = {"checkpoint": name, "sha256": digest, "bytes": len(data)}
     storage.write_bytes(output.join(LATEST), json.dumps(pointer).encode(), content_type="application/json")
-    for old in sorted(storage.list(output.join("checkpoints")), key=str)[:-keep]:
-        storage.delete(old)
+    kept = sorted(kept_checkpoints(storage, output), key=position)
+    for old in kept[:-keep]:
+        storage.delete(output.join(old))
+        storage.delete(output.join(f"{old[:-3]}.sha256"))
 
 
-def load_latest(storage: Storage, output: S3Url) -> dict | None:
-    """The checkpoint `latest` names, verified, or None for a fresh run directory."""
-    pointer_url = output.join(LATEST)
-    if not storage.exists(pointer_url):
-        return None
-    pointer = json.loads(storage.read_bytes(pointer_url))
-    data = storage.read_bytes(output.join(pointer["checkpoint"]))
-    if hashlib.sha256(data).hexdigest() != pointer["sha256"]:
-        raise StorageError(f"{output.join(pointer['checkpoint'])} does not match the sha256 in {pointer_url}")
-    return deserialize(data)
+def kept_checkpoints(storage: Storage, output: S3Url) -> list[str]:
+    prefix = len(output.key) + 1 if output.key else 0
+    names = (url.key[prefix:] for url in storage.list(output.join("checkpoints")))
+    return [name for name in names if NAME.match(name)]
 
 
-def load(storage: Storage, location: str) -> dict:
-    """A checkpoint from a local path or an s3:// URL."""
+def choose(storage: Storage, output: S3Url, directory: Path, log: Callable[[str], None]) -> dict | None:
+    """The checkpoint to resume from — {"checkpoint": name, "sha256": ...}, already downloaded and
+    verified into `directory` — or None for a fresh run directory."""
+    problem = None
+    try:
+        pointer = json.loads(storage.read_bytes(output.join(LATEST)))
+        chosen = {"checkpoint": pointer["checkpoint"], "sha256": pointer["sha256"]}
+        if not NAME.match(chosen["checkpoint"]):
+            raise ValueError(f"it names {chosen['checkpoint']!r}")
+        if fetch(storage, output, chosen, directory):
+            return chosen
+        problem = f"{output.join(LATEST)} names {chosen['checkpoint']}, which is missing or fails its sha256"
+    except StorageError as err:
+        if err.code != "NoSuchKey":
+            raise
+        problem = f"{output.join(LATEST)} is missing" if kept_checkpoints(storage, output) else None
+    except (ValueError, KeyError, TypeError) as err:
+        problem = f"{output.join(LATEST)} is unreadable ({type(err).__name__}: {err})"
+    for name in sorted(kept_checkpoints(storage, output), key=position, reverse=True):
+        sidecar = output.join(f"{name[:-3]}.sha256")
+        digest = storage.read_bytes(sidecar).decode().strip() if storage.exists(sidecar) else ""
+        chosen = {"checkpoint": name, "sha256": digest}
+        if digest and fetch(storage, output, chosen, directory):
+            log(f"{problem}; resuming from the newest intact checkpoint, {name}")
+            return chosen
+        log(f"{name} has no .sha256 or fails it; skipped")
+    if problem:
+        log(f"{problem}, and no kept checkpoint is intact; starting afresh")
+    return None
+
+
+def local_path(chosen: dict, directory: Path) -> Path:
+    return directory / chosen["sha256"][:16] / Path(chosen["checkpoint"]).name
+
+
+def fetch(storage: Storage, output: S3Url, chosen: dict, directory: Path) -> bool:
+    """The chosen checkpoint as a verified local file (kept: one download per node); False if it is
+    missing from storage or fails its sha256."""
+    path = local_path(chosen, directory)
+    if path.exists() and sha256_file(path) == chosen["sha256"]:
+        return True
+    if not storage.exists(output.join(chosen["checkpoint"])):
+        return False
+    storage.download(output.join(chosen["checkpoint"]), path)
+    if sha256_file(path) != chosen["sha256"]:
+        path.unlink()
+        return False
+    return True
+
+
+def load(storage: Storage | None, location: str) -> dict:
+    """A checkpoint from a local path or an s3:// URL; anything else is a one-line CheckpointError."""
     if location.startswith("s3://"):
-        return deserialize(storage.read_bytes(parse_url(location)))
+        return deserialize(storage.read_bytes(parse_url(location)), location)
     with open(location, "rb") as f:
-        return deserialize(f.read())
+        return deserialize(f.read(), location)

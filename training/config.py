@@ -96,6 +96,12 @@ def build_parser() -> OneLineParser:
     p.add_argument("--image-size", type=AtLeast(int, 16), default=224, help="crop side in pixels")
     p.add_argument("--workers", type=AtLeast(int, 0), default=4, help="DataLoader workers per rank")
     p.add_argument("--seed", type=AtLeast(int, 0), default=0, help="data order and augmentation")
+    p.add_argument("--checkpoint-every", type=AtLeast(int, 0), default=100,
+                   help="also write a checkpoint every N optimizer steps, so a lost pod costs at most N steps "
+                        "(0: at epoch ends only; SIGTERM always writes one)")  # fmt: skip
+    p.add_argument("--collective-timeout", type=AtLeast(float, 0.1), default=10.0,
+                   help="minutes a collective may wait for the other ranks before this rank gives up "
+                        "(exit 202, retried by restartPolicy ExitCode)")  # fmt: skip
     p.add_argument("--keep-checkpoints", type=AtLeast(int, 1), default=3,
                    help="checkpoints kept in the run directory (best.pt is kept apart)")  # fmt: skip
     p.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default="auto",

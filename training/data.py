@@ -1,20 +1,33 @@
-"""Streams a split of a petal dataset (see training/shards.py) to one rank, exactly once per epoch.
+"""Streams a split of a petal dataset (see training/shards.py) to one rank, exactly once per epoch,
+resumable at any step on any number of ranks.
 
-How an epoch is cut across ranks: the split's shards are put in an order that is a function of
-(seed, epoch) — the index order for evaluation — and the concatenated sample sequence is cut into
-`world_size` contiguous ranges whose lengths differ by at most one. A rank downloads only the shards
-its range touches (cached in a pod-local directory and verified against the index's sha256), then
-shuffles its own samples with (seed, epoch, rank). So over an epoch every sample is seen exactly
-once across ranks, with no padding; the one-sample difference between ranks is absorbed by DDP's
-`Join` in the training loop, so uneven shard counts never hang it.
+Samples are numbered across the split's shards in index order (no download needed: the index has
+every shard's sample count). How an epoch is cut across ranks: the shards are put in an order that
+is a function of (seed, epoch) — the index order for evaluation — and the concatenated samples are
+cut into `world_size` contiguous ranges whose lengths differ by at most one; each rank shuffles its
+own range with (seed, epoch, rank). Every sample is seen exactly once per epoch across ranks, with no
+padding; the one-sample difference is absorbed by DDP's `Join` in the training loop.
+
+A resume in the middle of an epoch (`continue_epoch`) continues that cut: with the same world size
+every rank keeps exactly the samples it had left, in order, so the run is the uninterrupted one;
+with another world size, the samples nobody trained yet are cut afresh across the new ranks, still
+each exactly once. Augmentation randomness is a function of (seed, epoch, sample), so it does not
+depend on which rank or DataLoader worker decodes a sample, or on where a resume starts.
+
+A rank downloads only the shards its samples lie in, cached in a pod-local directory and verified
+against the index's sha256.
 """
 
 from __future__ import annotations
 
+import hashlib
 import random
+import signal
+from bisect import bisect_right
 from concurrent.futures import ThreadPoolExecutor
 from functools import cache
 from io import BytesIO
+from itertools import accumulate
 from pathlib import Path
 
 import torch
@@ -53,18 +66,25 @@ def decode_image(data: bytes) -> Image.Image:
 
 
 class ShardSamples(Dataset):
-    """Map-style view of a rank's samples; DataLoader workers decode them in parallel."""
+    """Map-style view of a rank's samples; DataLoader workers decode them in parallel. Augmentation
+    draws from an RNG seeded by (seed, epoch, sample), whichever process decodes it."""
 
-    def __init__(self, refs: list[SampleRef], transform: T.Compose):
+    def __init__(self, refs: list[SampleRef], transform: T.Compose, *, seed: int, epoch: int, augment: bool):
         self.refs = refs
         self.transform = transform
+        self.seed, self.epoch, self.augment = seed, epoch, augment
 
     def __len__(self) -> int:
         return len(self.refs)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int, str]:
         ref = self.refs[i]
-        return self.transform(decode_image(read_image_bytes(ref))), ref.label, ref.key
+        image = decode_image(read_image_bytes(ref))
+        if not self.augment:
+            return self.transform(image), ref.label, ref.key
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(hash_seed(self.seed, self.epoch, ref.key))
+            return self.transform(image), ref.label, ref.key
 
 
 def rank_range(total: int, rank: int, world_size: int) -> tuple[int, int]:
@@ -72,20 +92,39 @@ def rank_range(total: int, rank: int, world_size: int) -> tuple[int, int]:
     return total * rank // world_size, total * (rank + 1) // world_size
 
 
-def rank_share(shards: list[dict], seed: int, epoch: int, rank: int, world_size: int, shuffle: bool):
-    """[(shard, first, stop)] — the slices of shards that make up this rank's part of the epoch."""
-    order = list(range(len(shards)))
+def cut(ids: list[int], world_size: int) -> list[list[int]]:
+    return [ids[slice(*rank_range(len(ids), rank, world_size))] for rank in range(world_size)]
+
+
+def epoch_assignment(sizes: list[int], seed: int, epoch: int, world_size: int, *, shuffle: bool,
+                     cut_epoch: int | None = None) -> list[list[int]]:  # fmt: skip
+    """Every rank's sample numbers for one epoch begun by `world_size` ranks, in training order.
+    `cut_epoch` (default: the epoch) picks the shard order of the cut: the feature cache keeps one
+    cut for every epoch, so each rank computes the features of its own samples only."""
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    order = list(range(len(sizes)))
     if shuffle:
-        random.Random(f"{seed}/{epoch}").shuffle(order)
-    start, stop = rank_range(sum(s["samples"] for s in shards), rank, world_size)
-    share, position = [], 0
-    for i in order:
-        n = shards[i]["samples"]
-        first, last = max(start, position), min(stop, position + n)
-        if first < last:
-            share.append((shards[i], first - position, last - position))
-        position += n
-    return share
+        random.Random(f"{seed}/{epoch if cut_epoch is None else cut_epoch}").shuffle(order)
+    ranks = cut([starts[i] + j for i in order for j in range(sizes[i])], world_size)
+    if shuffle:
+        for rank, ids in enumerate(ranks):
+            random.Random(f"{seed}/{epoch}/{rank}").shuffle(ids)
+    return ranks
+
+
+def continue_epoch(assignment: list[list[int]], stretches: list[dict], world_size: int) -> list[list[int]]:
+    """What each of `world_size` ranks still has to train of an epoch of which `stretches` are done:
+    one {"world_size", "batch_size", "steps"} per run of it since it began (a resume starts a new
+    stretch). Same world size as the stretch before: every rank keeps its own remaining samples in
+    order. Another: the remaining samples, in rank order, are cut afresh into near-equal ranges."""
+    for i, stretch in enumerate(stretches):
+        if len(assignment) != stretch["world_size"]:
+            raise ValueError(f"stretch {i} of the epoch ran on {stretch['world_size']} ranks, not {len(assignment)}")
+        done = stretch["steps"] * stretch["batch_size"]
+        left = [ids[done:] for ids in assignment]
+        next_world = stretches[i + 1]["world_size"] if i + 1 < len(stretches) else world_size
+        assignment = left if next_world == len(left) else cut([n for ids in left for n in ids], next_world)
+    return assignment
 
 
 @cache
@@ -94,7 +133,7 @@ def _table(path: Path) -> list[SampleRef]:
 
 
 class SplitStream:
-    """One split of one dataset as seen from one rank: which samples each epoch, and their loader."""
+    """One or more splits of one dataset as seen from one rank: sample numbers, their bytes, loaders."""
 
     def __init__(self, storage: Storage, dataset: S3Url, index: dict, splits: list[str], cache_dir: Path):
         self.storage = storage
@@ -103,49 +142,52 @@ class SplitStream:
         self._verified: dict[str, Path] = {}  # shard name → local copy already checked against its sha256
         # Several splits (train + augment) stream as one: their shards are simply pooled.
         self.shards = [shard for name in splits for shard in index["splits"][name]["shards"]]
-        self.samples = sum(index["splits"][name]["samples"] for name in splits)
+        self.sizes = [shard["samples"] for shard in self.shards]
+        self.samples = sum(self.sizes)
+        # Sample numbers mean the same only while the shards are the same: checkpoints record this.
+        self.fingerprint = hashlib.sha256("\n".join(s["sha256"] for s in self.shards).encode()).hexdigest()[:16]
+
+    def assignment(self, seed: int, epoch: int, world_size: int, *, shuffle: bool, cut_epoch: int | None = None):
+        return epoch_assignment(self.sizes, seed, epoch, world_size, shuffle=shuffle, cut_epoch=cut_epoch)
+
+    def refs(self, numbers: list[int]) -> list[SampleRef]:
+        """Where each numbered sample lies, downloading (and verifying) the shards it needs."""
+        starts = list(accumulate(self.sizes, initial=0))
+        located = [(bisect_right(starts, n) - 1, n) for n in numbers]
+        needed = sorted({shard for shard, _ in located})
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            paths = dict(zip(needed, pool.map(lambda i: self._local(self.shards[i]), needed), strict=True))
+        return [_table(paths[shard])[n - starts[shard]] for shard, n in located]
 
     def epoch_refs(self, seed: int, epoch: int, rank: int, world_size: int, shuffle: bool) -> list[SampleRef]:
-        share = rank_share(self.shards, seed, epoch, rank, world_size, shuffle)
-        with ThreadPoolExecutor(max_workers=8) as pool:
-            paths = list(pool.map(lambda s: self._local(s[0]), share))
-        refs = [ref for path, (_, first, last) in zip(paths, share, strict=True) for ref in _table(path)[first:last]]
-        if shuffle:
-            random.Random(f"{seed}/{epoch}/{rank}").shuffle(refs)
-        return refs
+        """This rank's samples of an epoch begun and finished by `world_size` ranks."""
+        return self.refs(self.assignment(seed, epoch, world_size, shuffle=shuffle)[rank])
 
     def _local(self, shard: dict) -> Path:
         """The shard's verified local copy; hashing it once per process, not once per epoch."""
-        if shard["name"] not in self._verified:
-            self._verified[shard["name"]] = fetch_shard(self.storage, self.dataset, shard, self.cache_dir)
-        return self._verified[shard["name"]]
+        path = self._verified.get(shard["name"])
+        if path is None or not path.exists():  # a cache directory can be cleared under a running process
+            path = self._verified[shard["name"]] = fetch_shard(self.storage, self.dataset, shard, self.cache_dir)
+        return path
 
-    def loader(
-        self,
-        transform: T.Compose,
-        *,
-        seed: int,
-        epoch: int,
-        rank: int,
-        world_size: int,
-        shuffle: bool,
-        batch_size: int,
-        workers: int,
-        pin_memory: bool,
-    ) -> DataLoader:
-        refs = self.epoch_refs(seed, epoch, rank, world_size, shuffle)
-        # Augmentation randomness in every worker derives from this generator: a function of
-        # (seed, epoch, rank), so a resumed run draws exactly what the uninterrupted one drew.
-        generator = torch.Generator().manual_seed(hash_seed(seed, epoch, rank))
+    def loader(self, refs: list[SampleRef], transform: T.Compose, *, seed: int, epoch: int, augment: bool,
+               batch_size: int, workers: int, pin_memory: bool) -> DataLoader:  # fmt: skip
         return DataLoader(
-            ShardSamples(refs, transform),
+            ShardSamples(refs, transform, seed=seed, epoch=epoch, augment=augment),
             batch_size=batch_size,
             shuffle=False,
             num_workers=workers,
             prefetch_factor=4 if workers else None,
             pin_memory=pin_memory,
-            generator=generator,
+            worker_init_fn=ignore_sigterm,
         )
+
+
+def ignore_sigterm(_worker_id: int) -> None:
+    """DataLoader workers leave stopping to their rank: a SIGTERM sent to the whole process group
+    (torchrun stopping its workers) must not kill them while the rank finishes its step and writes a
+    checkpoint. The rank ends them as it always does, and they exit on their own if it dies."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def hash_seed(*parts: int) -> int:
@@ -159,12 +201,18 @@ class ImageEpochs:
                  world_size: int, batch_size: int, workers: int, pin_memory: bool):  # fmt: skip
         self.trained = self.evaluated = model
         self.train, self.val = train, val
-        self.image_size = image_size
-        self.common = dict(seed=seed, rank=rank, world_size=world_size, batch_size=batch_size, workers=workers,
-                           pin_memory=pin_memory)  # fmt: skip
+        self.image_size, self.seed, self.rank, self.world_size = image_size, seed, rank, world_size
+        self.common = dict(batch_size=batch_size, workers=workers, pin_memory=pin_memory)
 
-    def train_loader(self, epoch: int) -> DataLoader:
-        return self.train.loader(train_transform(self.image_size), epoch=epoch, shuffle=True, **self.common)
+    def assignment(self, epoch: int, world_size: int) -> list[list[int]]:
+        return self.train.assignment(self.seed, epoch, world_size, shuffle=True)
+
+    def train_loader(self, epoch: int, numbers: list[int]) -> DataLoader:
+        refs = self.train.refs(numbers)
+        return self.train.loader(refs, train_transform(self.image_size), seed=self.seed, epoch=epoch, augment=True,
+                                 **self.common)  # fmt: skip
 
     def val_loader(self, epoch: int) -> DataLoader:
-        return self.val.loader(eval_transform(self.image_size), epoch=epoch, shuffle=False, **self.common)
+        refs = self.val.epoch_refs(self.seed, epoch, self.rank, self.world_size, shuffle=False)
+        return self.val.loader(refs, eval_transform(self.image_size), seed=self.seed, epoch=epoch, augment=False,
+                               **self.common)  # fmt: skip

@@ -7,7 +7,9 @@ torchrun and the Kubeflow PyTorchJob operator set:
 
 Without them (plain `python -m training`) the run is a world of one, still with a process group
 (an in-memory store), so the training code has a single path. NCCL with one GPU per local rank
-when CUDA is available, gloo on CPU.
+when CUDA is available, gloo on CPU. Beside it, a gloo group carries the run's small control
+messages (who resumes from where, whether any rank was asked to stop) on the CPU, so checking them
+every step never waits for the GPU.
 """
 
 from __future__ import annotations
@@ -20,6 +22,10 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+
+class LaunchError(ValueError):
+    """The rendezvous environment is inconsistent (e.g. RANK outside WORLD_SIZE)."""
 
 
 @dataclass(frozen=True)
@@ -44,9 +50,9 @@ class World:
         world_size = int(env.get("WORLD_SIZE", "1"))
         local_rank = int(env.get("LOCAL_RANK", "0"))
         if not 0 <= rank < world_size:
-            raise ValueError(f"RANK={rank} is outside WORLD_SIZE={world_size}")
+            raise LaunchError(f"RANK={rank} is outside WORLD_SIZE={world_size}")
         if world_size > 1 and not env.get("MASTER_ADDR"):
-            raise ValueError(f"WORLD_SIZE={world_size} but MASTER_ADDR is unset; start with torchrun or a PyTorchJob")
+            raise LaunchError(f"WORLD_SIZE={world_size} but MASTER_ADDR is unset; start with torchrun or a PyTorchJob")
         if torch.cuda.is_available():
             device = torch.device("cuda", local_rank % torch.cuda.device_count())
         else:
@@ -54,9 +60,13 @@ class World:
         return cls(rank, world_size, local_rank, device)
 
 
+_control: dist.ProcessGroup | None = None
+
+
 @contextmanager
 def process_group(world: World, timeout: timedelta = timedelta(minutes=30)) -> Iterator[World]:
     """Joins the process group for the duration of the block and always leaves it."""
+    global _control
     if world.device.type == "cuda":
         torch.cuda.set_device(world.device)
     if world.world_size == 1:
@@ -71,13 +81,52 @@ def process_group(world: World, timeout: timedelta = timedelta(minutes=30)) -> I
             device_id=world.device if world.device.type == "cuda" else None,
         )
     try:
+        _control = dist.new_group(backend="gloo", timeout=timeout) if world.backend != "gloo" else dist.group.WORLD
         yield world
     finally:
+        _control = None
         dist.destroy_process_group()
 
 
 def all_reduce_sum(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     """The element-wise sum over ranks (moved through `device`, as NCCL needs)."""
-    reduced = tensor.to(device, dtype=torch.float64)
+    reduced = tensor.to(device, dtype=torch.float64, copy=True)  # never the caller's tensor, reduced in place
     dist.all_reduce(reduced, op=dist.ReduceOp.SUM)
     return reduced.cpu()
+
+
+def sync_buffers(module: torch.nn.Module, world: World) -> None:
+    """Every rank gets the last rank's buffers (BatchNorm statistics). Under `Join`, DDP's forward
+    broadcasts them from the highest rank still training, so while every rank trains this is exactly
+    what the next forward does: doing it first makes a checkpoint (and evaluation) hold the buffers the
+    run goes on with, whichever rank writes it."""
+    with torch.no_grad():
+        for buffer in module.buffers():
+            dist.broadcast(buffer, src=world.world_size - 1)
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank if it is true on any (on the CPU control group)."""
+    value = torch.tensor([int(flag)])
+    dist.all_reduce(value, op=dist.ReduceOp.MAX, group=_control)
+    return bool(value.item())
+
+
+def from_rank_zero(value):
+    """Rank 0's `value`, on every rank (any picklable object)."""
+    box = [value]
+    dist.broadcast_object_list(box, src=0, group=_control)
+    return box[0]
+
+
+def barrier() -> None:
+    dist.barrier(group=_control)
+
+
+def is_peer_failure(err: BaseException) -> bool:
+    """Whether an error is another rank gone (killed, its pod deleted, its node lost) rather than a
+    fault of this process: c10d's own error types, and gloo's transport errors, which it raises as
+    plain RuntimeErrors naming its transport."""
+    if isinstance(err, dist.DistError):
+        return True
+    return isinstance(err, RuntimeError) and "gloo/transport" in str(err)

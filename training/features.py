@@ -7,11 +7,14 @@ image whoever computes it and whenever. Each epoch, every training sample uses o
 chosen by (seed, epoch, sample); validation always uses view 0. The cache lives per rank, in memory
 or, with `--feature-cache-dir`, in a local directory that survives a restart of the process.
 Because the cached features are exactly what the backbone computes for those views, the head
-trains exactly as it would from recomputed features (tests/test_features.py checks this).
+trains exactly as it would from recomputed features (tests/test_features.py checks this). On disk
+the cache is keyed by what the features depend on (`cache_key`), so a reused directory is safe.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import random
 from pathlib import Path
 
@@ -19,7 +22,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from training.data import SplitStream, decode_image, eval_transform, hash_seed, train_transform
+from training.data import SplitStream, decode_image, eval_transform, hash_seed, ignore_sigterm, train_transform
 from training.shards import SampleRef, read_image_bytes
 
 
@@ -50,13 +53,28 @@ class ViewSamples(Dataset):
             return self.train_view(image)
 
 
+def cache_key(backbone: nn.Module, **depends_on) -> str:
+    """A digest of the backbone's weights and whatever else cached features depend on."""
+    digest = hashlib.sha256(json.dumps(depends_on, sort_keys=True).encode())
+    for name, tensor in backbone.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:20]
+
+
 def view_for(seed: int, epoch: int, key: str, views: int) -> int:
     return random.Random(f"{seed}/{epoch}/{key}").randrange(views)
 
 
 class FeatureCache:
+    """Backbone features by (sample key, view), in memory and optionally in a directory. On disk they
+    live under a subdirectory named by a digest of everything they depend on — the dataset's shards,
+    the backbone's weights (so its architecture too), the image size and the seed the views are drawn
+    with — so a reused directory never serves features of something else."""
+
     def __init__(self, backbone: nn.Module, device: torch.device, image_size: int, seed: int, *,
-                 batch_size: int, workers: int, autocast, directory: Path | None = None):  # fmt: skip
+                 batch_size: int, workers: int, autocast, width: int, directory: Path | None = None,
+                 dataset: str = "") -> None:  # fmt: skip
         self.backbone = backbone.eval()
         self.device = device
         self.image_size = image_size
@@ -64,7 +82,10 @@ class FeatureCache:
         self.batch_size = batch_size
         self.workers = workers
         self.autocast = autocast
-        self.directory = directory
+        self.width = width
+        self.directory = directory and directory / cache_key(
+            backbone, dataset=dataset, image_size=image_size, seed=seed
+        )
         self.memory: dict[tuple[str, int], torch.Tensor] = {}
 
     def _path(self, key: str, view: int) -> Path:
@@ -78,7 +99,8 @@ class FeatureCache:
     @torch.no_grad()
     def _compute(self, items: list[tuple[SampleRef, int]]) -> None:
         loader = DataLoader(ViewSamples(items, self.image_size, self.seed), batch_size=self.batch_size,
-                            num_workers=self.workers, prefetch_factor=4 if self.workers else None)  # fmt: skip
+                            num_workers=self.workers, prefetch_factor=4 if self.workers else None,
+                            worker_init_fn=ignore_sigterm)  # fmt: skip
         done = 0
         for images in loader:
             images = images.to(self.device, non_blocking=True)
@@ -100,6 +122,8 @@ class FeatureCache:
         missing = [(ref, view) for ref, view in items if self._load(ref.key, view) is None]
         if missing:
             self._compute(missing)
+        if not items:  # a rank whose share of a tiny split is empty
+            return torch.empty(0, self.width)
         return torch.stack([self.memory[ref.key, view] for ref, view in items])
 
     def loader(self, refs: list[SampleRef], views_of: list[int], batch_size: int) -> DataLoader:
@@ -112,24 +136,24 @@ class FeatureCache:
 class FeatureEpochs:
     """`--freeze fc` with the cache: the head trains from cached backbone features of K views.
 
-    A rank keeps the same samples every epoch (the (seed, 0) cut of the split), so it computes
+    Every epoch is cut across ranks the same way (the shard order of epoch 0), so a rank computes
     features for its own part only; the order within the rank and the view of each sample change
-    with the epoch."""
+    with the epoch. A resume on another world size recomputes only what a rank lacks."""
 
     def __init__(self, model, train: SplitStream, val: SplitStream, *, cache: FeatureCache, views: int, seed: int,
                  rank: int, world_size: int, batch_size: int):  # fmt: skip
         self.trained = self.evaluated = model.fc
-        self.cache = cache
-        self.views = views
-        self.seed, self.rank, self.batch_size = seed, rank, batch_size
-        self.train_refs = train.epoch_refs(seed, 0, rank, world_size, shuffle=True)
+        self.train, self.cache, self.views = train, cache, views
+        self.seed, self.batch_size = seed, batch_size
         self.val_refs = val.epoch_refs(seed, 0, rank, world_size, shuffle=False)
 
-    def train_loader(self, epoch: int) -> DataLoader:
-        order = list(self.train_refs)
-        random.Random(f"{self.seed}/{epoch}/{self.rank}").shuffle(order)
-        views = [view_for(self.seed, epoch, ref.key, self.views) for ref in order]
-        return self.cache.loader(order, views, self.batch_size)
+    def assignment(self, epoch: int, world_size: int) -> list[list[int]]:
+        return self.train.assignment(self.seed, epoch, world_size, shuffle=True, cut_epoch=0)
+
+    def train_loader(self, epoch: int, numbers: list[int]) -> DataLoader:
+        refs = self.train.refs(numbers)
+        views = [view_for(self.seed, epoch, ref.key, self.views) for ref in refs]
+        return self.cache.loader(refs, views, self.batch_size)
 
     def val_loader(self, epoch: int) -> DataLoader:
         return self.cache.loader(self.val_refs, [0] * len(self.val_refs), self.batch_size)

@@ -10,7 +10,8 @@ frozen BatchNorm statistics do not drift as they did under the seed's `model.tra
 
 from __future__ import annotations
 
-import io
+import tempfile
+from pathlib import Path
 from urllib.error import URLError
 
 import torch
@@ -27,8 +28,9 @@ class PretrainedWeightsError(Exception):
     pass
 
 
-def imagenet_state_dict(arch: str, pretrained: str, storage: Storage) -> dict[str, torch.Tensor] | None:
-    """The backbone weights `--pretrained` names: torchvision's ImageNet set, an s3:// state_dict, or none."""
+def imagenet_state_dict(arch: str, pretrained: str, storage: Storage, cache_dir: Path | None = None):
+    """The backbone weights `--pretrained` names: torchvision's ImageNet set (through torch hub's
+    cache), an s3:// state_dict (downloaded once into `cache_dir`), or none."""
     if pretrained == "none":
         return None
     if pretrained == "imagenet":
@@ -46,13 +48,20 @@ def imagenet_state_dict(arch: str, pretrained: str, storage: Storage) -> dict[st
         raise PretrainedWeightsError(
             f"--pretrained {pretrained!r} is not one of imagenet, none, s3://BUCKET/KEY"
         ) from None
-    if not storage.exists(url):
+    size = storage.size(url)
+    if size is None:
         raise PretrainedWeightsError(f"--pretrained {url} does not exist")
+    local = (cache_dir or Path(tempfile.gettempdir())) / "pretrained" / url.bucket / url.key
+    if not (local.exists() and local.stat().st_size == size):
+        storage.download(url, local)
     try:
-        state = torch.load(io.BytesIO(storage.read_bytes(url)), map_location="cpu", weights_only=True)
-    except (RuntimeError, ValueError, EOFError) as err:
-        raise PretrainedWeightsError(f"--pretrained {url} is not a torch state_dict ({err})") from None
-    return state.get("model", state)
+        state = torch.load(local, map_location="cpu", weights_only=True)
+    except Exception as err:  # foreign bytes raise RuntimeError, pickle errors, EOFError, …
+        raise PretrainedWeightsError(f"--pretrained {url} is not a torch state_dict ({type(err).__name__})") from None
+    state = state.get("model", state) if isinstance(state, dict) else None
+    if not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise PretrainedWeightsError(f"--pretrained {url} is not a torch state_dict (no tensors by name)")
+    return state
 
 
 def build_model(arch: str, num_classes: int, backbone: dict[str, torch.Tensor] | None) -> nn.Module:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import ssl
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -50,9 +51,10 @@ TRANSIENT_S3_CODES = {
 class StorageError(Exception):
     """A storage failure worth one line to the user; never carries a credential."""
 
-    def __init__(self, message: str, code: str | None = None):
+    def __init__(self, message: str, code: str | None = None, transient: bool = False):
         super().__init__(message)
         self.code = code  # the S3 error code, where the server gave one
+        self.transient = transient  # still failing after the whole retry window: a restart may help
 
 
 @dataclass(frozen=True)
@@ -85,10 +87,16 @@ def sha256_file(path: Path) -> str:
 
 
 def _is_transient(err: Exception) -> bool:
+    """Worth retrying: the service may come back (refused, reset, timed out, 5xx). Not: a wrong key or
+    secret, a certificate that does not verify, a host name that does not resolve."""
     if isinstance(err, ServerError):
         return err.status_code >= 500
     if isinstance(err, S3Error):
         return err.code in TRANSIENT_S3_CODES
+    if isinstance(err, urllib3.exceptions.MaxRetryError) and err.reason is not None:
+        err = err.reason
+    if isinstance(err, urllib3.exceptions.SSLError | urllib3.exceptions.NameResolutionError | ssl.SSLError):
+        return False
     return isinstance(err, (urllib3.exceptions.HTTPError, ConnectionError, TimeoutError))
 
 
@@ -165,10 +173,13 @@ class Storage:
             try:
                 return fn()
             except (MinioException, urllib3.exceptions.HTTPError, OSError) as err:
-                if not _is_transient(err) or time.monotonic() + delay > deadline:
+                transient = _is_transient(err)
+                if not transient or time.monotonic() + delay > deadline:
                     raise StorageError(
-                        f"{what}: {_describe(err)} (endpoint {self.endpoint_url})",
+                        f"{what}: {_describe(err)} (endpoint {self.endpoint_url})"
+                        + (f"; still failing after {self.retry_seconds:.0f}s of retries" if transient else ""),
                         code=err.code if isinstance(err, S3Error) else None,
+                        transient=transient,
                     ) from None
                 print(
                     f"petal: {what}: {_describe(err)}; retrying in {delay:.1f}s (attempt {attempt})",

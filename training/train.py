@@ -6,8 +6,21 @@ One process per rank; rank 0 alone writes to --output. Runnable as it is:
     torchrun --nproc-per-node 2 -m training --arch resnet18 --freeze none --pretrained none \\
         --image-size 64 --epochs 4 --data s3://petal/datasets/synthetic --output s3://petal/runs/synthetic-1
 
-If --output already holds a checkpoint, the run resumes from it (same command, same result).
-stdout carries one JSON record per epoch and, last, {"event": "done", ...}; progress goes to stderr.
+If --output already holds a checkpoint, the same command resumes from it: rank 0 picks the newest
+intact checkpoint and every rank continues from it, from the exact sample where it was written
+(every --checkpoint-every steps, at each epoch's end, and on SIGTERM), on any number of ranks.
+stdout carries {"event": "resumed", "epoch": E, "step": S} after a resume, one JSON record per
+epoch and, last, {"event": "done", ...}; progress goes to stderr.
+
+Exit codes say whether a restart can help (a PyTorchJob's restartPolicy ExitCode retries 128-255):
+
+    0    done                                      143  SIGTERM: stopped after writing a checkpoint
+    1    an unexpected error (a bug; traceback)    137  SIGKILL (OOM killer, node lost)
+    2    bad arguments or launch environment       200  another rank was lost (collective failed)
+    3    dataset missing or malformed              201  storage unreachable for PETAL_S3_RETRY_SECONDS
+    4    checkpoint incompatible with this run     202  a collective timed out (--collective-timeout)
+    5    storage refused (credentials, TLS, host, bucket)
+    6    pretrained weights unusable
 """
 
 from __future__ import annotations
@@ -15,10 +28,12 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+import math
 import signal
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
+from datetime import timedelta
 
 import torch
 import torch.nn.functional as F
@@ -28,13 +43,26 @@ from torch.nn.parallel import DistributedDataParallel
 
 from training import checkpoint, plots
 from training.config import parse_args
-from training.data import ImageEpochs, SplitStream, hash_seed
-from training.distributed import World, all_reduce_sum, process_group
+from training.data import ImageEpochs, SplitStream, continue_epoch, hash_seed
+from training.distributed import (
+    LaunchError,
+    World,
+    all_reduce_sum,
+    any_rank,
+    from_rank_zero,
+    is_peer_failure,
+    process_group,
+    sync_buffers,
+)
 from training.features import FeatureCache, FeatureEpochs, backbone_of
 from training.model import PretrainedWeightsError, build_model, freeze, imagenet_state_dict, set_train_mode
 from training.shards import DatasetError, read_index, split_names
-from training.state import IncompatibleCheckpoint, TrainingState, check_resumable, run_config
+from training.state import IncompatibleCheckpoint, TrainingState, reconcile, run_config
 from training.storage import S3Url, Storage, StorageError, parse_url
+
+PERMANENT = {LaunchError: 2, DatasetError: 3, IncompatibleCheckpoint: 4, checkpoint.CheckpointError: 4,
+             PretrainedWeightsError: 6}  # fmt: skip
+PREEMPTED, PEER_LOST, STORAGE_UNREACHABLE, COLLECTIVE_TIMEOUT = 143, 200, 201, 202
 
 # torch 2.14 renamed DDP's broadcast_buffers; the pinned container base (torch 2.9) knows only the old name.
 SYNC_BUFFERS = next(
@@ -56,11 +84,11 @@ def autocast_for(device: torch.device, amp: str):
     return (lambda: torch.autocast("cuda", dtype=dtype)), dtype == torch.float16
 
 
-def train_one_epoch(model, loader, optimizer, scaler, autocast, device, epoch, epochs, log_every, is_main) -> dict:
+def train_one_epoch(model, loader, optimizer, scaler, autocast, device, after_step) -> torch.Tensor:
+    """One pass over this rank's loader; returns its [loss * n, correct, n]. `after_step(step, sums,
+    loss)` runs after every optimizer step and returns True to stop the epoch there."""
     set_train_mode(model.module)
-    started = time.monotonic()
-    sums = torch.zeros(3)  # loss * n, correct, n
-    steps = len(loader)
+    sums = torch.zeros(3, device=device, dtype=torch.float64)  # on the device: no sync per step
     # Join lets a rank with one batch fewer finish without leaving the others in an all-reduce.
     with Join([model]):
         for step, (images, labels, _) in enumerate(loader, 1):
@@ -73,23 +101,18 @@ def train_one_epoch(model, loader, optimizer, scaler, autocast, device, epoch, e
             scaler.step(optimizer)
             scaler.update()
             n = labels.numel()
-            sums += torch.tensor([loss.item() * n, (logits.argmax(1) == labels).sum().item(), n])
-            if is_main and (step % log_every == 0 or step == steps):
-                log(f"epoch {epoch}/{epochs} step {step}/{steps} loss {loss.item():.4f}")
-    total = all_reduce_sum(sums, device)
-    return {
-        "train_loss": total[0].item() / total[2].item(),
-        "train_acc": total[1].item() / total[2].item(),
-        "train_samples": int(total[2].item()),
-        "train_seconds": round(time.monotonic() - started, 3),
-    }
+            sums += torch.stack([loss.detach().double() * n, (logits.argmax(1) == labels).sum().double(),
+                                 torch.tensor(float(n), device=device, dtype=torch.float64)])  # fmt: skip
+            if after_step(step, sums, loss):
+                break
+    return sums
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, num_classes: int, autocast, device) -> dict:
     model.eval()
-    sums = torch.zeros(4)  # loss * n, top-1 correct, top-5 correct, n
-    per_class = torch.zeros(2, num_classes)  # correct, seen
+    sums = torch.zeros(4, device=device, dtype=torch.float64)  # loss * n, top-1 correct, top-5 correct, n
+    per_class = torch.zeros(2, num_classes, device=device, dtype=torch.float64)  # correct, seen
     for images, labels, _ in loader:
         images, labels = to_device(images, device), labels.to(device, non_blocking=True)
         with autocast():
@@ -97,14 +120,13 @@ def evaluate(model: nn.Module, loader, num_classes: int, autocast, device) -> di
         top = logits.topk(min(5, num_classes), dim=1).indices
         hit1 = top[:, 0] == labels
         hit5 = (top == labels[:, None]).any(dim=1)
-        n = labels.numel()
-        sums += torch.tensor(
-            [F.cross_entropy(logits, labels, reduction="sum").item(), hit1.sum().item(), hit5.sum().item(), n]
-        )
-        per_class[0] += torch.bincount(labels[hit1].cpu(), minlength=num_classes)
-        per_class[1] += torch.bincount(labels.cpu(), minlength=num_classes)
+        n = torch.tensor(float(labels.numel()), device=device, dtype=torch.float64)
+        loss = F.cross_entropy(logits, labels, reduction="sum").double()
+        sums += torch.stack([loss, hit1.sum().double(), hit5.sum().double(), n])
+        per_class[0] += torch.bincount(labels[hit1], minlength=num_classes)
+        per_class[1] += torch.bincount(labels, minlength=num_classes)
     sums, per_class = all_reduce_sum(sums, device), all_reduce_sum(per_class, device)
-    n = sums[3].item()
+    n = max(sums[3].item(), 1)
     return {
         "val_loss": sums[0].item() / n,
         "val_acc": sums[1].item() / n,
@@ -130,10 +152,11 @@ def make_optimizer(args, params):
     return torch.optim.Adam(params, lr=args.lr, weight_decay=args.weight_decay)
 
 
-def make_scheduler(args, optimizer):
+def learning_rate(args, epoch: int) -> float:
+    """The rate for an epoch (1-based), a function of it alone, so a resumed run needs no scheduler state."""
     if args.lr_schedule == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs)
-    return torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
+        return args.lr * 0.5 * (1 + math.cos(math.pi * (epoch - 1) / args.epochs))
+    return args.lr
 
 
 def write_results(storage: Storage, output: S3Url, history: list[dict], class_names: list[str]) -> dict:
@@ -147,22 +170,101 @@ def write_results(storage: Storage, output: S3Url, history: list[dict], class_na
     return best
 
 
-def epoch_source(args, model, storage, data, index, train_splits, val_split, world, autocast):
+def epoch_source(args, model, train: SplitStream, val: SplitStream, world: World, autocast):
     """Where each epoch's batches come from: decoded images, or cached backbone features."""
-    device = world.device
-    train = SplitStream(storage, data, index, train_splits, args.cache_dir)
-    val = SplitStream(storage, data, index, [val_split], args.cache_dir)
     if args.freeze == "fc" and args.feature_cache:
-        cache = FeatureCache(backbone_of(model), device, args.image_size, args.seed, batch_size=args.batch_size,
-                             workers=args.workers, autocast=autocast, directory=args.feature_cache_dir)  # fmt: skip
+        cache = FeatureCache(backbone_of(model), world.device, args.image_size, args.seed,
+                             batch_size=args.batch_size, workers=args.workers, autocast=autocast,
+                             width=model.fc.in_features, directory=args.feature_cache_dir,
+                             dataset=f"{train.fingerprint}/{val.fingerprint}")  # fmt: skip
         return FeatureEpochs(model, train, val, cache=cache, views=args.cache_views, seed=args.seed,
                              rank=world.rank, world_size=world.world_size, batch_size=args.batch_size)  # fmt: skip
     return ImageEpochs(model, train, val, image_size=args.image_size, seed=args.seed, rank=world.rank,
                        world_size=world.world_size, batch_size=args.batch_size, workers=args.workers,
-                       pin_memory=device.type == "cuda")  # fmt: skip
+                       pin_memory=world.device.type == "cuda")  # fmt: skip
 
 
-def run(args: argparse.Namespace) -> None:
+class Preempted(Exception):
+    """SIGTERM was received: the ranks wrote a checkpoint together and stop."""
+
+
+class Preemption:
+    """SIGTERM (a pod deleted or preempted, torchrun stopping its workers). Outside the epoch loop it
+    ends the process at once; inside, it is only noted, and at the next step (or epoch end) every
+    rank learns of it, a checkpoint is written and all stop, so a restart loses no step."""
+
+    def __init__(self):
+        self.requested = False
+        self.deferring = False
+        signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+        if not self.deferring:
+            raise Preempted("before training began, so nothing needed saving")
+
+    @contextmanager
+    def deferred(self):
+        self.deferring = True
+        try:
+            if self.requested:
+                raise Preempted("before training began, so nothing needed saving")
+            yield
+        finally:
+            self.deferring = False
+
+
+def on_node_leader_first(world: World, what: str, fn):
+    """fn() on each node's local rank 0 first (it downloads into the pod-local cache), then on the
+    node's other ranks, which find its files: one download per node. A failure anywhere stops all."""
+    error = None
+    if world.local_rank == 0:
+        try:
+            result = fn()
+        except Exception as err:  # re-raised below, after every rank has heard of it
+            error = err
+    if any_rank(error is not None):
+        if error is not None:
+            raise error
+        raise PeerFailed(f"another rank failed while {what}")
+    return fn() if world.local_rank != 0 else result
+
+
+class PeerFailed(Exception):
+    """Another rank failed; its own log says why."""
+
+
+def resume_point(storage: Storage, output: S3Url, args, config: dict, classes: list[str], data: str, world: World):
+    """The checkpoint every rank resumes from, as rank 0 decided it (None for a fresh run); each node
+    downloads it once and verifies it. Rank 0's refusal is every rank's."""
+    decision = None
+    if world.is_main:
+        try:
+            chosen = checkpoint.choose(storage, output, args.cache_dir / "checkpoints", log)
+            if chosen is not None:
+                saved = checkpoint.load(None, str(checkpoint.local_path(chosen, args.cache_dir / "checkpoints")))
+                reconcile(saved, config, classes, data, str(output), log)
+            decision = ("resume", chosen)
+        except (IncompatibleCheckpoint, checkpoint.CheckpointError, StorageError) as err:
+            decision = ("refused", type(err).__name__, str(err))
+    decision = from_rank_zero(decision)
+    if decision[0] == "refused":
+        kind = {"IncompatibleCheckpoint": IncompatibleCheckpoint, "StorageError": StorageError}
+        raise kind.get(decision[1], checkpoint.CheckpointError)(decision[2])
+    chosen = decision[1]
+    if chosen is None:
+        return None
+
+    def fetch() -> dict:
+        directory = args.cache_dir / "checkpoints"
+        if not checkpoint.fetch(storage, output, chosen, directory):
+            raise StorageError(f"{output.join(chosen['checkpoint'])} vanished or changed while the ranks resumed")
+        return checkpoint.load(None, str(checkpoint.local_path(chosen, directory)))
+
+    return on_node_leader_first(world, "downloading the checkpoint", fetch)
+
+
+def run(args: argparse.Namespace, preemption: Preemption) -> None:
     world = World.from_env()
     storage = Storage.from_env()
     data, output = parse_url(args.data), parse_url(args.output)
@@ -172,27 +274,33 @@ def run(args: argparse.Namespace) -> None:
     class_names = [c["name"] for c in index["classes"]]
     config = run_config(args)
     storage.require_bucket(output)
-    saved = checkpoint.load_latest(storage, output)
-    if saved is not None:
-        check_resumable(saved, config, class_names, str(output))
-    # Backbone weights are only needed for a fresh run; a resumed one has them in its checkpoint.
-    backbone = None if saved else imagenet_state_dict(args.arch, args.pretrained, storage)
 
-    with process_group(world):
+    with process_group(world, timeout=timedelta(minutes=args.collective_timeout)):
         device = world.device
-        if world.is_main:
-            log(f"{world.world_size} process(es), {world.backend} on {device.type}; training {args.data} into {output}")
+        train = SplitStream(storage, data, index, train_splits, args.cache_dir)
+        val = SplitStream(storage, data, index, [val_split], args.cache_dir)
+        saved = resume_point(storage, output, args, config, class_names, train.fingerprint, world)
+        # Backbone weights are only needed for a fresh run; a resumed one has them in its checkpoint.
+        backbone = None
+        if saved is None:
+            backbone = on_node_leader_first(world, "loading the pretrained weights",
+                                            lambda: imagenet_state_dict(args.arch, args.pretrained, storage,
+                                                                        args.cache_dir))  # fmt: skip
         torch.manual_seed(args.seed)
         model = build_model(args.arch, len(class_names), backbone).to(device, memory_format=memory_format(device))
         optimizer = make_optimizer(args, freeze(model, args.freeze))
         autocast, needs_scaler = autocast_for(device, args.amp)
-        state = TrainingState(model, optimizer, make_scheduler(args, optimizer),
-                              torch.amp.GradScaler(device.type, enabled=needs_scaler), config, class_names)  # fmt: skip
+        state = TrainingState(model, optimizer, torch.amp.GradScaler(device.type, enabled=needs_scaler), config,
+                              class_names, train.fingerprint)  # fmt: skip
         if saved is not None:
             state.load_state_dict(saved)
             if world.is_main:
-                log(f"resuming {output} after epoch {state.epoch} (best val_acc {state.best_val_acc:.4f})")
-        epochs = epoch_source(args, model, storage, data, index, train_splits, val_split, world, autocast)
+                log(f"resuming {output} at epoch {state.epoch}, step {state.steps_done} "
+                    f"(best val_acc {state.best_val_acc:.4f})")  # fmt: skip
+                print(json.dumps({"event": "resumed", "epoch": state.epoch, "step": state.steps_done}), flush=True)
+        if world.is_main:
+            log(f"{world.world_size} process(es), {world.backend} on {device.type}; training {args.data} into {output}")
+        epochs = epoch_source(args, model, train, val, world, autocast)
         # Frozen BatchNorm statistics are identical everywhere, so only broadcast buffers that train.
         ddp = DistributedDataParallel(
             epochs.trained,
@@ -201,20 +309,9 @@ def run(args: argparse.Namespace) -> None:
             gradient_as_bucket_view=True,  # gradients live in the all-reduce buckets: one copy fewer per step
         )
 
-        for epoch in range(state.epoch + 1, args.epochs + 1):
-            started = time.monotonic()
-            torch.manual_seed(hash_seed(args.seed, epoch, world.rank))
-            stats = train_one_epoch(ddp, epochs.train_loader(epoch), optimizer, state.scaler, autocast, device, epoch,
-                                    args.epochs, args.log_every, world.is_main)  # fmt: skip
-            stats |= evaluate(epochs.evaluated, epochs.val_loader(epoch), len(class_names), autocast, device)
-            record = {"event": "epoch", "epoch": epoch, "lr": state.scheduler.get_last_lr()[0], **stats,
-                      "seconds": round(time.monotonic() - started, 3)}  # fmt: skip
-            is_best = state.finish_epoch(record)
-            if world.is_main:
-                checkpoint.save(storage, output, state.state_dict(), epoch, is_best, args.keep_checkpoints)
-                metrics = "".join(json.dumps(r) + "\n" for r in state.history)
-                storage.write_bytes(output.join("metrics.jsonl"), metrics.encode(), "application/x-ndjson")
-                print(json.dumps({k: v for k, v in record.items() if k != "val_per_class_acc"}), flush=True)
+        with preemption.deferred():
+            while state.epoch <= args.epochs:
+                run_epoch(args, state, ddp, epochs, world, autocast, storage, output, preemption)
 
         if world.is_main:
             best = write_results(storage, output, state.history, class_names)
@@ -223,14 +320,100 @@ def run(args: argparse.Namespace) -> None:
             print(json.dumps(done), flush=True)
 
 
+def run_epoch(args, state: TrainingState, ddp, epochs, world: World, autocast, storage: Storage, output: S3Url,
+              preemption: Preemption) -> None:  # fmt: skip
+    """Trains and evaluates the epoch in progress from where it stands, checkpointing on the way."""
+    device, epoch, started = world.device, state.epoch, time.monotonic()
+    torch.manual_seed(hash_seed(args.seed, epoch, world.rank))
+    first_world = state.stretches[0]["world_size"] if state.stretches else world.world_size
+    ranks = continue_epoch(epochs.assignment(epoch, first_world), state.stretches, world.world_size)
+    if state.stretches and state.stretches[-1]["world_size"] != world.world_size and world.is_main:
+        before = state.stretches[-1]
+        batch, batch_before = world.world_size * args.batch_size, before["world_size"] * before["batch_size"]
+        log(f"epoch {epoch} goes on with {world.world_size} ranks instead of {before['world_size']}: its "
+            f"{sum(map(len, ranks))} untrained samples are split across them, and the global batch is "
+            f"{batch} instead of {batch_before}")  # fmt: skip
+    # Every rank takes part in the checkpoint and stop collectives only while every rank still trains.
+    together = min(math.ceil(len(ids) / args.batch_size) for ids in ranks)
+    stretch = {"world_size": world.world_size, "batch_size": args.batch_size, "steps": 0}
+    loader = epochs.train_loader(epoch, ranks[world.rank])
+    steps_before, steps_total = state.steps_done, state.steps_done + len(loader)
+    for group in state.optimizer.param_groups:
+        group["lr"] = learning_rate(args, epoch)
+
+    def save_progress(sums: torch.Tensor) -> str:
+        sync_buffers(ddp.module, world)
+        total = all_reduce_sum(sums, device) + torch.tensor(state.train_sums, dtype=torch.float64)
+        name = checkpoint.checkpoint_name(epoch, steps_before + stretch["steps"])
+        if world.is_main:
+            snapshot = state.state_dict() | {
+                "stretches": [*state.stretches, dict(stretch)],
+                "train_sums": total.tolist(),
+            }
+            checkpoint.save(storage, output, snapshot, name, False, args.keep_checkpoints)
+        return name
+
+    def after_step(step: int, sums: torch.Tensor, loss: torch.Tensor) -> bool:
+        stretch["steps"] = step
+        done = steps_before + step
+        if world.is_main and (step % args.log_every == 0 or step == len(loader)):
+            log(f"epoch {epoch}/{args.epochs} step {done}/{steps_total} loss {loss.item():.4f}")
+        if step >= together:  # the next step may leave some ranks joined: checkpoint only before it
+            return False
+        stop = any_rank(preemption.requested)
+        if stop or (args.checkpoint_every and done % args.checkpoint_every == 0):
+            name = save_progress(sums)
+        if stop:
+            raise Preempted(f"{name} was written")
+        return False
+
+    sums = train_one_epoch(ddp, loader, state.optimizer, state.scaler, autocast, device, after_step)
+    sync_buffers(ddp.module, world)  # what the next epoch's first forward would do: evaluate and save those
+    total = all_reduce_sum(sums, device) + torch.tensor(state.train_sums, dtype=torch.float64)
+    seen = max(total[2].item(), 1)
+    stats = {"train_loss": total[0].item() / seen, "train_acc": total[1].item() / seen,
+             "train_samples": int(total[2].item()), "train_seconds": round(time.monotonic() - started, 3)}  # fmt: skip
+    stats |= evaluate(epochs.evaluated, epochs.val_loader(epoch), len(state.classes), autocast, device)
+    record = {"event": "epoch", "epoch": epoch, "lr": learning_rate(args, epoch), **stats,
+              "seconds": round(time.monotonic() - started, 3)}  # fmt: skip
+    is_best = state.finish_epoch(record)
+    if world.is_main:
+        checkpoint.save(storage, output, state.state_dict(), checkpoint.checkpoint_name(epoch), is_best,
+                        args.keep_checkpoints)  # fmt: skip
+        metrics = "".join(json.dumps(r) + "\n" for r in state.history)
+        storage.write_bytes(output.join("metrics.jsonl"), metrics.encode(), "application/x-ndjson")
+        print(json.dumps({k: v for k, v in record.items() if k != "val_per_class_acc"}), flush=True)
+    if any_rank(preemption.requested):
+        raise Preempted(f"{checkpoint.checkpoint_name(epoch)} was written")
+
+
+def exit_code(err: BaseException) -> int:
+    """What a failure means for a restart (see the table at the top)."""
+    for kind, code in PERMANENT.items():
+        if isinstance(err, kind):
+            return code
+    if isinstance(err, StorageError):
+        return STORAGE_UNREACHABLE if err.transient else 5
+    if isinstance(err, Preempted):
+        return PREEMPTED
+    if isinstance(err, PeerFailed) or is_peer_failure(err):
+        return COLLECTIVE_TIMEOUT if "timed out" in str(err).lower() else PEER_LOST
+    return 1
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    # SIGTERM (pod deletion, torchrun stopping a failed world) unwinds like an exception, so the process
-    # group is left cleanly; 143 tells a PyTorchJob with restartPolicy ExitCode to retry.
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    preemption = Preemption()
     try:
-        run(args)
-    except (StorageError, DatasetError, IncompatibleCheckpoint, PretrainedWeightsError, ValueError) as err:
-        print(f"petal: error: {err}", file=sys.stderr, flush=True)
-        return 1
+        run(args, preemption)
+    except Preempted as stopped:
+        log(f"stopped by SIGTERM ({stopped}); a restart goes on from the newest checkpoint (exit {PREEMPTED})")
+        return PREEMPTED
+    except Exception as err:
+        code = exit_code(err)
+        if code == 1:
+            raise  # a bug: the traceback is what a person needs
+        print(f"petal: error: {str(err).splitlines()[0] if str(err) else type(err).__name__} (exit {code})",
+              file=sys.stderr, flush=True)  # fmt: skip
+        return code
     return 0

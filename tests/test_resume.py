@@ -1,0 +1,205 @@
+"""Faults lose at most a few steps: step-level checkpoints, SIGTERM, a resume on another world size,
+rank 0 deciding the resume point, checkpoints that are not trusted blindly, and exit codes that tell
+a restart whether it can help. Real MinIO, real multi-process DDP (torchrun and hand-launched ranks)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+
+import pytest
+import torch
+from minio.credentials import StaticProvider
+from minio.minioadmin import MinioAdmin
+from support import SMALL_TRAINING, Watched, free_port, s3, trainer, wait_ok
+
+from training import checkpoint
+from training.storage import parse_url
+
+pytestmark = pytest.mark.slow
+
+
+def final_weights(storage, output: str, epoch: int) -> dict:
+    return checkpoint.deserialize(storage.read_bytes(parse_url(output).join(checkpoint.checkpoint_name(epoch))))
+
+
+def epochs_of(proc) -> list[dict]:
+    return [r for r in proc.json_lines() if r["event"] == "epoch"]
+
+
+def resumed_event(proc) -> dict:
+    (event,) = [r for r in proc.json_lines() if r["event"] == "resumed"]
+    return event
+
+
+def latest(storage, output: str) -> str:
+    return json.loads(storage.read_bytes(parse_url(output).join(checkpoint.LATEST)))["checkpoint"]
+
+
+def test_sigkill_mid_epoch_then_rerun_resumes_at_the_step_and_matches_the_uninterrupted_run(
+    reference_run, s3_env, synthetic_dataset, run_dir, storage
+):
+    args = ["--data", synthetic_dataset, "--output", run_dir, *SMALL_TRAINING, "--checkpoint-every", "5"]
+    first = trainer(s3_env, args)
+    first.wait_for_line(r"epoch 2/4 step 6/", timeout=600)
+    os.kill(first.rank_pid(1), signal.SIGKILL)
+    assert first.wait(120) != 0
+    assert latest(storage, run_dir) == "checkpoints/epoch-0002-step-000005.pt"
+
+    second = trainer(s3_env, args)
+    wait_ok(second)
+    assert resumed_event(second) == {"event": "resumed", "epoch": 2, "step": 5}
+    assert [r["epoch"] for r in epochs_of(second)] == [2, 3, 4]
+    assert all(r["train_samples"] == 200 for r in epochs_of(second))  # epoch 2 counts its first 5 steps too
+
+    reference_output, reference = reference_run
+    assert json.loads(second.stdout[-1])["best_val_acc"] == json.loads(reference.stdout[-1])["best_val_acc"]
+    resumed, uninterrupted = final_weights(storage, run_dir, 4), final_weights(storage, reference_output, 4)
+    for name, tensor in uninterrupted["model"].items():
+        torch.testing.assert_close(resumed["model"][name], tensor, atol=1e-6, rtol=0, msg=name)
+
+
+def test_two_ranks_interrupted_mid_epoch_go_on_with_three_each_sample_once(s3_env, synthetic_dataset, run_dir, storage):
+    args = [
+        "--data",
+        synthetic_dataset,
+        "--output",
+        run_dir,
+        *SMALL_TRAINING,
+        "--epochs",
+        "3",
+        "--checkpoint-every",
+        "2",
+    ]
+    first = trainer(s3_env, args, nproc=2)
+    first.wait_for_line(r"epoch 2/3 step 5/", timeout=600)
+    os.kill(first.rank_pid(0), signal.SIGKILL)
+    assert first.wait(120) != 0
+    assert latest(storage, run_dir) == "checkpoints/epoch-0002-step-000004.pt"
+
+    second = trainer(s3_env, args, nproc=3)
+    wait_ok(second)
+    assert resumed_event(second) == {"event": "resumed", "epoch": 2, "step": 4}
+    assert any("goes on with 3 ranks instead of 2" in line and "global batch is 48 instead of 32" in line
+               for line in second.stderr)  # fmt: skip
+    metrics = [json.loads(line) for line in storage.read_bytes(parse_url(run_dir).join("metrics.jsonl")).splitlines()]
+    assert [(r["epoch"], r["train_samples"]) for r in metrics] == [(1, 200), (2, 200), (3, 200)]
+    assert [r["train_samples"] for r in epochs_of(second)] == [200, 200]
+
+
+def test_sigterm_writes_a_checkpoint_exits_143_and_the_rerun_loses_no_step(s3_env, synthetic_dataset, run_dir, storage):
+    args = [sys.executable, "-m", "training", "--data", synthetic_dataset, "--output", run_dir, *SMALL_TRAINING,
+            "--epochs", "2", "--checkpoint-every", "0"]  # fmt: skip
+    first = Watched(args, s3_env)
+    first.wait_for_line(r"epoch 1/2 step 3/", timeout=300)
+    os.kill(first.proc.pid, signal.SIGTERM)
+    assert first.wait(120) == 143
+    stopped_at = checkpoint.position(latest(storage, run_dir))
+    assert stopped_at[0] == 1 and stopped_at[1] >= 3, "the checkpoint SIGTERM wrote, mid-epoch 1"
+
+    second = Watched(args, s3_env)
+    wait_ok(second)
+    assert resumed_event(second) == {"event": "resumed", "epoch": 1, "step": stopped_at[1]}
+    assert [(r["epoch"], r["train_samples"]) for r in epochs_of(second)] == [(1, 200), (2, 200)]
+
+
+def launched(*args: str) -> list[str]:
+    """What a pod with nprocPerNode 2 runs: torchrun through petal's launcher."""
+    return [sys.executable, "-m", "training.launch", "--nproc-per-node", "2", "--master-port", str(free_port()),
+            "-m", "training", *args]  # fmt: skip
+
+
+@pytest.mark.parametrize("launcher", ["python", "training.launch"])
+def test_exit_codes_say_whether_a_restart_can_help(launcher, s3_env, synthetic_dataset, run_dir):
+    def run(*args: str, env=s3_env) -> int:
+        argv = launched(*args) if launcher == "training.launch" else [sys.executable, "-m", "training", *args]
+        return Watched(argv, env).wait(180)
+
+    base = ["--data", synthetic_dataset, "--output", run_dir, *SMALL_TRAINING]
+    assert run(*base, "--epochs", "0") == 2
+    assert run(*base, "--data", s3("datasets/absent")) == 3
+    assert run(*base, env=s3_env | {"AWS_SECRET_ACCESS_KEY": "wrong-secret-123"}) == 5
+
+    argv = launched(*base) if launcher == "training.launch" else [sys.executable, "-m", "training", *base]
+    proc = Watched(argv, s3_env)
+    proc.wait_for_line(r"epoch 1/4 step 2/", timeout=300)
+    proc.proc.send_signal(signal.SIGTERM)
+    assert proc.wait(120) == 143
+    assert run(*base, "--arch", "resnet34") == 4  # the checkpoint SIGTERM wrote is of resnet18
+
+
+def test_a_bad_latest_or_checkpoint_falls_back_to_the_newest_intact_one(s3_env, synthetic_dataset, run_dir, storage):
+    out = parse_url(run_dir)
+    args = ["--data", synthetic_dataset, "--output", run_dir, *SMALL_TRAINING, "--checkpoint-every", "3"]
+    wait_ok(trainer(s3_env, [*args, "--epochs", "2"]))
+    kept = sorted(checkpoint.kept_checkpoints(storage, out), key=checkpoint.position)
+    assert kept == ["checkpoints/epoch-0002-step-000003.pt", "checkpoints/epoch-0002-step-000006.pt",
+                    "checkpoints/epoch-0002.pt"]  # fmt: skip
+
+    # The newest checkpoint torn: the one before it is used.
+    newest = storage.read_bytes(out.join(kept[-1]))
+    storage.write_bytes(out.join(kept[-1]), newest[: len(newest) // 2])
+    torn = trainer(s3_env, [*args, "--epochs", "3"])
+    wait_ok(torn)
+    assert resumed_event(torn) == {"event": "resumed", "epoch": 2, "step": 6}
+    assert any("resuming from the newest intact checkpoint, checkpoints/epoch-0002-step-000006.pt" in line
+               for line in torn.stderr)  # fmt: skip
+
+    # `latest` unreadable: the newest kept checkpoint whose .sha256 matches is used.
+    storage.write_bytes(out.join(checkpoint.LATEST), b"{not json")
+    garbled = trainer(s3_env, [*args, "--epochs", "4"])
+    wait_ok(garbled)
+    assert resumed_event(garbled) == {"event": "resumed", "epoch": 4, "step": 0}
+    assert any("is unreadable" in line for line in garbled.stderr)
+    assert [r["epoch"] for r in epochs_of(garbled)] == [4]
+
+    # An incompatible change is refused with every difference named; a compatible one is said.
+    refused = Watched([sys.executable, "-m", "training", *args, "--arch", "resnet34", "--optimizer", "sgd"], s3_env)
+    assert refused.wait(120) == 4
+    assert "--arch resnet34 (the checkpoint: resnet18); --optimizer sgd (the checkpoint: adam)" in refused.stderr[-1]
+    longer = trainer(s3_env, [*args, "--epochs", "5", "--lr", "0.002"])
+    wait_ok(longer)
+    said = "\n".join(longer.stderr)
+    assert "--epochs changed from 4 to 5 on resume: the learning-rate schedule is recomputed" in said
+    assert "--lr changed from 0.001 to 0.002" in said
+    saved = checkpoint.deserialize(storage.read_bytes(out.join(checkpoint.checkpoint_name(5))))
+    assert {"scaler", "config", "classes", "stretches", "train_sums"} <= set(saved)
+    assert saved["config"]["lr"] == 0.002 and saved["config"]["epochs"] == 5
+
+
+def test_every_rank_resumes_from_rank_zeros_choice(minio, s3_env, synthetic_dataset, run_dir, storage, tmp_path):
+    """Rank 1 here may not even read `latest` (a MinIO policy denies it): it must take rank 0's word
+    for where to resume, as a replacement worker must, whatever it would have found itself."""
+    args = ["--data", synthetic_dataset, "--output", run_dir, *SMALL_TRAINING]
+    wait_ok(trainer(s3_env, [*args, "--epochs", "2"]))
+
+    out = parse_url(run_dir)
+    root = StaticProvider(s3_env["AWS_ACCESS_KEY_ID"], s3_env["AWS_SECRET_ACCESS_KEY"])
+    admin = MinioAdmin(endpoint=s3_env["S3_ENDPOINT_URL"].split("://")[1], secure=False, credentials=root)
+    bucket = f"arn:aws:s3:::{out.bucket}"
+    policy = {"Version": "2012-10-17", "Statement": [
+        {"Effect": "Allow", "Action": ["s3:*"], "Resource": [bucket, f"{bucket}/*"]},
+        {"Effect": "Deny", "Action": ["s3:GetObject"], "Resource": [f"{bucket}/{out.key}/latest"]},
+    ]}  # fmt: skip
+    user, secret = f"worker-{os.getpid()}", "worker-secret-123456"
+    admin.policy_add(user, policy=policy)
+    admin.user_add(user, secret)
+    admin.attach_policy([user], user=user)
+    try:
+        port = free_port()
+        ranks = []
+        for rank, creds in ((0, {}), (1, {"AWS_ACCESS_KEY_ID": user, "AWS_SECRET_ACCESS_KEY": secret})):
+            env = s3_env | creds | {"RANK": str(rank), "LOCAL_RANK": "0", "WORLD_SIZE": "2",
+                                    "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}  # fmt: skip
+            cache = ["--cache-dir", str(tmp_path / f"pod{rank}")]  # each rank a pod of its own
+            ranks.append(Watched([sys.executable, "-m", "training", *args, "--epochs", "3", *cache], env))
+        for proc in ranks:
+            wait_ok(proc, timeout=600)
+    finally:
+        admin.user_remove(user)
+        admin.policy_remove(user)
+    assert resumed_event(ranks[0]) == {"event": "resumed", "epoch": 3, "step": 0}
+    assert [r["epoch"] for r in epochs_of(ranks[0])] == [3]
+    assert any(path.suffix == ".pt" for path in (tmp_path / "pod1" / "checkpoints").rglob("*"))
