@@ -12,6 +12,12 @@ app.kubernetes.io/component: training
 helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- end -}}
 
+{{/* What selects this release's pods (the NetworkPolicy's peers). */}}
+{{- define "petal.selectorLabels" -}}
+app.kubernetes.io/name: petal
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
 {{- define "petal.image" -}}
 {{- printf "%s:%s" .Values.image.repository (.Values.image.tag | default .Chart.AppVersion) -}}
 {{- end -}}
@@ -74,8 +80,11 @@ metadata:
     {{- toYaml . | nindent 4 }}
   {{- end }}
 spec:
+  terminationGracePeriodSeconds: {{ .Values.terminationGracePeriodSeconds }}
   {{- with (include "petal.serviceAccountName" .) }}
   serviceAccountName: {{ . }}
+  {{- else }}
+  automountServiceAccountToken: false
   {{- end }}
   {{- with .Values.priorityClassName }}
   priorityClassName: {{ . }}
@@ -90,10 +99,11 @@ spec:
     - name: pytorch  # the name the PyTorchJob operator requires
       image: {{ include "petal.image" . }}
       imagePullPolicy: {{ .Values.image.pullPolicy }}
-      {{- /* torchrun starts the pod's processes from the operator's PET_* settings and gives each its
-             own RANK and WORLD_SIZE; the operator's own RANK counts pods, not processes. */}}
+      {{- /* torchrun (through training.launch, which keeps the trainer's exit codes) starts the pod's
+             processes from the operator's PET_* settings and gives each its own RANK and WORLD_SIZE;
+             the operator's own RANK counts pods, not processes. */}}
       {{- if or (ne (toString .Values.nprocPerNode) "1") .Values.elasticPolicy }}
-      command: ["torchrun", "-m", "training"]
+      command: ["python", "-m", "training.launch", "-m", "training"]
       {{- end }}
       args:
         {{- include "petal.trainerArgs" . | nindent 8 }}
@@ -120,6 +130,8 @@ spec:
           mountPath: /dev/shm
         - name: cache
           mountPath: /cache
+        - name: tmp
+          mountPath: /tmp
   volumes:
     - name: dshm
       emptyDir:
@@ -128,6 +140,9 @@ spec:
     - name: cache
       emptyDir:
         sizeLimit: {{ .Values.cacheSize }}
+    - name: tmp
+      emptyDir:
+        sizeLimit: 1Gi
   {{- with .Values.nodeSelector }}
   nodeSelector:
     {{- toYaml . | nindent 4 }}
