@@ -7,8 +7,10 @@
 
 For each class (named in the dataset's index.json) it searches for "<class name> <suffix>" and
 downloads up to --limit images (above 100 the library needs --chromedriver, e.g. Debian's
-chromium-driver). Every file is then checked, and rejected with its reason when it is:
-  empty / not-an-image / truncated / does-not-decode, too-small (shorter side < --min-side),
+chromium-driver). A URL is refused (not-http: it redirects off http(s); too-large: over --max-bytes;
+download-failed) before anything is kept; every file is then checked, and rejected with its reason
+when it is: empty / not-an-image / truncated / does-not-decode / decompression-bomb (more pixels
+than Pillow's limit), too-small (shorter side < --min-side),
   extreme-aspect (> --max-aspect), duplicate-url (already in the dataset), exact-duplicate (same
   bytes) or near-duplicate (perceptual hash within --near-distance) of any image already in the
   dataset — the valid and test splits included, since leaking them would fake accuracy — or of
@@ -24,15 +26,19 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import http.client
 import json
 import sys
 import tempfile
 import time
+import urllib.request
+import warnings
 from collections import Counter
 from contextlib import redirect_stdout
 from dataclasses import dataclass, field
 from io import BytesIO
 from pathlib import Path
+from urllib.parse import urlparse
 
 import imagehash
 from google_images_download.google_images_download import googleimagesdownload
@@ -53,7 +59,9 @@ from training.shards import (
 )
 from training.storage import S3Url, Storage, StorageError, parse_url
 
-IMAGE_FORMATS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "GIF": "gif", "WEBP": "webp", "BMP": "bmp"}
+# What scripts/upload_dataset.py accepts too, by the format the bytes decode as (not the URL's name).
+IMAGE_FORMATS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "GIF": "gif", "WEBP": "webp", "BMP": "bmp", "TIFF": "tiff"}
+USER_AGENT = "Mozilla/5.0 (X11; Linux x86_64) petal-augment"
 
 
 class AugmentError(Exception):
@@ -79,34 +87,90 @@ class Known:
         return (best[1], best[0]) if best and best[0] <= distance else None
 
 
+class NotHttp(Exception):
+    pass
+
+
+class TooLarge(Exception):
+    pass
+
+
+class HttpOnlyRedirects(urllib.request.HTTPRedirectHandler):
+    """urllib follows redirects to ftp:// too; a web image has no business there."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        if urlparse(newurl).scheme not in ("http", "https"):
+            raise NotHttp(newurl)
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+def fetch(url: str, max_bytes: int, timeout: float = 20) -> bytes:
+    """The bytes at an http(s) URL, redirects included, refusing anything over max_bytes."""
+    if urlparse(url).scheme not in ("http", "https"):
+        raise NotHttp(url)
+    opener = urllib.request.build_opener(HttpOnlyRedirects)
+    with opener.open(urllib.request.Request(url, headers={"User-Agent": USER_AGENT}), timeout=timeout) as response:
+        declared = response.headers.get("Content-Length")
+        if declared and declared.isdigit() and int(declared) > max_bytes:
+            raise TooLarge(declared)
+        data = response.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise TooLarge(len(data))
+    return data
+
+
 class RecordingDownloader(googleimagesdownload):
-    """The library's downloader, remembering which URL each saved file came from."""
+    """The library's search and result parsing; the download itself is petal's: http(s) only (redirects
+    included), at most `max_bytes`, remembering where each saved file came from and why any URL was
+    not saved."""
 
-    def __init__(self):
+    def __init__(self, max_bytes: int):
         super().__init__()
-        self.sources: dict[str, str] = {}
+        self.max_bytes = max_bytes
+        self.sources: dict[str, str] = {}  # saved file → URL
+        self.refused: dict[str, str] = {}  # URL → reason
 
-    def download_image(self, image_url, *args):
-        status, message, name, path = super().download_image(image_url, *args)
-        if status == "success" and path:
-            self.sources[path] = image_url
-        return status, message, name, path
+    def download_image(self, image_url, image_format, main_directory, dir_name, count, *rest):
+        try:
+            data = fetch(image_url, self.max_bytes)
+        except NotHttp:
+            reason = "not-http"
+        except TooLarge:
+            reason = "too-large"
+        except (OSError, ValueError, http.client.HTTPException):  # URLError is an OSError
+            reason = "download-failed"
+        else:
+            path = Path(main_directory, dir_name, f"{count:05d}-{hashlib.sha256(image_url.encode()).hexdigest()[:12]}")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data)
+            self.sources[str(path)] = image_url
+            return "success", "saved", path.name, str(path)
+        self.refused[image_url] = reason
+        return "fail", reason, None, None
 
 
 def decode(data: bytes) -> tuple[Image.Image | None, str | None]:
     """(RGB image, None) or (None, reason it is unusable)."""
     if not data:
         return None, "empty"
-    try:
-        image = Image.open(BytesIO(data))
-    except (UnidentifiedImageError, OSError):
-        return None, "not-an-image"
-    try:
-        image.load()
-    except OSError as err:
-        return None, "truncated" if "truncated" in str(err) else "does-not-decode"
-    except (SyntaxError, ValueError, Image.DecompressionBombError):
-        return None, "does-not-decode"
+    # Pillow only warns about images over its pixel limit (and refuses those over twice that): a few
+    # kilobytes can ask for gigabytes, so a warning is a rejection here.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            image = Image.open(BytesIO(data))
+        except (Image.DecompressionBombWarning, Image.DecompressionBombError):
+            return None, "decompression-bomb"
+        except (UnidentifiedImageError, OSError):
+            return None, "not-an-image"
+        try:
+            image.load()
+        except (Image.DecompressionBombWarning, Image.DecompressionBombError):
+            return None, "decompression-bomb"
+        except OSError as err:
+            return None, "truncated" if "truncated" in str(err) else "does-not-decode"
+        except (SyntaxError, ValueError):
+            return None, "does-not-decode"
     if image.format not in IMAGE_FORMATS:
         return None, "not-an-image"
     return image, None
@@ -123,11 +187,11 @@ def load_known(storage: Storage, dataset: S3Url, index: dict, cache_dir: Path) -
     return known
 
 
-def search_and_download(classes: list[dict], args, workdir: Path) -> dict[str, dict[str, str]]:
-    """class id → {downloaded file: source URL}, through google_images_download."""
+def search_and_download(classes: list[dict], args, workdir: Path) -> dict[str, tuple[dict[str, str], dict[str, str]]]:
+    """class id → ({downloaded file: source URL}, {refused URL: reason}), through google_images_download."""
     found = {}
     for cls in tqdm(classes, desc="searching", unit="class"):
-        downloader = RecordingDownloader()
+        downloader = RecordingDownloader(args.max_bytes)
         with redirect_stdout(sys.stderr):  # the library talks on stdout; ours ends with the JSON summary
             downloader.download(
                 {
@@ -140,7 +204,7 @@ def search_and_download(classes: list[dict], args, workdir: Path) -> dict[str, d
                     "silent_mode": True,
                 }
             )
-        found[cls["id"]] = downloader.sources
+        found[cls["id"]] = downloader.sources, downloader.refused
     return found
 
 
@@ -167,35 +231,19 @@ class RelevanceCheck:
         return label in logits.topk(min(self.top_k, len(logits))).indices.tolist()
 
 
-def augment(storage: Storage, dataset: S3Url, args) -> dict:
-    index = read_index(storage, dataset)
-    by_name = {c["name"]: i for i, c in enumerate(index["classes"])}
-    by_id = {c["id"]: i for i, c in enumerate(index["classes"])}
-    if args.classes:
-        wanted = [c.strip() for c in args.classes.split(",") if c.strip()]
-        unknown = [c for c in wanted if c not in by_name and c not in by_id]
-        if unknown:
-            raise AugmentError(f"--classes {', '.join(unknown)}: not in the dataset (names or ids from index.json)")
-        labels = sorted({by_name.get(c, by_id.get(c)) for c in wanted})
-    else:
-        labels = list(range(len(index["classes"])))
-    relevance = (
-        RelevanceCheck(storage, args.relevance, [c["name"] for c in index["classes"]], args.relevance_top_k)
-        if args.relevance
-        else None
-    )
-
-    known = load_known(storage, dataset, index, args.cache_dir)
-    workdir = Path(tempfile.mkdtemp(prefix="petal-augment-"))
-    downloads = search_and_download([index["classes"][i] for i in labels], args, workdir)
-
+def vet(downloads: dict, labels: list[int], index: dict, known: Known, relevance, args):
+    """Each class's downloads kept (as samples of the new split) or rejected with the reason."""
     existing = index["splits"].get(args.split, {"samples": 0, "shards": []})
     kept: list[Sample] = []
     report, rejected = {}, []
     for label in labels:
         cls = index["classes"][label]
         counts = Counter()
-        for path, url in tqdm(sorted(downloads[cls["id"]].items()), desc=f"checking {cls['name']}", leave=False):
+        saved, refused = downloads[cls["id"]]
+        for url, reason in sorted(refused.items()):
+            counts[reason] += 1
+            rejected.append({"class": cls["name"], "url": url, "reason": reason, "detail": ""})
+        for path, url in tqdm(sorted(saved.items()), desc=f"checking {cls['name']}", leave=False):
             counts["downloaded"] += 1
             data = Path(path).read_bytes()
             reason, detail = None, ""
@@ -225,6 +273,32 @@ def augment(storage: Storage, dataset: S3Url, args) -> dict:
             kept.append(Sample(key, data, IMAGE_FORMATS[image.format], label, url))
             counts["kept"] += 1
         report[cls["name"]] = dict(counts)
+    return kept, report, rejected
+
+
+def augment(storage: Storage, dataset: S3Url, args) -> dict:
+    index = read_index(storage, dataset)
+    by_name = {c["name"]: i for i, c in enumerate(index["classes"])}
+    by_id = {c["id"]: i for i, c in enumerate(index["classes"])}
+    if args.classes:
+        wanted = [c.strip() for c in args.classes.split(",") if c.strip()]
+        unknown = [c for c in wanted if c not in by_name and c not in by_id]
+        if unknown:
+            raise AugmentError(f"--classes {', '.join(unknown)}: not in the dataset (names or ids from index.json)")
+        labels = sorted({by_name.get(c, by_id.get(c)) for c in wanted})
+    else:
+        labels = list(range(len(index["classes"])))
+    relevance = (
+        RelevanceCheck(storage, args.relevance, [c["name"] for c in index["classes"]], args.relevance_top_k)
+        if args.relevance
+        else None
+    )
+
+    known = load_known(storage, dataset, index, args.cache_dir)
+    with tempfile.TemporaryDirectory(prefix="petal-augment-") as workdir:
+        downloads = search_and_download([index["classes"][i] for i in labels], args, Path(workdir))
+        kept, report, rejected = vet(downloads, labels, index, known, relevance, args)
+    existing = index["splits"].get(args.split, {"samples": 0, "shards": []})
 
     new_shards = []
     if kept:
@@ -279,6 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chromedriver", help="path to chromedriver, e.g. /usr/bin/chromedriver")
     parser.add_argument("--split", default="augment", help="the split the kept images are added to")
     parser.add_argument("--min-side", type=int, default=64, help="shorter side in pixels, at least")
+    parser.add_argument("--max-bytes", type=int, default=20 << 20, help="larger downloads are refused (too-large)")
     parser.add_argument("--max-aspect", type=float, default=3.0, help="longer side / shorter side, at most")
     parser.add_argument("--near-distance", type=int, default=6, help="perceptual-hash Hamming distance")
     parser.add_argument("--relevance", metavar="CHECKPOINT", help="petal checkpoint (path or s3://) to vet relevance")
@@ -291,6 +366,7 @@ def main(argv: list[str] | None = None) -> int:
             (args.limit < 1, f"--limit {args.limit} must be at least 1"),
             (args.limit > 100 and not args.chromedriver, f"--limit {args.limit} above 100 needs --chromedriver"),
             (args.max_aspect < 1, f"--max-aspect {args.max_aspect} must be at least 1"),
+            (args.max_bytes < 1, f"--max-bytes {args.max_bytes} must be at least 1"),
             (args.split in ("train", "valid", "test"), f"--split {args.split} would change an original split"),
         ]
         for bad, message in problems:

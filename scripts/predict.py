@@ -38,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"checkpoint {args.checkpoint} does not exist")
         storage = Storage.from_env() if args.checkpoint.startswith("s3://") else None
         state = checkpoint.load(storage, args.checkpoint)
+        if not {"model", "config", "classes"} <= set(state):
+            raise checkpoint.CheckpointError(f"{args.checkpoint} is a torch file but not a petal checkpoint")
         model = load_checkpoint_model(state)
         transform = eval_transform(state["config"]["image_size"])
         classes = state["classes"]
@@ -57,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(json.dumps({"image": str(path), "top": top}))
             else:
                 print(f"{path}: " + ", ".join(f"{t['class']} {t['probability']:.1%}" for t in top))
-    except (ValueError, StorageError) as err:
+    except (ValueError, StorageError, checkpoint.CheckpointError) as err:
         print(f"predict: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -14,8 +14,10 @@ and a summary.json land in --collect (default runs/<name>/); that needs S3_ENDPO
 AWS_* variables here as well.
 
 Exit codes: 0 succeeded; 1 the job failed (its failing pod's last log lines and events are shown)
-or did not succeed within --timeout (it is left running); 2 bad arguments (nothing applied); 3 a
-cluster precondition is missing (no kubeconfig, no PyTorchJob CRD, no namespace or Secret).
+or did not succeed within --timeout (it is left running); 2 bad arguments or a job the cluster
+refuses (name taken, rejected by the operator's webhook; nothing applied); 3 a cluster precondition
+is missing (no kubeconfig, no PyTorchJob CRD, no namespace or Secret, no permission); 4 the job
+succeeded but its results could not be collected here (the command that retries it is printed).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from pathlib import Path
 import yaml
 
 from training.config import flag, options
+from training.storage import StorageError
 
 ROOT = Path(__file__).resolve().parents[1]
 CHART = ROOT / "charts" / "petal"
@@ -60,6 +63,10 @@ class Precondition(Exception):
 
 class JobFailed(Exception):
     """Exit 1."""
+
+
+class NotCollected(Exception):
+    """Exit 4: the job succeeded, its results could not be fetched here."""
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -220,15 +227,59 @@ class Cluster:
                        f"with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or set s3.existingSecret")  # fmt: skip
 
     def apply(self, docs: list[dict]) -> None:
+        """Creates the job's objects: all of them first as a server-side dry run (schema, admission
+        webhooks, names already taken), so that a refusal leaves nothing behind; then for real."""
+        for dry_run in ("All", None):
+            created = []
+            for doc in docs:
+                try:
+                    self._create(doc, dry_run)
+                except self.client.exceptions.ApiException as err:
+                    for done in reversed(created):  # refused after the dry run passed: take back the rest
+                        self._delete(done)
+                    raise self._refusal(doc, err) from None
+                if not dry_run:
+                    created.append(doc)
+                    print(f"submit: created {doc['kind']} {self.namespace}/{doc['metadata']['name']}", file=sys.stderr)
+
+    def _create(self, doc: dict, dry_run: str | None) -> None:
         from kubernetes import utils
 
-        for doc in docs:
-            if doc["kind"] == "PyTorchJob":
-                group, version = doc["apiVersion"].split("/")
-                self.custom.create_namespaced_custom_object(group, version, self.namespace, "pytorchjobs", doc)
-            else:
-                utils.create_from_dict(self.client.ApiClient(), doc, namespace=self.namespace)
-            print(f"submit: created {doc['kind']} {self.namespace}/{doc['metadata']['name']}", file=sys.stderr)
+        if doc["kind"] == "PyTorchJob":
+            group, version = doc["apiVersion"].split("/")
+            self.custom.create_namespaced_custom_object(group, version, self.namespace, "pytorchjobs", doc,
+                                                        dry_run=dry_run)  # fmt: skip
+            return
+        try:
+            utils.create_from_dict(self.client.ApiClient(), doc, namespace=self.namespace, dry_run=dry_run)
+        except utils.FailToCreateError as err:
+            raise err.api_exceptions[0] from None
+
+    def _delete(self, doc: dict) -> None:
+        name = doc["metadata"]["name"]
+        if doc["kind"] == "PyTorchJob":
+            group, version = doc["apiVersion"].split("/")
+            self.custom.delete_namespaced_custom_object(group, version, self.namespace, "pytorchjobs", name)
+        elif doc["kind"] == "Secret":
+            self.core.delete_namespaced_secret(name, self.namespace)
+
+    def _refusal(self, doc: dict, err) -> Exception:
+        """The API's refusal as one line with the exit code it deserves."""
+        try:
+            message = json.loads(err.body)["message"]
+        except (TypeError, ValueError, KeyError):
+            message = err.reason
+        kind, name = doc["kind"], doc["metadata"]["name"]
+        what = f"{kind} {self.namespace}/{name}"
+        if err.status == 409:
+            return BadArguments(f"{what} already exists; choose another --name, or remove it: "
+                                f"kubectl -n {self.namespace} delete {kind.lower()} {name}")  # fmt: skip
+        # An admission webhook's denial comes back as 403 too: it is about the job, not permissions.
+        if err.status in (400, 422) or "admission webhook" in message:
+            return BadArguments(f"the cluster refused {what}: {message}")
+        if err.status in (401, 403):
+            return Precondition(f"not allowed to create {what}: {message}")
+        return Precondition(f"creating {what} failed: {err.status} {err.reason}: {message}")
 
 
 def secrets_needed(docs: list[dict]) -> set[str]:
@@ -316,14 +367,18 @@ def explain_failure(cluster: Cluster, training, name: str) -> None:
             print(f"  {line}", file=sys.stderr)
 
 
+def job_output(docs: list[dict]) -> str:
+    """The run directory the rendered job trains into (its --output)."""
+    job = next(d for d in docs if d["kind"] == "PyTorchJob")
+    args = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]["args"]
+    return next(a.split("=", 1)[1] for a in args if a.startswith("--output="))
+
+
 def collect(docs: list[dict], dest: Path, job) -> dict:
     from training.artifacts import collect as download
     from training.storage import Storage, parse_url
 
-    args = next(d for d in docs if d["kind"] == "PyTorchJob")["spec"]["pytorchReplicaSpecs"]["Master"]["template"][
-        "spec"
-    ]["containers"][0]["args"]
-    output = next(a.split("=", 1)[1] for a in args if a.startswith("--output="))
+    output = job_output(docs)
     collected = download(Storage.from_env(), parse_url(output), dest)
     records = [json.loads(line) for line in (dest / "metrics.jsonl").read_text().splitlines()]
     best = max(records, key=lambda r: r["val_acc"])
@@ -372,7 +427,15 @@ def main(argv: list[str] | None = None) -> int:
         except RuntimeError as err:
             explain_failure(cluster, training, name)
             raise JobFailed(str(err).splitlines()[0]) from None
-        summary = collect(docs, args.collect or ROOT / "runs" / name, job)
+        dest = args.collect or ROOT / "runs" / name
+        try:
+            summary = collect(docs, dest, job)
+        except (StorageError, OSError, ValueError, KeyError) as err:  # the job's work is safe in storage either way
+            output = job_output(docs)
+            raise NotCollected(
+                f"{name} succeeded but its results could not be collected ({err}); "
+                f"they are in {output}: python scripts/collect_run.py {output} {dest}"
+            ) from None
         print(json.dumps({"event": "succeeded", **summary}))
         print(f"submit: {name} succeeded; best validation accuracy {summary['best_val_acc']:.4f}", file=sys.stderr)
         return 0
@@ -385,6 +448,9 @@ def main(argv: list[str] | None = None) -> int:
     except JobFailed as err:
         print(f"submit: error: {err}", file=sys.stderr)
         return 1
+    except NotCollected as err:
+        print(f"submit: error: {err}", file=sys.stderr)
+        return 4
 
 
 if __name__ == "__main__":

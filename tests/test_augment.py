@@ -32,6 +32,16 @@ def draw_shape(colour: str, shape: str, seed: str) -> Image.Image:
 
 
 class QuietHandler(SimpleHTTPRequestHandler):
+    """Serves files; /to-ftp/<name> redirects off http(s), as a hostile result could."""
+
+    def do_GET(self):
+        if self.path.startswith("/to-ftp/"):
+            self.send_response(302)
+            self.send_header("Location", "ftp://127.0.0.1/" + self.path.rsplit("/", 1)[1])
+            self.end_headers()
+            return
+        super().do_GET()
+
     def log_message(self, *args):
         pass
 
@@ -117,18 +127,27 @@ def test_crafted_downloads_are_kept_or_rejected_for_the_right_reason(web, datase
         ),
         "copy-train.jpg": dataset_image(storage, dataset, "train", tmp_path),
         "again-good.jpg": encoded(smooth_random_image(1), "JPEG"),  # same bytes as good.jpg, another URL
+        "scan.jpg": encoded(smooth_random_image(8), "TIFF"),  # a TIFF, which upload_dataset.py accepts too
+        "bomb.png": encoded(Image.new("1", (10_000, 10_000)), "PNG"),  # 100 megapixels in a few kB
+        "noise.png": encoded(
+            Image.fromarray(np.random.default_rng(9).integers(0, 255, (300, 300, 3), np.uint8)), "PNG"
+        ),  # ~270 kB, over --max-bytes below  # fmt: skip
     }
     (root / "red").mkdir(exist_ok=True)
     for name, data in files.items():
         (root / "red" / name).write_bytes(data)
-    results = {"red circle flower": [f"{base}/red/{name}" for name in files]}
+    results = {"red circle flower": [f"{base}/red/{name}" for name in files] + [f"{base}/to-ftp/elsewhere.jpg"]}
     url = parse_url(dataset)
     before = read_index(storage, url)
 
+    temp = tmp_path / "temp"
+    temp.mkdir()
     code, summary, err, asked = run_augment(
-        s3_env, web, tmp_path, results, dataset, "--classes", "red circle", "--suffix", "flower"
-    )
+        s3_env | {"TMPDIR": str(temp)}, web, tmp_path, results, dataset, "--classes", "red circle", "--suffix",
+        "flower", "--max-bytes", "200000"
+    )  # fmt: skip
     assert code == 0, err
+    assert not list(temp.iterdir()), "the downloads' temporary directory is removed"
     assert [a["term"] for a in asked] == ["red circle flower"]
     report = json.loads(storage.read_bytes(next(storage.list(url.join("reports")))))
     reasons = {r["url"].rsplit("/", 1)[1]: (r["reason"], r["detail"]) for r in report["rejections"]}
@@ -141,10 +160,13 @@ def test_crafted_downloads_are_kept_or_rejected_for_the_right_reason(web, datase
         "reencoded-valid.jpg": "near-duplicate",
         "copy-train.jpg": "exact-duplicate",
         "again-good.jpg": "exact-duplicate",
+        "bomb.png": "decompression-bomb",
+        "noise.png": "too-large",
+        "elsewhere.jpg": "not-http",
     }
     assert reasons["reencoded-valid.jpg"][1].startswith("valid/")
     assert reasons["copy-train.jpg"][1].startswith("train/")
-    assert summary["classes"]["red circle"]["downloaded"] == len(files) and summary["kept"] == 4
+    assert summary["classes"]["red circle"]["downloaded"] == len(files) - 1 and summary["kept"] == 5
     assert "red circle" in err and "downloaded" in err  # the per-class table
 
     after = read_index(storage, url)
@@ -155,17 +177,21 @@ def test_crafted_downloads_are_kept_or_rejected_for_the_right_reason(web, datase
         for shard in after["splits"]["augment"]["shards"]
         for ref in read_shard_table(fetch_shard(storage, url, shard, tmp_path))
     ]
-    assert sorted(r.source.rsplit("/", 1)[1] for r in kept) == ["alpha.png", "cmyk.jpg", "good.jpg", "gray.jpg"]
+    assert sorted(r.source.rsplit("/", 1)[1] for r in kept) == ["alpha.png", "cmyk.jpg", "good.jpg", "gray.jpg",
+                                                                "scan.jpg"]  # fmt: skip
+    (scan,) = [r for r in kept if r.source.endswith("/scan.jpg")]
+    assert Image.open(io.BytesIO(read_image_bytes(scan))).format == "TIFF"  # stored as it came
     assert {r.label for r in kept} == {0}
 
     stream = SplitStream(storage, url, after, ["train", "augment"], tmp_path)  # --train-splits train,augment
     refs = stream.epoch_refs(seed=0, epoch=1, rank=0, world_size=1, shuffle=True)
-    assert len(refs) == 204 and {r.source for r in kept} <= {r.source for r in refs}
+    assert len(refs) == 205 and {r.source for r in kept} <= {r.source for r in refs}
 
     # Safe to re-run: the same search finds nothing new to store.
-    code, again, err, _ = run_augment(s3_env, web, tmp_path, results, dataset, "--classes", "1", "--suffix", "flower")
+    code, again, err, _ = run_augment(s3_env, web, tmp_path, results, dataset, "--classes", "1", "--suffix", "flower",
+                                      "--max-bytes", "200000")  # fmt: skip
     assert code == 0, err
-    assert again["kept"] == 0 and again["classes"]["red circle"]["duplicate-url"] == 4  # the kept ones
+    assert again["kept"] == 0 and again["classes"]["red circle"]["duplicate-url"] == 5  # the kept ones
     assert read_index(storage, url) == after
 
 

@@ -8,7 +8,7 @@ from contextlib import nullcontext
 import pytest
 import torch
 import torch.nn.functional as F
-from support import SMALL_TRAINING, trainer, wait_ok
+from support import SMALL_TRAINING, run_script, s3, trainer, wait_ok
 from torch import nn
 
 from training import checkpoint
@@ -151,3 +151,16 @@ def test_two_ranks_transfer_learn_a_head_from_cached_features_of_a_frozen_backbo
     assert best["fc.weight"].shape == source["fc.weight"].shape and not torch.equal(
         best["fc.weight"], source["fc.weight"]
     )
+
+
+@pytest.mark.slow
+def test_ranks_without_samples_train_along_from_cached_features(s3_env, storage, run_dir, tmp_path):
+    made = run_script(s3_env, "make_synthetic_dataset.py", str(tmp_path), "--classes", "2", "--per-class", "1",
+                      "--eval-per-class", "1")  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    dataset = s3("datasets/two-images")
+    assert run_script(s3_env, "upload_dataset.py", str(tmp_path), dataset).returncode == 0
+    args = ["--data", dataset, "--output", run_dir, *SMALL_TRAINING, "--freeze", "fc", "--epochs", "2"]
+    proc = trainer(s3_env, args, nproc=3)  # 2 training and 2 validation images over 3 ranks
+    wait_ok(proc, timeout=600)
+    assert [(r["train_samples"], r["val_samples"]) for r in proc.json_lines() if r["event"] == "epoch"] == [(2, 2)] * 2

@@ -5,9 +5,15 @@ from __future__ import annotations
 import json
 import os
 import signal
+import ssl
+import subprocess
 import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+import torch
 from support import SMALL_TRAINING, StallingProxy, Watched, run_script, s3, trainer, wait_ok
 
 from training import checkpoint
@@ -127,9 +133,9 @@ def test_uneven_rank_shares_finish_without_hanging(s3_env, synthetic_dataset, ru
     assert proc.json_lines()[0]["train_samples"] == 100
 
 
-def one_line_failure(env: dict, *args: str) -> str:
+def one_line_failure(env: dict, *args: str, timeout: float = 90) -> str:
     proc = Watched([sys.executable, "-m", "training", *args], env)
-    code = proc.wait(timeout=90)
+    code = proc.wait(timeout=timeout)
     assert code != 0
     output = "\n".join(proc.stdout + proc.stderr)
     assert env["AWS_SECRET_ACCESS_KEY"] not in output
@@ -163,6 +169,38 @@ def test_bad_input_gets_one_line_naming_the_problem(s3_env, synthetic_dataset, r
     assert expected in line
 
 
+@pytest.fixture(scope="module")
+def untrusted_tls_endpoint(tmp_path_factory) -> str:
+    """An HTTPS server whose certificate no CA vouches for."""
+    tls = tmp_path_factory.mktemp("tls")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(tls / "key.pem"),
+                    "-out", str(tls / "cert.pem")], check=True, capture_output=True)  # fmt: skip
+    server = ThreadingHTTPServer(("127.0.0.1", 0), BaseHTTPRequestHandler)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(tls / "cert.pem", tls / "key.pem")
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"https://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "expected"),
+    [
+        ("http://no-such-host.invalid:9000", "NameResolutionError"),
+        ("{tls}", "CERTIFICATE_VERIFY_FAILED"),
+    ],
+)
+def test_storage_that_cannot_work_fails_in_seconds_not_after_the_retry_window(
+    s3_env, run_dir, untrusted_tls_endpoint, endpoint, expected
+):
+    env = s3_env | {"S3_ENDPOINT_URL": endpoint.format(tls=untrusted_tls_endpoint), "PETAL_S3_RETRY_SECONDS": "120"}
+    started = time.monotonic()
+    line = one_line_failure(env, "--data", s3("datasets/synthetic"), "--output", run_dir, timeout=60)
+    assert expected in line and line.endswith("(exit 5)") and time.monotonic() - started < 30, line
+
+
 @pytest.mark.slow
 def test_resuming_with_a_dataset_of_other_classes_is_refused(reference_run, s3_env, tmp_path):
     made = run_script(s3_env, "make_synthetic_dataset.py", str(tmp_path), "--classes", "3", "--per-class", "4")
@@ -172,3 +210,24 @@ def test_resuming_with_a_dataset_of_other_classes_is_refused(reference_run, s3_e
     output, _ = reference_run
     line = one_line_failure(s3_env, "--data", s3("datasets/three-classes"), "--output", output, *SMALL_TRAINING)
     assert "has 3 classes, the checkpoint was trained on 5 (different classes)" in line
+
+
+@pytest.mark.parametrize("content", [b"not a checkpoint at all", b"PK\x03\x04 torn zip", "tensor"])
+def test_a_file_that_is_not_a_checkpoint_gets_one_line_from_predict_and_from_pretrained(
+    s3_env, storage, synthetic_dataset, synthetic_dir, run_dir, tmp_path, content
+):
+    path = tmp_path / "best.pt"
+    if content == "tensor":  # a real torch file, but not a petal checkpoint nor a state_dict
+        torch.save(torch.zeros(3), path)
+    else:
+        path.write_bytes(content)
+    image = str(next((synthetic_dir / "test").glob("*/*.jpg")))
+    predicted = run_script(s3_env, "predict.py", str(path), image)
+    assert predicted.returncode == 2 and predicted.stderr.count("\n") == 1, predicted.stderr
+    assert str(path) in predicted.stderr and "Traceback" not in predicted.stderr
+
+    url = s3(f"weights/foreign-{len(path.read_bytes())}.pt")
+    storage.write_bytes(parse_url(url), path.read_bytes())
+    line = one_line_failure(s3_env, "--data", synthetic_dataset, "--output", run_dir, "--arch", "resnet18",
+                            "--pretrained", url)  # fmt: skip
+    assert f"--pretrained {url} is not a torch state_dict" in line and line.endswith("(exit 6)")

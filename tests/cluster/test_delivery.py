@@ -140,3 +140,62 @@ def test_a_cluster_without_the_pytorchjob_crd_exits_3_and_says_how_to_install_it
     crd = subprocess.run(["kubectl", "get", "crd", "pytorchjobs.kubeflow.org"], env=apiserver_without_crds,
                          capture_output=True, text=True)  # fmt: skip
     assert crd.returncode != 0 and "NotFound" in crd.stderr
+
+
+def submit_here(cluster, *args: str, env: dict | None = None, timeout: float = 180) -> subprocess.CompletedProcess:
+    return subprocess.run(["python", str(ROOT / "scripts" / "submit.py"), *args], env=env or cluster.env,
+                          capture_output=True, text=True, timeout=timeout)  # fmt: skip
+
+
+def test_a_job_the_cluster_refuses_exits_2_with_its_reason_and_leaves_nothing(cluster, namespace):
+    taken = f"taken-{uuid.uuid4().hex[:6]}"
+    first = submit_here(cluster, "--name", taken, "--replicas", "1", "--image", "petal:dev", "--namespace", namespace,
+                        "--set", "s3.createSecret=true", "--set", "s3.accessKey=a", "--set", "s3.secretKey=b",
+                        "--set", "resources.requests.cpu=64", "--timeout", "1")  # fmt: skip
+    assert first.returncode == 1 and f"{taken} did not succeed within --timeout 1s" in first.stderr, first.stderr
+    again = submit_here(cluster, "--name", taken, "--replicas", "1", "--image", "petal:dev", "--namespace",
+                        namespace, "--set", "s3.createSecret=true", "--set", "s3.accessKey=a", "--set",
+                        "s3.secretKey=b")  # fmt: skip
+    assert again.returncode == 2 and again.stderr.count("\n") == 1, again.stderr
+    assert f"Secret {namespace}/{taken}-s3 already exists; choose another --name" in again.stderr
+
+    # The operator's webhook: an elastic policy needs Worker replicas. The dry run hears it first.
+    refused = f"refused-{uuid.uuid4().hex[:6]}"
+    webhook = submit_here(cluster, "--name", refused, "--replicas", "1", "--image", "petal:dev", "--namespace",
+                          namespace, "--set", "s3.createSecret=true", "--set", "s3.accessKey=a", "--set",
+                          "s3.secretKey=b", "--set", "elasticPolicy.minReplicas=1", "--set",
+                          "elasticPolicy.maxReplicas=2")  # fmt: skip
+    assert webhook.returncode == 2 and webhook.stderr.count("\n") == 1, webhook.stderr
+    assert (
+        "the cluster refused PyTorchJob" in webhook.stderr and "must be configured if elastic policy" in webhook.stderr
+    )
+    left = cluster.kubectl("-n", namespace, "get", "pytorchjobs,secrets", "-o", "name").stdout
+    assert refused not in left, left
+
+
+def test_a_job_that_succeeded_but_cannot_be_collected_exits_4_with_the_retry(
+    cluster, petal_image, synthetic_dataset, tmp_path
+):
+    name = f"uncollected-{uuid.uuid4().hex[:6]}"
+    unreachable = cluster.env | {"S3_ENDPOINT_URL": "http://127.0.0.1:9", "PETAL_S3_RETRY_SECONDS": "1"}
+    result = submit_here(cluster, "--name", name, "--replicas", "1", "--image", petal_image, "--values",
+                         str(CPU_VALUES), "--dataset", synthetic_dataset, "--epochs", "1", "--set",
+                         f"outputPrefix={s3('runs')}", "--collect", str(tmp_path / name), "--timeout", "600",
+                         env=unreachable, timeout=700)  # fmt: skip
+    assert result.returncode == 4, result.stderr[-3000:]
+    line = result.stderr.strip().splitlines()[-1]
+    assert f"{name} succeeded but its results could not be collected" in line
+    retry = re.search(r"python (scripts/collect_run.py \S+ \S+)$", line)[1].split()
+    fetched = subprocess.run(["python", *retry], cwd=ROOT, env=cluster.env, capture_output=True, text=True)
+    assert fetched.returncode == 0 and (tmp_path / name / "best.pt").exists(), fetched.stderr
+
+
+def test_the_chart_with_its_options_on_is_accepted_by_the_apiserver(cluster, namespace):
+    rendered = submit_here(cluster, "--dry-run", "--name", "everything", "--replicas", "3", "--namespace", namespace,
+                           "--set", "networkPolicy.enabled=true", "--set", "serviceAccount.create=true",
+                           "--set", "s3.createSecret=true", "--set", "s3.accessKey=a", "--set", "s3.secretKey=b",
+                           "--set", "nprocPerNode=2", "--set", "gpusPerReplica=1")  # fmt: skip
+    assert rendered.returncode == 0, rendered.stderr
+    applied = cluster.kubectl("-n", namespace, "apply", "--dry-run=server", "-f", "-", input=rendered.stdout)
+    kinds = re.findall(r"^(\w+)\.?[\w.]*/everything\S* created \(server dry run\)", applied.stdout, flags=re.M)
+    assert sorted(kinds) == ["networkpolicy", "pytorchjob", "secret", "serviceaccount"], applied.stdout
