@@ -16,16 +16,20 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 WORKDIR /opt/petal
 
 # Dependencies first, from pyproject.toml alone, so code changes do not reinstall them: the README
-# (pyproject's readme) and the package are empty stand-ins until the real ones are copied below.
+# (pyproject's readme), the packages and the data files pyproject names are empty stand-ins until
+# the real ones are copied below.
 COPY pyproject.toml ./
 # Versions are pinned where they are declared, in pyproject.toml.
 # hadolint ignore=DL3013
-RUN mkdir training \
-    && touch README.md training/__init__.py \
+RUN mkdir -p training petal charts/petal/templates/tests scripts \
+    && touch README.md training/__init__.py petal/__init__.py scripts/versions.env \
+        charts/petal/Chart.yaml charts/petal/values.yaml charts/petal/values.schema.json \
     && pip install ".[train]"
 
 COPY training/ training/
-COPY scripts/predict.py scripts/collect_run.py scripts/
+COPY petal/ petal/
+COPY charts/petal/ charts/petal/
+COPY scripts/predict.py scripts/collect_run.py scripts/versions.env scripts/
 RUN pip install --no-deps --force-reinstall . \
     && mkdir -p /cache \
     && chown 1000:1000 /cache

@@ -4,7 +4,7 @@
 # version (scripts/versions.env), so a warm machine reuses them. The README's demo and test
 # commands share it: `up` leaves what already runs alone, `down` stops exactly what `up` started.
 #
-#   scripts/testbed.sh install [python|minio|helm|lint-tools|all]   build what is missing (idempotent)
+#   scripts/testbed.sh install [python|minio|helm|lint-tools|toxiproxy|all]   build what is missing (idempotent)
 #   scripts/testbed.sh install cluster              Debian packages, Kubernetes, CoreDNS, training-operator, base images (root)
 #   scripts/testbed.sh cluster up|down|status       a one-node cluster from those programs
 #   scripts/testbed.sh build-image [IMAGE]          the Dockerfile on the local base (default petal:dev), loaded if a cluster is up
@@ -35,7 +35,7 @@ publish_minio_when_both_run() {
 }
 
 print_env() {
-  echo "export PATH=\"$(venv_dir)/bin:$(dirname "$(minio_bin)"):$(dirname "$(helm_bin)"):$(dirname "$(kubeconform_bin)"):$(dirname "$(actionlint_bin)"):\$PATH\""
+  echo "export PATH=\"$(venv_dir)/bin:$(dirname "$(minio_bin)"):$(dirname "$(helm_bin)"):$(dirname "$(kubeconform_bin)"):$(dirname "$(actionlint_bin)"):$(dirname "$(toxiproxy_bin)"):\$PATH\""
   echo "export HELM_PLUGINS=\"$(helm_plugins)\""
   echo "export PETAL_PYTORCHJOB_SCHEMAS=\"$(schema_dir)\""
   echo "export PETAL_STATE=\"$STATE\""
@@ -61,8 +61,9 @@ case "${1:-}" in
       helm) install_helm ;;
       lint-tools) install_lint_tools ;;
       cluster) install_cluster_programs; docker_up; build_base_images ;;
-      all) install_python; install_minio; install_helm; install_lint_tools ;;
-      *) die "unknown install target '${2}'; choose python, minio, helm, lint-tools, kube, cluster or all" ;;
+      toxiproxy) install_toxiproxy ;;
+      all) install_python; install_minio; install_helm; install_lint_tools; install_toxiproxy ;;
+      *) die "unknown install target '${2}'; choose python, minio, helm, lint-tools, toxiproxy, kube, cluster or all" ;;
     esac ;;
   minio)
     case "${2:-}" in

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from training.data import SplitStream, train_transform
+from training.data import SplitLoader, SplitStream, train_transform
 from training.distributed import World
 from training.shards import read_index
 from training.storage import Storage, parse_url
@@ -17,9 +17,9 @@ world = World.from_env()
 storage = Storage.from_env()
 stream = SplitStream(storage, dataset, read_index(storage, dataset), ["train"], cache_dir)
 seen = {}
+batches = SplitLoader(stream, train_transform(32), seed=7, augment=True, batch_size=5, workers=2, pin_memory=False)
 for epoch in (1, 2):
-    refs = stream.epoch_refs(7, epoch, world.rank, world.world_size, shuffle=True)
-    loader = stream.loader(refs, train_transform(32), seed=7, epoch=epoch, augment=True, batch_size=5, workers=2,
-                           pin_memory=False)  # fmt: skip
-    seen[epoch] = [key for _, _, keys in loader for key in keys]
+    numbers = stream.assignment(7, epoch, world.world_size, shuffle=True)[world.rank]
+    seen[epoch] = [key for _, _, keys in batches.for_epoch(epoch, numbers) for key in keys]
+batches.close()
 (out_dir / f"rank{world.rank}.json").write_text(json.dumps(seen))

@@ -20,6 +20,8 @@ ROOT = Path(__file__).resolve().parents[1]
 BUCKET = f"petal-test-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
 TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
 TESTBED = str(ROOT / "scripts" / "testbed.sh")
+# The dataset and run prefix a job has to name, for tests that render or refuse one without training.
+BUCKET_VALUES = ["--values", str(ROOT / "tests" / "bucket-values.yaml")]
 
 # Small enough for 2 CPU cores, big enough to learn the synthetic shapes well past 90 %.
 SMALL_TRAINING = [

@@ -32,7 +32,7 @@ def epoch_keys(s3_env, dataset: str, nproc: int, cache_dir, out_dir) -> list[dic
     return [json.loads((out_dir / f"rank{r}.json").read_text()) for r in range(nproc)]
 
 
-@pytest.mark.parametrize("nproc", [2, 3])
+@pytest.mark.parametrize("nproc", [2, pytest.param(3, marks=pytest.mark.slow)])
 def test_every_sample_is_seen_exactly_once_per_epoch_across_ranks(nproc, s3_env, storage, synthetic_dataset, tmp_path):
     expected = all_keys(storage, synthetic_dataset, "train", tmp_path / "verify")
     assert len(expected) == 200

@@ -29,7 +29,9 @@ def test_freeze_leaves_exactly_the_chosen_part_trainable_and_the_optimizer_sees_
     trainable = freeze(model, what)
     names = {n for n, p in model.named_parameters() if p.requires_grad}
     assert {n.split(".")[0] for n in names} == trainable_prefixes
-    optimizer = make_optimizer(parse_args(["--optimizer", "sgd"]), trainable)
+    optimizer = make_optimizer(
+        parse_args(["--data", "s3://any-bucket/d", "--output", "s3://any-bucket/o", "--optimizer", "sgd"]), trainable
+    )
     assert {id(p) for g in optimizer.param_groups for p in g["params"]} == {id(p) for p in trainable}
     assert model.fc.out_features == 7
 

@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
 import pytest
 import yaml
-from support import ROOT
+from support import BUCKET_VALUES, ROOT
 
 CHART = ROOT / "charts" / "petal"
 VALUES = yaml.safe_load((CHART / "values.yaml").read_text())
 
 
 def submit(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "scripts" / "submit.py"), *args], cwd=ROOT,
+    """submit.py with BUCKET_VALUES first, so every flag and --values after it still wins."""
+    return subprocess.run([sys.executable, str(ROOT / "scripts" / "submit.py"), *BUCKET_VALUES, *args], cwd=ROOT,
                           env=env or os.environ, capture_output=True, text=True, timeout=60)  # fmt: skip
 
 
@@ -42,12 +44,17 @@ def test_replicas_4_is_one_master_and_three_workers_running_the_trainer_as_non_r
         (container,) = pod["containers"]
         assert container["name"] == "pytorch" and container["image"] == "registry.example:5000/petal:1.2"
         assert set(container["args"]) >= {
-            "--data=s3://data/flowers", "--output=s3://petal/runs/flowers-1", "--arch=resnet50", "--freeze=layer4",
-            "--pretrained=imagenet", "--epochs=7", "--batch-size=24", "--lr=0.01", "--image-size=224",
+            "--data=s3://data/flowers", "--output=s3://runs-bucket/petal/flowers-1", "--arch=resnet50",
+            "--freeze=layer4", "--pretrained=imagenet", "--epochs=7", "--batch-size=24", "--lr=0.01",
+            "--image-size=224",
         }  # fmt: skip
         assert container["resources"]["limits"]["nvidia.com/gpu"] == 2
         assert pod["securityContext"]["runAsNonRoot"] and pod["securityContext"]["runAsUser"] != 0
-        assert container["securityContext"] == {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+        assert container["securityContext"] == {
+            "allowPrivilegeEscalation": False,
+            "capabilities": {"drop": ["ALL"]},
+            "readOnlyRootFilesystem": True,
+        }
         shm = next(v for v in pod["volumes"] if v["name"] == "dshm")
         assert shm["emptyDir"]["medium"] == "Memory"
         env = {e["name"]: e for e in container["env"]}
@@ -55,6 +62,33 @@ def test_replicas_4_is_one_master_and_three_workers_running_the_trainer_as_non_r
         assert "value" not in env["AWS_ACCESS_KEY_ID"] and "value" not in env["AWS_SECRET_ACCESS_KEY"]
         labels = spec["template"]["metadata"]["labels"]
         assert labels["app.kubernetes.io/name"] == "petal" and labels["app.kubernetes.io/instance"] == "flowers-1"
+
+
+def test_eight_gpus_per_pod_are_eight_ranks_with_room_for_them():
+    job = job_of(submit("--dry-run", "--replicas", "2", "--gpus-per-replica", "8", "--name", "big").stdout)
+    assert job["spec"]["nprocPerNode"] == "8"
+    for spec in job["spec"]["pytorchReplicaSpecs"].values():
+        pod = spec["template"]["spec"]
+        (container,) = pod["containers"]
+        assert container["command"] == ["python", "-m", "training.launch", "-m", "training"]
+        assert container["resources"]["limits"]["nvidia.com/gpu"] == 8
+        assert container["resources"]["requests"] == {"cpu": "32", "memory": "64Gi", "ephemeral-storage": "20Gi"}
+        assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
+        shm = next(v for v in pod["volumes"] if v["name"] == "dshm")
+        assert shm["emptyDir"]["sizeLimit"] == "8Gi"
+
+
+def test_a_cpu_pod_is_one_process_without_a_gpu_toleration():
+    job = job_of(submit("--dry-run", "--replicas", "2", "--name", "cpu").stdout)
+    pod = job["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]
+    assert job["spec"]["nprocPerNode"] == "1" and "command" not in pod["containers"][0] and "tolerations" not in pod
+
+
+def test_the_chart_names_no_bucket_of_its_own():
+    plain = subprocess.run([sys.executable, str(ROOT / "scripts" / "submit.py"), "--dry-run"], cwd=ROOT,
+                           capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert plain.returncode == 2 and plain.stderr.count("\n") == 1
+    assert "training.data is required" in plain.stderr or "outputPrefix is required" in plain.stderr
 
 
 def test_one_replica_is_a_master_alone():
@@ -66,14 +100,17 @@ def test_the_submitter_renders_exactly_what_helm_renders(tmp_path):
     values = tmp_path / "values.yaml"
     values.write_text(yaml.safe_dump({"training": {"epochs": 3}, "nodeSelector": {"pool": "gpu"}}))
     ours = submit("--dry-run", "--name", "same", "--replicas", "3", "--values", str(values), "--set", "shmSize=4Gi")
-    theirs = helm("template", "same", str(CHART), "--namespace", "default", "--skip-tests", "--values", str(values),
+    theirs = helm("template", "same", str(CHART), "--namespace", "default", "--skip-tests", *BUCKET_VALUES,
+                  "--values", str(values),
                   "--set", "replicas=3", "--set", "shmSize=4Gi")  # fmt: skip
     assert ours.returncode == 0 and theirs.returncode == 0, ours.stderr + theirs.stderr
     assert [d for d in yaml.safe_load_all(ours.stdout) if d] == [d for d in yaml.safe_load_all(theirs.stdout) if d]
 
 
 def test_manifests_have_not_drifted_from_the_chart():
-    rendered = submit("--dry-run", "--name", "petal", "--replicas", "4")
+    script = (ROOT / "scripts" / "render_manifests.sh").read_text()
+    placeholders = re.search(r"--dry-run --name petal --replicas 4 \\\n\s*(.*)\n", script)[1].split()
+    rendered = submit("--dry-run", "--name", "petal", "--replicas", "4", *placeholders)
     committed = (ROOT / "manifests" / "pytorchjob.yaml").read_text()
     assert list(yaml.safe_load_all(committed)) == list(yaml.safe_load_all(rendered.stdout)), (
         "manifests/pytorchjob.yaml drifted from charts/petal: run scripts/render_manifests.sh"
@@ -81,7 +118,8 @@ def test_manifests_have_not_drifted_from_the_chart():
 
 
 def test_the_dry_run_imports_neither_torch_nor_the_kubernetes_client():
-    result = subprocess.run([sys.executable, "-X", "importtime", str(ROOT / "scripts" / "submit.py"), "--dry-run"],
+    result = subprocess.run([sys.executable, "-X", "importtime", str(ROOT / "scripts" / "submit.py"), "--dry-run",
+                             *BUCKET_VALUES],
                             cwd=ROOT, capture_output=True, text=True, timeout=60)  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
     imported = {line.split("|")[-1].strip().split(".")[0] for line in result.stderr.splitlines() if "|" in line}
@@ -122,7 +160,7 @@ def test_no_kubeconfig_exits_3_and_says_so(tmp_path):
 
 @pytest.mark.parametrize("values", [None, *sorted((CHART / "ci").glob("*.yaml"))], ids=lambda v: v and v.name)
 def test_the_chart_lints_strictly(values):
-    result = helm("lint", "--strict", str(CHART), *(["--values", str(values)] if values else []))
+    result = helm("lint", "--strict", str(CHART), *BUCKET_VALUES, *(["--values", str(values)] if values else []))
     assert result.returncode == 0, result.stdout + result.stderr
 
 

@@ -212,7 +212,11 @@ def test_resuming_with_a_dataset_of_other_classes_is_refused(reference_run, s3_e
     assert "has 3 classes, the checkpoint was trained on 5 (different classes)" in line
 
 
-@pytest.mark.parametrize("content", [b"not a checkpoint at all", b"PK\x03\x04 torn zip", "tensor"])
+SLOW = pytest.mark.slow
+
+
+@pytest.mark.parametrize("content", [b"not a checkpoint at all", pytest.param(b"PK\x03\x04 torn zip", marks=SLOW),
+                                     pytest.param("tensor", marks=SLOW)])  # fmt: skip
 def test_a_file_that_is_not_a_checkpoint_gets_one_line_from_predict_and_from_pretrained(
     s3_env, storage, synthetic_dataset, synthetic_dir, run_dir, tmp_path, content
 ):

@@ -1,5 +1,5 @@
 """What a finished run leaves in its --output, and fetching it to a local directory. No torch here,
-so the submitter can use it.
+so the submitter and the `petal` command can use it.
 
     python scripts/collect_run.py s3://petal/runs/demo runs/demo
 """
@@ -19,4 +19,14 @@ def collect(storage: Storage, output: S3Url, dest: Path) -> list[Path]:
     for name in RUN_ARTIFACTS:
         storage.download(output.join(name), dest / name)
         paths.append(dest / name)
+    return paths
+
+
+def collect_events(storage: Storage, output: S3Url, dest: Path) -> list[Path]:
+    """The run's TensorBoard event files (training/progress.py) into `dest`, for `tensorboard --logdir`."""
+    paths = []
+    for url in storage.list(output.join("tensorboard")):
+        path = dest / url.key.rsplit("/", 1)[1]
+        storage.download(url, path)
+        paths.append(path)
     return paths

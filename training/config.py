@@ -75,11 +75,11 @@ def build_parser() -> OneLineParser:
         description="Transfer-learn a ResNet on a petal dataset in object storage (DDP; resumes from --output).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument(
-        "--data", type=ObjectUrl(), default="s3://petal/datasets/flowers102", help="dataset prefix (index.json)"
-    )
-    p.add_argument("--output", type=ObjectUrl(), default="s3://petal/runs/flowers102",
-                   help="run directory; resumed if it holds a checkpoint")  # fmt: skip
+    p.add_argument("--data", type=ObjectUrl(), required=True,
+                   help="dataset prefix (its index.json), e.g. s3://my-bucket/datasets/flowers102")  # fmt: skip
+    p.add_argument("--output", type=ObjectUrl(), required=True,
+                   help="run directory, e.g. s3://my-bucket/runs/flowers-1; resumed if it holds a "
+                        "checkpoint")  # fmt: skip
     p.add_argument("--train-splits", default="train", help="comma-separated splits to train on, e.g. train,augment")
     p.add_argument("--val-split", default="valid", help="split to validate on")
     p.add_argument("--arch", choices=ARCHS, default="resnet152", help="torchvision ResNet")
@@ -89,10 +89,16 @@ def build_parser() -> OneLineParser:
                    help="backbone weights: imagenet, none, or an s3:// state_dict (air-gapped clusters)")  # fmt: skip
     p.add_argument("--epochs", type=AtLeast(int, 1), default=12, help="epochs to train")
     p.add_argument("--batch-size", type=AtLeast(int, 1), default=32, help="batch size per rank")
+    p.add_argument("--global-batch-size", type=AtLeast(int, 0), default=0,
+                   help="keep the recipe as the world grows: the batch summed over ranks, each rank taking "
+                        "its share (it must divide evenly); 0: --batch-size per rank")  # fmt: skip
     p.add_argument("--lr", type=AtLeast(float, 1e-12), default=0.001, help="learning rate")
     p.add_argument("--optimizer", choices=("adam", "sgd"), default="adam", help="sgd uses momentum 0.9")
     p.add_argument("--weight-decay", type=AtLeast(float, 0), default=0.0, help="L2 penalty of the optimizer")
     p.add_argument("--lr-schedule", choices=("constant", "cosine"), default="cosine", help="per-epoch schedule")
+    p.add_argument("--warmup-epochs", type=AtLeast(float, 0), default=0.0,
+                   help="raise the rate linearly from 0 over this many epochs (fractions allowed), per step: "
+                        "what a large global batch needs")  # fmt: skip
     p.add_argument("--image-size", type=AtLeast(int, 16), default=224, help="crop side in pixels")
     p.add_argument("--workers", type=AtLeast(int, 0), default=4, help="DataLoader workers per rank")
     p.add_argument("--seed", type=AtLeast(int, 0), default=0, help="data order and augmentation")
@@ -105,7 +111,8 @@ def build_parser() -> OneLineParser:
     p.add_argument("--keep-checkpoints", type=AtLeast(int, 1), default=3,
                    help="checkpoints kept in the run directory (best.pt is kept apart)")  # fmt: skip
     p.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default="auto",
-                   help="mixed precision on CUDA (auto: bf16 where supported, else fp16); ignored on CPU")  # fmt: skip
+                   help="mixed precision on CUDA (auto: bf16 on GPUs that have it natively, compute "
+                        "capability 8.0+; else fp16 with a GradScaler); ignored on CPU")  # fmt: skip
     p.add_argument("--feature-cache", action=argparse.BooleanOptionalAction, default=True,
                    help="with --freeze fc, run the frozen backbone once per image view and train the "
                         "head from its cached features; --no-feature-cache recomputes it every epoch "

@@ -32,10 +32,10 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms import v2 as T
 
-from training.shards import SampleRef, fetch_shard, read_image_bytes, read_shard_table
+from training.shards import SampleRef, fetch_shard, read_image_bytes, read_shard_table, shard_path
 from training.storage import S3Url, Storage
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -65,26 +65,42 @@ def decode_image(data: bytes) -> Image.Image:
         return image.convert("RGB")
 
 
-class ShardSamples(Dataset):
-    """Map-style view of a rank's samples; DataLoader workers decode them in parallel. Augmentation
-    draws from an RNG seeded by (seed, epoch, sample), whichever process decodes it."""
+class SplitSamples(Dataset):
+    """Every sample of a split by its number, read from the shards' local copies; items are
+    (epoch, number). Augmentation draws from an RNG seeded by (seed, epoch, sample), whichever
+    process decodes it, so the worker that happens to get a sample does not matter."""
 
-    def __init__(self, refs: list[SampleRef], transform: T.Compose, *, seed: int, epoch: int, augment: bool):
-        self.refs = refs
-        self.transform = transform
-        self.seed, self.epoch, self.augment = seed, epoch, augment
+    def __init__(self, stream: SplitStream, transform: T.Compose, *, seed: int, augment: bool):
+        self.paths = [shard_path(stream.dataset, shard, stream.cache_dir) for shard in stream.shards]
+        self.starts = list(accumulate(stream.sizes, initial=0))
+        self.transform, self.seed, self.augment = transform, seed, augment
 
     def __len__(self) -> int:
-        return len(self.refs)
+        return self.starts[-1]
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, str]:
-        ref = self.refs[i]
+    def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, int, str]:
+        epoch, number = item
+        shard = bisect_right(self.starts, number) - 1
+        ref = _table(self.paths[shard])[number - self.starts[shard]]
         image = decode_image(read_image_bytes(ref))
         if not self.augment:
             return self.transform(image), ref.label, ref.key
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(hash_seed(self.seed, self.epoch, ref.key))
+            torch.manual_seed(hash_seed(self.seed, epoch, ref.key))
             return self.transform(image), ref.label, ref.key
+
+
+class EpochSampler(Sampler):
+    """The (epoch, number) items of one epoch of one rank; set anew each epoch."""
+
+    def __init__(self):
+        self.epoch, self.numbers = 0, []
+
+    def __iter__(self):
+        return ((self.epoch, number) for number in self.numbers)
+
+    def __len__(self) -> int:
+        return len(self.numbers)
 
 
 def rank_range(total: int, rank: int, world_size: int) -> tuple[int, int]:
@@ -170,17 +186,37 @@ class SplitStream:
             path = self._verified[shard["name"]] = fetch_shard(self.storage, self.dataset, shard, self.cache_dir)
         return path
 
-    def loader(self, refs: list[SampleRef], transform: T.Compose, *, seed: int, epoch: int, augment: bool,
-               batch_size: int, workers: int, pin_memory: bool) -> DataLoader:  # fmt: skip
-        return DataLoader(
-            ShardSamples(refs, transform, seed=seed, epoch=epoch, augment=augment),
+
+class SplitLoader:
+    """A DataLoader over one split whose workers live for the whole run (starting them is not free:
+    imports, forks, prefetch); each epoch only says which samples, in which order (`for_epoch`)."""
+
+    def __init__(self, stream: SplitStream, transform: T.Compose, *, seed: int, augment: bool, batch_size: int,
+                 workers: int, pin_memory: bool):  # fmt: skip
+        self.stream = stream
+        self.sampler = EpochSampler()
+        self.loader = DataLoader(
+            SplitSamples(stream, transform, seed=seed, augment=augment),
             batch_size=batch_size,
-            shuffle=False,
+            sampler=self.sampler,
             num_workers=workers,
+            persistent_workers=workers > 0,
             prefetch_factor=4 if workers else None,
             pin_memory=pin_memory,
             worker_init_fn=ignore_sigterm,
         )
+
+    def for_epoch(self, epoch: int, numbers: list[int]) -> DataLoader:
+        self.stream.refs(numbers)  # their shards downloaded and verified before any worker reads them
+        self.sampler.epoch, self.sampler.numbers = epoch, numbers
+        return self.loader
+
+    def close(self) -> None:
+        """Ends the workers the way an exhausted DataLoader does. They ignore SIGTERM (ignore_sigterm),
+        so left to Python's exit, which terminates child processes with it, they would never end."""
+        iterator, self.loader._iterator = self.loader._iterator, None
+        if iterator is not None:
+            iterator._shutdown_workers()
 
 
 def ignore_sigterm(_worker_id: int) -> None:
@@ -201,18 +237,22 @@ class ImageEpochs:
                  world_size: int, batch_size: int, workers: int, pin_memory: bool):  # fmt: skip
         self.trained = self.evaluated = model
         self.train, self.val = train, val
-        self.image_size, self.seed, self.rank, self.world_size = image_size, seed, rank, world_size
-        self.common = dict(batch_size=batch_size, workers=workers, pin_memory=pin_memory)
+        self.samples = train.samples
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        common = dict(seed=seed, batch_size=batch_size, workers=workers, pin_memory=pin_memory)
+        self.train_batches = SplitLoader(train, train_transform(image_size), augment=True, **common)
+        self.val_batches = SplitLoader(val, eval_transform(image_size), augment=False, **common)
 
     def assignment(self, epoch: int, world_size: int) -> list[list[int]]:
         return self.train.assignment(self.seed, epoch, world_size, shuffle=True)
 
     def train_loader(self, epoch: int, numbers: list[int]) -> DataLoader:
-        refs = self.train.refs(numbers)
-        return self.train.loader(refs, train_transform(self.image_size), seed=self.seed, epoch=epoch, augment=True,
-                                 **self.common)  # fmt: skip
+        return self.train_batches.for_epoch(epoch, numbers)
 
     def val_loader(self, epoch: int) -> DataLoader:
-        refs = self.val.epoch_refs(self.seed, epoch, self.rank, self.world_size, shuffle=False)
-        return self.val.loader(refs, eval_transform(self.image_size), seed=self.seed, epoch=epoch, augment=False,
-                               **self.common)  # fmt: skip
+        numbers = self.val.assignment(self.seed, epoch, self.world_size, shuffle=False)[self.rank]
+        return self.val_batches.for_epoch(epoch, numbers)
+
+    def close(self) -> None:
+        self.train_batches.close()
+        self.val_batches.close()

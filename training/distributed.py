@@ -54,7 +54,12 @@ class World:
         if world_size > 1 and not env.get("MASTER_ADDR"):
             raise LaunchError(f"WORLD_SIZE={world_size} but MASTER_ADDR is unset; start with torchrun or a PyTorchJob")
         if torch.cuda.is_available():
-            device = torch.device("cuda", local_rank % torch.cuda.device_count())
+            if local_rank >= torch.cuda.device_count():
+                raise LaunchError(
+                    f"LOCAL_RANK={local_rank} but this pod sees {torch.cuda.device_count()} GPU(s): start at most "
+                    "one process per GPU (nprocPerNode) or ask for more (gpusPerReplica)"
+                )
+            device = torch.device("cuda", local_rank)
         else:
             device = torch.device("cpu")
         return cls(rank, world_size, local_rank, device)

@@ -144,6 +144,7 @@ class FeatureEpochs:
                  rank: int, world_size: int, batch_size: int):  # fmt: skip
         self.trained = self.evaluated = model.fc
         self.train, self.cache, self.views = train, cache, views
+        self.samples = train.samples
         self.seed, self.batch_size = seed, batch_size
         self.val_refs = val.epoch_refs(seed, 0, rank, world_size, shuffle=False)
 
@@ -157,3 +158,6 @@ class FeatureEpochs:
 
     def val_loader(self, epoch: int) -> DataLoader:
         return self.cache.loader(self.val_refs, [0] * len(self.val_refs), self.batch_size)
+
+    def close(self) -> None:
+        """Nothing to end: feature loaders run in the process, and the backbone's DataLoaders end with each pass."""

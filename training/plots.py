@@ -33,7 +33,7 @@ def curves_png(history: list[dict]) -> bytes:
     return _png(fig)
 
 
-def per_class_png(class_names: list[str], accuracy: list[float], epoch: int) -> bytes:
+def per_class_figure(class_names: list[str], accuracy: list[float], epoch: int):
     """Validation accuracy of each class at `epoch`, worst first, so the weak classes stand out."""
     order = sorted(range(len(class_names)), key=lambda i: accuracy[i])
     fig, ax = plt.subplots(figsize=(8, max(3, 0.22 * len(class_names) + 1)))
@@ -45,4 +45,8 @@ def per_class_png(class_names: list[str], accuracy: list[float], epoch: int) -> 
     )
     ax.tick_params(axis="y", labelsize=7)
     ax.grid(axis="x", alpha=0.3)
-    return _png(fig)
+    return fig
+
+
+def per_class_png(class_names: list[str], accuracy: list[float], epoch: int) -> bytes:
+    return _png(per_class_figure(class_names, accuracy, epoch))

@@ -123,9 +123,14 @@ def shard_entry(split: str, number: int, data: bytes, samples: int) -> dict:
     }
 
 
+def shard_path(dataset: S3Url, shard: dict, cache_dir: Path) -> Path:
+    """Where a shard's local copy lives in a cache directory."""
+    return cache_dir / dataset.bucket / dataset.key / shard["name"]
+
+
 def fetch_shard(storage: Storage, dataset: S3Url, shard: dict, cache_dir: Path) -> Path:
     """The shard as a verified local file, downloaded only when the cache lacks a good copy."""
-    path = cache_dir / dataset.bucket / dataset.key / shard["name"]
+    path = shard_path(dataset, shard, cache_dir)
     if path.exists() and path.stat().st_size == shard["bytes"] and sha256_file(path) == shard["sha256"]:
         return path
     storage.download(dataset.join(shard["name"]), path)

@@ -3,9 +3,15 @@
 Configured the way S3 tools are, from the environment:
 
     S3_ENDPOINT_URL        http://minio.example:9000 (scheme decides TLS; default https://s3.amazonaws.com)
-    AWS_ACCESS_KEY_ID      access key
-    AWS_SECRET_ACCESS_KEY  secret key
     AWS_REGION             optional region
+
+Credentials come the way the AWS tools find them, first found wins: AWS_ACCESS_KEY_ID +
+AWS_SECRET_ACCESS_KEY (+ AWS_SESSION_TOKEN for temporary ones: assumed roles, SSO, STS); the shared
+credentials file (AWS_SHARED_CREDENTIALS_FILE, default ~/.aws/credentials; AWS_PROFILE); then the
+platform's identity — web identity (IRSA: AWS_WEB_IDENTITY_TOKEN_FILE + AWS_ROLE_ARN), the container
+endpoint (EKS Pod Identity, ECS) or the instance profile (EC2 metadata). Temporary credentials are
+refreshed before they expire. Further settings:
+
     AWS_CA_BUNDLE          optional CA bundle for a private TLS endpoint
     S3_TLS_VERIFY          "false" turns certificate checks off (development only)
     PETAL_S3_RETRY_SECONDS how long transient failures are retried with backoff (default 300)
@@ -21,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import re
 import ssl
 import sys
 import time
@@ -33,6 +40,15 @@ from urllib.parse import urlparse
 import certifi
 import urllib3
 from minio import Minio
+from minio.credentials import (
+    AWSConfigProvider,
+    ChainedProvider,
+    Credentials,
+    EnvAWSProvider,
+    IamAwsProvider,
+    Provider,
+    StaticProvider,
+)
 from minio.error import MinioException, S3Error, ServerError
 
 T = TypeVar("T")
@@ -57,6 +73,9 @@ class StorageError(Exception):
         self.transient = transient  # still failing after the whole retry window: a restart may help
 
 
+BUCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+
+
 @dataclass(frozen=True)
 class S3Url:
     bucket: str
@@ -75,6 +94,8 @@ def parse_url(url: str) -> S3Url:
     parsed = urlparse(url)
     if parsed.scheme != "s3" or not parsed.netloc:
         raise ValueError(f"{url!r} is not an object-storage URL; expected s3://BUCKET/PREFIX")
+    if not BUCKET_NAME.match(parsed.netloc):
+        raise ValueError(f"{url!r} names bucket {parsed.netloc!r}: 3-63 lower-case letters, digits, '.' or '-'")
     return S3Url(parsed.netloc, parsed.path.strip("/"))
 
 
@@ -108,13 +129,47 @@ def _describe(err: Exception) -> str:
     return f"{type(err).__name__}: {err}".splitlines()[0]
 
 
+class PlatformIdentity(Provider):
+    """The platform's identity, if this process has one: web identity (IRSA), the container endpoint
+    (EKS Pod Identity, ECS), else the instance profile (EC2 metadata, asked with short timeouts so a
+    laptop without one finds out in seconds). Any failure means "not here" to the chain."""
+
+    def __init__(self):
+        quick = urllib3.PoolManager(timeout=urllib3.Timeout(connect=1, read=5), retries=urllib3.Retry(total=1))
+        self._provider = IamAwsProvider(http_client=quick)
+
+    def retrieve(self) -> Credentials:
+        try:
+            return self._provider.retrieve()
+        except Exception as err:  # urllib3, JSON and STS errors alike: the chain treats ValueError as "next"
+            raise ValueError(f"no platform identity ({type(err).__name__})") from None
+
+
+class CredentialChain(ChainedProvider):
+    """AWS's order: the environment (with AWS_SESSION_TOKEN), the shared credentials file, the platform.
+    Finding none is a StorageError saying where credentials can come from."""
+
+    def __init__(self):
+        super().__init__([EnvAWSProvider(), AWSConfigProvider(), PlatformIdentity()])
+
+    def retrieve(self) -> Credentials:
+        try:
+            return super().retrieve()
+        except ValueError:
+            raise StorageError(
+                "no storage credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (+ AWS_SESSION_TOKEN), "
+                "AWS_PROFILE / ~/.aws/credentials, or run with an IAM role (IRSA, EKS Pod Identity, instance profile)"
+            ) from None
+
+
 class Storage:
     def __init__(
         self,
         endpoint_url: str,
-        access_key: str | None,
-        secret_key: str | None,
+        access_key: str | None = None,
+        secret_key: str | None = None,
         region: str | None = None,
+        credentials: Provider | None = None,
         ca_bundle: str | None = None,
         tls_verify: bool = True,
         retry_seconds: float = 300.0,
@@ -122,12 +177,13 @@ class Storage:
         parsed = urlparse(endpoint_url)
         if parsed.scheme not in ("http", "https") or not parsed.netloc:
             raise StorageError(f"S3_ENDPOINT_URL {endpoint_url!r} is not http(s)://HOST[:PORT]")
+        if credentials is None and access_key and secret_key:
+            credentials = StaticProvider(access_key, secret_key)
         self.endpoint_url = endpoint_url
         self.retry_seconds = retry_seconds
         self._settings = dict(
             endpoint=parsed.netloc,
-            access_key=access_key,
-            secret_key=secret_key,
+            credentials=credentials,
             region=region,
             secure=parsed.scheme == "https",
             cert_check=tls_verify,
@@ -152,8 +208,7 @@ class Storage:
         env = os.environ
         return cls(
             endpoint_url=env.get("S3_ENDPOINT_URL", "https://s3.amazonaws.com"),
-            access_key=env.get("AWS_ACCESS_KEY_ID"),
-            secret_key=env.get("AWS_SECRET_ACCESS_KEY"),
+            credentials=CredentialChain(),
             region=env.get("AWS_REGION") or None,
             ca_bundle=env.get("AWS_CA_BUNDLE") or None,
             tls_verify=env.get("S3_TLS_VERIFY", "true").lower() not in ("0", "false", "no"),

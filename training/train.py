@@ -26,6 +26,7 @@ Exit codes say whether a restart can help (a PyTorchJob's restartPolicy ExitCode
 from __future__ import annotations
 
 import argparse
+import hashlib
 import inspect
 import json
 import math
@@ -42,7 +43,6 @@ from torch.distributed.algorithms.join import Join
 from torch.nn.parallel import DistributedDataParallel
 
 from training import checkpoint, plots
-from training.config import parse_args
 from training.data import ImageEpochs, SplitStream, continue_epoch, hash_seed
 from training.distributed import (
     LaunchError,
@@ -56,6 +56,7 @@ from training.distributed import (
 )
 from training.features import FeatureCache, FeatureEpochs, backbone_of
 from training.model import PretrainedWeightsError, build_model, freeze, imagenet_state_dict, set_train_mode
+from training.progress import Progress
 from training.shards import DatasetError, read_index, split_names
 from training.state import IncompatibleCheckpoint, TrainingState, reconcile, run_config
 from training.storage import S3Url, Storage, StorageError, parse_url
@@ -77,10 +78,13 @@ def log(message: str) -> None:
 
 
 def autocast_for(device: torch.device, amp: str):
-    """The autocast context and whether fp16 needs a GradScaler."""
+    """The autocast context and whether fp16 needs a GradScaler. `auto` takes bf16 only where the GPU
+    computes it natively (compute capability 8.0: A100, H100, L4, ...); `is_bf16_supported()` also
+    counts emulation, which makes T4 and V100 slower than fp32."""
     if device.type != "cuda" or amp == "off":
         return nullcontext, False
-    dtype = torch.float16 if amp == "fp16" or (amp == "auto" and not torch.cuda.is_bf16_supported()) else torch.bfloat16
+    native_bf16 = torch.cuda.get_device_capability(device) >= (8, 0)
+    dtype = torch.bfloat16 if amp == "bf16" or (amp == "auto" and native_bf16) else torch.float16
     return (lambda: torch.autocast("cuda", dtype=dtype)), dtype == torch.float16
 
 
@@ -152,11 +156,26 @@ def make_optimizer(args, params):
     return torch.optim.Adam(params, lr=args.lr, weight_decay=args.weight_decay)
 
 
-def learning_rate(args, epoch: int) -> float:
-    """The rate for an epoch (1-based), a function of it alone, so a resumed run needs no scheduler state."""
+def learning_rate(args, epoch: int, done: float = 1.0) -> float:
+    """The rate for a step of an epoch (1-based) after which `done` of the epoch's samples are trained:
+    a function of where training stands alone, the same on every rank, so a resume needs no scheduler
+    state. The schedule is per epoch; the warmup, per step."""
+    rate = args.lr
     if args.lr_schedule == "cosine":
-        return args.lr * 0.5 * (1 + math.cos(math.pi * (epoch - 1) / args.epochs))
-    return args.lr
+        rate *= 0.5 * (1 + math.cos(math.pi * (epoch - 1) / args.epochs))
+    if args.warmup_epochs:
+        rate *= min(1.0, (epoch - 1 + done) / args.warmup_epochs)
+    return rate
+
+
+def rank_batch_size(args, world: World) -> int:
+    """Per-rank batch: --batch-size, or this rank's share of --global-batch-size."""
+    if not args.global_batch_size:
+        return args.batch_size
+    if args.global_batch_size % world.world_size:
+        raise LaunchError(f"--global-batch-size {args.global_batch_size} does not divide evenly over "
+                          f"{world.world_size} ranks")  # fmt: skip
+    return args.global_batch_size // world.world_size
 
 
 def write_results(storage: Storage, output: S3Url, history: list[dict], class_names: list[str]) -> dict:
@@ -274,6 +293,9 @@ def run(args: argparse.Namespace, preemption: Preemption) -> None:
     class_names = [c["name"] for c in index["classes"]]
     config = run_config(args)
     storage.require_bucket(output)
+    args = argparse.Namespace(**vars(args) | {"batch_size": rank_batch_size(args, world)})
+    if world.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick its fastest kernels
 
     with process_group(world, timeout=timedelta(minutes=args.collective_timeout)):
         device = world.device
@@ -299,7 +321,9 @@ def run(args: argparse.Namespace, preemption: Preemption) -> None:
                     f"(best val_acc {state.best_val_acc:.4f})")  # fmt: skip
                 print(json.dumps({"event": "resumed", "epoch": state.epoch, "step": state.steps_done}), flush=True)
         if world.is_main:
-            log(f"{world.world_size} process(es), {world.backend} on {device.type}; training {args.data} into {output}")
+            batch = f"global batch {world.world_size * args.batch_size} ({args.batch_size} per rank)"
+            log(f"{world.world_size} process(es), {world.backend} on {device.type}, {batch}; training {args.data} "
+                f"into {output}")  # fmt: skip
         epochs = epoch_source(args, model, train, val, world, autocast)
         # Frozen BatchNorm statistics are identical everywhere, so only broadcast buffers that train.
         ddp = DistributedDataParallel(
@@ -309,11 +333,19 @@ def run(args: argparse.Namespace, preemption: Preemption) -> None:
             gradient_as_bucket_view=True,  # gradients live in the all-reduce buckets: one copy fewer per step
         )
 
-        with preemption.deferred():
-            while state.epoch <= args.epochs:
-                run_epoch(args, state, ddp, epochs, world, autocast, storage, output, preemption)
+        progress = None
+        if world.is_main:
+            events = args.cache_dir / "tensorboard" / hashlib.sha256(str(output).encode()).hexdigest()[:16]
+            progress = Progress(storage, output, args.epochs, world.world_size * args.batch_size, events)
+        try:
+            with preemption.deferred():
+                while state.epoch <= args.epochs:
+                    run_epoch(args, state, ddp, epochs, world, autocast, storage, output, preemption, progress)
+        finally:
+            epochs.close()
 
         if world.is_main:
+            progress.close()
             best = write_results(storage, output, state.history, class_names)
             done = {"event": "done", "best_val_acc": best["val_acc"], "best_epoch": best["epoch"],
                     "epochs": args.epochs, "checkpoint": str(output.join(checkpoint.BEST))}  # fmt: skip
@@ -321,7 +353,7 @@ def run(args: argparse.Namespace, preemption: Preemption) -> None:
 
 
 def run_epoch(args, state: TrainingState, ddp, epochs, world: World, autocast, storage: Storage, output: S3Url,
-              preemption: Preemption) -> None:  # fmt: skip
+              preemption: Preemption, progress: Progress | None) -> None:  # fmt: skip
     """Trains and evaluates the epoch in progress from where it stands, checkpointing on the way."""
     device, epoch, started = world.device, state.epoch, time.monotonic()
     torch.manual_seed(hash_seed(args.seed, epoch, world.rank))
@@ -338,8 +370,14 @@ def run_epoch(args, state: TrainingState, ddp, epochs, world: World, autocast, s
     stretch = {"world_size": world.world_size, "batch_size": args.batch_size, "steps": 0}
     loader = epochs.train_loader(epoch, ranks[world.rank])
     steps_before, steps_total = state.steps_done, state.steps_done + len(loader)
-    for group in state.optimizer.param_groups:
-        group["lr"] = learning_rate(args, epoch)
+    trained_before = sum(s["world_size"] * s["batch_size"] * s["steps"] for s in state.stretches)
+
+    def set_rate(step: int) -> None:
+        done = min(1.0, (trained_before + step * world.world_size * args.batch_size) / max(epochs.samples, 1))
+        for group in state.optimizer.param_groups:
+            group["lr"] = learning_rate(args, epoch, done)
+
+    set_rate(1)
 
     def save_progress(sums: torch.Tensor) -> str:
         sync_buffers(ddp.module, world)
@@ -355,9 +393,15 @@ def run_epoch(args, state: TrainingState, ddp, epochs, world: World, autocast, s
 
     def after_step(step: int, sums: torch.Tensor, loss: torch.Tensor) -> bool:
         stretch["steps"] = step
+        if args.warmup_epochs:
+            set_rate(step + 1)
         done = steps_before + step
-        if world.is_main and (step % args.log_every == 0 or step == len(loader)):
-            log(f"epoch {epoch}/{args.epochs} step {done}/{steps_total} loss {loss.item():.4f}")
+        if world.is_main:
+            logged = step % args.log_every == 0 or step == len(loader)
+            value = loss.item() if logged else None  # one GPU sync per --log-every steps, not per step
+            if logged:
+                log(f"epoch {epoch}/{args.epochs} step {done}/{steps_total} loss {value:.4f}")
+            progress.step(epoch, done, steps_total, value, state.best_val_acc)
         if step >= together:  # the next step may leave some ranks joined: checkpoint only before it
             return False
         stop = any_rank(preemption.requested)
@@ -373,8 +417,10 @@ def run_epoch(args, state: TrainingState, ddp, epochs, world: World, autocast, s
     seen = max(total[2].item(), 1)
     stats = {"train_loss": total[0].item() / seen, "train_acc": total[1].item() / seen,
              "train_samples": int(total[2].item()), "train_seconds": round(time.monotonic() - started, 3)}  # fmt: skip
+    evaluating = time.monotonic()
     stats |= evaluate(epochs.evaluated, epochs.val_loader(epoch), len(state.classes), autocast, device)
-    record = {"event": "epoch", "epoch": epoch, "lr": learning_rate(args, epoch), **stats,
+    eval_seconds = time.monotonic() - evaluating
+    record = {"event": "epoch", "epoch": epoch, "lr": learning_rate(args, epoch, 1.0), **stats,
               "seconds": round(time.monotonic() - started, 3)}  # fmt: skip
     is_best = state.finish_epoch(record)
     if world.is_main:
@@ -383,6 +429,7 @@ def run_epoch(args, state: TrainingState, ddp, epochs, world: World, autocast, s
         metrics = "".join(json.dumps(r) + "\n" for r in state.history)
         storage.write_bytes(output.join("metrics.jsonl"), metrics.encode(), "application/x-ndjson")
         print(json.dumps({k: v for k, v in record.items() if k != "val_per_class_acc"}), flush=True)
+        progress.epoch_end(record, state.best_val_acc, eval_seconds, state.classes)
     if any_rank(preemption.requested):
         raise Preempted(f"{checkpoint.checkpoint_name(epoch)} was written")
 
@@ -401,8 +448,7 @@ def exit_code(err: BaseException) -> int:
     return 1
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def main(args: argparse.Namespace) -> int:
     preemption = Preemption()
     try:
         run(args, preemption)

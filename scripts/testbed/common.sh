@@ -30,6 +30,7 @@ helm_bin() { echo "$CACHE/helm-$HELM_VERSION/bin/helm"; }
 helm_plugins() { echo "$CACHE/helm-plugins-$HELM_UNITTEST_VERSION"; }
 kubeconform_bin() { echo "$CACHE/kubeconform-$KUBECONFORM_VERSION/bin/kubeconform"; }
 actionlint_bin() { echo "$CACHE/actionlint-$ACTIONLINT_VERSION/bin/actionlint"; }
+toxiproxy_bin() { echo "$CACHE/toxiproxy-$TOXIPROXY_VERSION/bin/toxiproxy-server"; }
 schema_dir() { echo "$CACHE/schemas-training-operator-$TRAINING_OPERATOR_VERSION"; }
 kube_dir() { echo "$CACHE/kubernetes-$KUBERNETES_VERSION"; }
 kbin() { echo "$(kube_dir)/bin/$1"; }

@@ -16,9 +16,12 @@ install_python() {
     "$venv/bin/pip" install --quiet -e "$ROOT[$EXTRAS]"
     touch "$venv/.complete"
   fi
-  # The editable install points at one checkout; re-point it when this is another (a CI clone).
-  if [ "$("$venv/bin/python" -c 'import training, os; print(os.path.dirname(os.path.dirname(training.__file__)))')" != "$ROOT" ]; then
+  # The editable install points at one checkout and knows its packages and commands as they were:
+  # redo it (without dependencies: seconds) for another checkout (a CI clone) or a changed pyproject.
+  local stamp; stamp="$ROOT $(sha256sum "$ROOT/pyproject.toml" | cut -c1-16)"
+  if [ "$(cat "$venv/.editable" 2>/dev/null)" != "$stamp" ]; then
     "$venv/bin/pip" install --quiet --no-deps -e "$ROOT"
+    echo "$stamp" > "$venv/.editable"
   fi
 }
 
@@ -67,6 +70,14 @@ install_lint_tools() {
     say "building actionlint $ACTIONLINT_VERSION"
     GOBIN="$(dirname "$(actionlint_bin)")" go install "github.com/rhysd/actionlint/cmd/actionlint@$ACTIONLINT_VERSION"
   fi
+}
+
+install_toxiproxy() {
+  if [ -x "$(toxiproxy_bin)" ]; then say "toxiproxy $TOXIPROXY_VERSION is already built"; return; fi
+  say "building toxiproxy $TOXIPROXY_VERSION"
+  local bin; bin=$(dirname "$(toxiproxy_bin)")
+  GOBIN="$bin" go install "github.com/Shopify/toxiproxy/v2/cmd/server@$TOXIPROXY_VERSION"
+  mv "$bin/server" "$(toxiproxy_bin)"
 }
 
 KUBE_COMMANDS="kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy kubectl"

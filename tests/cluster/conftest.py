@@ -139,7 +139,11 @@ def apiserver_without_crds(cluster, tmp_path) -> dict:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    argv = [a for a in argv if not a.startswith("--secure-port=")] + [f"--secure-port={port}", "--etcd-prefix=/crdless"]
+    prefix = f"/crdless-{uuid.uuid4().hex[:8]}"  # a cluster of its own, from nothing, every time
+    argv = [a for a in argv if not a.startswith("--secure-port=")] + [
+        f"--secure-port={port}",
+        f"--etcd-prefix={prefix}",
+    ]
     log = (tmp_path / "apiserver.log").open("w")
     server = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
     kubeconfig = tmp_path / "kubeconfig"

@@ -12,12 +12,18 @@ from pathlib import Path
 
 import pytest
 from conftest import PETAL_NAMESPACE, S3_SECRET
-from support import ROOT, s3
+from support import BUCKET_VALUES, ROOT, s3
 
 from training.storage import parse_url
 
 CHART = ROOT / "charts" / "petal"
 CPU_VALUES = CHART / "ci" / "cpu-values.yaml"
+
+
+def submit_here(cluster, *args: str, env: dict | None = None, timeout: float = 180) -> subprocess.CompletedProcess:
+    """submit.py against the test bed, BUCKET_VALUES first so that every flag given still wins."""
+    return subprocess.run(["python", str(ROOT / "scripts" / "submit.py"), *BUCKET_VALUES, *args],
+                          env=env or cluster.env, capture_output=True, text=True, timeout=timeout)  # fmt: skip
 
 
 def test_smoke_submits_four_replicas_collects_and_predicts(cluster, petal_image, storage, tmp_path):
@@ -34,6 +40,15 @@ def test_smoke_submits_four_replicas_collects_and_predicts(cluster, petal_image,
     summary = json.loads((work / "summary.json").read_text())
     assert summary["artifacts"] == ["best.pt", "curves.png", "metrics.jsonl", "per_class.png"]
     assert summary["epochs"] == 5 and summary["conditions"][-1] == "Succeeded"
+    assert list((work / "tensorboard").glob("events.out.tfevents.*"))
+
+    petal = ["petal", "-n", PETAL_NAMESPACE]
+    listed = subprocess.run([petal[0], "list", *petal[1:], "--json"], env=env, capture_output=True, text=True)
+    (row,) = [j for j in json.loads(listed.stdout) if j["name"] == work.name]
+    assert row["state"] == "Succeeded" and row["best_val_acc"] == summary["best_val_acc"]
+    shown = subprocess.run([petal[0], "status", work.name, *petal[1:], "--json"], env=env, capture_output=True,
+                           text=True)  # fmt: skip
+    assert json.loads(shown.stdout)["epoch"] == json.loads(shown.stdout)["epochs"] == 5
 
     job = cluster.get("-n", PETAL_NAMESPACE, "pytorchjob", work.name)
     assert job["spec"]["pytorchReplicaSpecs"]["Master"]["replicas"] == 1
@@ -67,7 +82,8 @@ def test_helm_install_resumes_after_a_worker_is_lost_mid_epoch(cluster, petal_im
         cluster.wait(f"pytorchjob/{release}", "condition=Succeeded", PETAL_NAMESPACE, timeout=1200)
 
         log = cluster.logs(master, PETAL_NAMESPACE)
-        resumed_after = int(re.search(rf"resuming {output} after epoch (\d+)", log)[1])
+        resumed = re.search(r'\{"event": "resumed", "epoch": (\d+), "step": (\d+)\}', log)
+        resumed_after = int(resumed[1]) - 1  # epochs finished before the loss
         assert resumed_after >= 2
         assert cluster.get("-n", PETAL_NAMESPACE, "pod", worker)["metadata"]["uid"] != lost_uid
 
@@ -108,9 +124,7 @@ def test_several_processes_per_pod_are_ranked_by_torchrun(cluster, petal_image, 
 def test_a_missing_namespace_or_secret_exits_3_and_applies_nothing(cluster, namespace, missing):
     target = f"{namespace}-absent" if missing == "namespace" else namespace  # the fixture's has no Secret
     name = f"pre-{uuid.uuid4().hex[:6]}"
-    submit = subprocess.run(["python", str(ROOT / "scripts" / "submit.py"), "--name", name, "--replicas", "2",
-                             "--image", "petal:dev", "--namespace", target],
-                            env=cluster.env, capture_output=True, text=True, timeout=120)  # fmt: skip
+    submit = submit_here(cluster, "--name", name, "--replicas", "2", "--image", "petal:dev", "--namespace", target)
     assert submit.returncode == 3, submit.stderr
     said = (
         f"namespace {target!r} does not exist" if missing == "namespace" else f"Secret {S3_SECRET!r} (S3 credentials)"
@@ -121,9 +135,8 @@ def test_a_missing_namespace_or_secret_exits_3_and_applies_nothing(cluster, name
 
 def test_pods_that_cannot_be_scheduled_are_explained_while_pending(cluster):
     name = f"pending-{uuid.uuid4().hex[:6]}"
-    submit = subprocess.run(["python", str(ROOT / "scripts" / "submit.py"), "--name", name, "--replicas", "1",
-                             "--image", "petal:dev", "--set", "resources.requests.cpu=64", "--timeout", "50"],
-                            env=cluster.env, capture_output=True, text=True, timeout=180)  # fmt: skip
+    submit = submit_here(cluster, "--name", name, "--replicas", "1", "--image", "petal:dev", "--set",
+                         "resources.requests.cpu=64", "--timeout", "50")  # fmt: skip
     try:
         assert submit.returncode == 1, submit.stderr
         assert re.search(rf"{name}-master-0 Pending for \d+s: FailedScheduling: .*Insufficient cpu", submit.stderr)
@@ -133,18 +146,12 @@ def test_pods_that_cannot_be_scheduled_are_explained_while_pending(cluster):
 
 
 def test_a_cluster_without_the_pytorchjob_crd_exits_3_and_says_how_to_install_it(apiserver_without_crds):
-    submit = subprocess.run(["python", str(ROOT / "scripts" / "submit.py"), "--replicas", "2", "--image", "petal:dev"],
-                            env=apiserver_without_crds, capture_output=True, text=True, timeout=120)  # fmt: skip
+    submit = submit_here(None, "--replicas", "2", "--image", "petal:dev", env=apiserver_without_crds)
     assert submit.returncode == 3, submit.stderr
     assert "PyTorchJob CRD (pytorchjobs.kubeflow.org) is not installed; install the training-operator" in submit.stderr
     crd = subprocess.run(["kubectl", "get", "crd", "pytorchjobs.kubeflow.org"], env=apiserver_without_crds,
                          capture_output=True, text=True)  # fmt: skip
     assert crd.returncode != 0 and "NotFound" in crd.stderr
-
-
-def submit_here(cluster, *args: str, env: dict | None = None, timeout: float = 180) -> subprocess.CompletedProcess:
-    return subprocess.run(["python", str(ROOT / "scripts" / "submit.py"), *args], env=env or cluster.env,
-                          capture_output=True, text=True, timeout=timeout)  # fmt: skip
 
 
 def test_a_job_the_cluster_refuses_exits_2_with_its_reason_and_leaves_nothing(cluster, namespace):
@@ -185,9 +192,10 @@ def test_a_job_that_succeeded_but_cannot_be_collected_exits_4_with_the_retry(
     assert result.returncode == 4, result.stderr[-3000:]
     line = result.stderr.strip().splitlines()[-1]
     assert f"{name} succeeded but its results could not be collected" in line
-    retry = re.search(r"python (scripts/collect_run.py \S+ \S+)$", line)[1].split()
-    fetched = subprocess.run(["python", *retry], cwd=ROOT, env=cluster.env, capture_output=True, text=True)
+    retry = re.search(r": (petal collect \S+ \S+)$", line)[1].split()
+    fetched = subprocess.run(retry, cwd=ROOT, env=cluster.env, capture_output=True, text=True)
     assert fetched.returncode == 0 and (tmp_path / name / "best.pt").exists(), fetched.stderr
+    assert json.loads((tmp_path / name / "summary.json").read_text())["tensorboard_files"] >= 1
 
 
 def test_the_chart_with_its_options_on_is_accepted_by_the_apiserver(cluster, namespace):

@@ -22,8 +22,20 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- printf "%s:%s" .Values.image.repository (.Values.image.tag | default .Chart.AppVersion) -}}
 {{- end -}}
 
+{{/* The Secret the pods take storage credentials from; empty: none, the pods' own identity. */}}
 {{- define "petal.secretName" -}}
 {{- if .Values.s3.createSecret }}{{ printf "%s-s3" (include "petal.name" .) }}{{ else }}{{ .Values.s3.existingSecret }}{{ end -}}
+{{- end -}}
+
+{{/* Processes per pod as the operator's nprocPerNode: as given, else one per GPU (one on CPU). */}}
+{{- define "petal.nprocPerNode" -}}
+{{- if kindIs "invalid" .Values.nprocPerNode }}{{ max 1 (int .Values.gpusPerReplica) }}{{ else }}{{ .Values.nprocPerNode }}{{ end -}}
+{{- end -}}
+
+{{/* How many processes a pod's requests are sized for ("auto"/"cpu"/"gpu" count as one per GPU). */}}
+{{- define "petal.processCount" -}}
+{{- $nproc := include "petal.nprocPerNode" . -}}
+{{- if regexMatch "^[0-9]+$" $nproc }}{{ $nproc }}{{ else }}{{ max 1 (int .Values.gpusPerReplica) }}{{ end -}}
 {{- end -}}
 
 {{- define "petal.serviceAccountName" -}}
@@ -31,13 +43,17 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end -}}
 
 {{- define "petal.output" -}}
-{{- .Values.training.output | default (printf "%s/%s" (trimSuffix "/" .Values.outputPrefix) (include "petal.name" .)) -}}
+{{- if .Values.training.output }}{{ .Values.training.output }}{{ else -}}
+{{- $prefix := required "outputPrefix is required: a bucket of yours for run directories, e.g. s3://my-team-ml/petal/runs (or set training.output)" .Values.outputPrefix -}}
+{{- printf "%s/%s" (trimSuffix "/" $prefix) (include "petal.name" .) -}}
+{{- end -}}
 {{- end -}}
 
 {{/* Every `training` value as the trainer's own flag, quoted (a value holding " #" stays whole):
      camelCase key → --kebab-case=value, true/false → --flag/--no-flag, null → the trainer's default.
      Numbers go through toJson: helm reads them as floats, whose %v would turn 1000000 into 1e+06. */}}
 {{- define "petal.trainerArgs" -}}
+{{- $data := required "training.data is required: the s3:// prefix of a dataset written by scripts/upload_dataset.py" .Values.training.data -}}
 {{- $training := merge (dict "output" (include "petal.output" .)) (omit .Values.training "output") -}}
 {{- range $key, $value := $training }}
 {{- if kindIs "bool" $value }}
@@ -48,24 +64,69 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end }}
 {{- end -}}
 
-{{/* Storage settings, the way the trainer and every petal tool read them; credentials only by secretKeyRef. */}}
-{{- define "petal.s3Env" -}}
+{{/* The container's environment: storage settings the way every petal tool reads them (credentials
+     only by secretKeyRef, or none: the pod's identity), then extraEnv. */}}
+{{- define "petal.env" -}}
 - name: S3_ENDPOINT_URL
   value: {{ .Values.s3.endpoint | quote }}
 {{- with .Values.s3.region }}
 - name: AWS_REGION
   value: {{ . | quote }}
 {{- end }}
+{{- with (include "petal.secretName" .) }}
 - name: AWS_ACCESS_KEY_ID
   valueFrom:
     secretKeyRef:
-      name: {{ include "petal.secretName" . }}
+      name: {{ . }}
       key: AWS_ACCESS_KEY_ID
 - name: AWS_SECRET_ACCESS_KEY
   valueFrom:
     secretKeyRef:
-      name: {{ include "petal.secretName" . }}
+      name: {{ . }}
       key: AWS_SECRET_ACCESS_KEY
+- name: AWS_SESSION_TOKEN
+  valueFrom:
+    secretKeyRef:
+      name: {{ . }}
+      key: AWS_SESSION_TOKEN
+      optional: true
+{{- end }}
+{{- if or .Values.s3.caBundle.secret .Values.s3.caBundle.configMap }}
+- name: AWS_CA_BUNDLE
+  value: {{ printf "/etc/petal/ca/%s" .Values.s3.caBundle.key | quote }}
+{{- end }}
+{{- with .Values.extraEnv }}
+{{ toYaml . }}
+{{- end }}
+{{- end -}}
+
+{{/* Volumes every petal pod mounts besides its own: the CA bundle, then extraVolumes. */}}
+{{- define "petal.extraVolumes" -}}
+{{- with .Values.s3.caBundle }}
+{{- if .secret }}
+- name: ca-bundle
+  secret:
+    secretName: {{ .secret }}
+{{- else if .configMap }}
+- name: ca-bundle
+  configMap:
+    name: {{ .configMap }}
+{{- end }}
+{{- end }}
+{{- with .Values.extraVolumes }}
+{{ toYaml . }}
+{{- end }}
+{{- end -}}
+
+{{- define "petal.extraVolumeMounts" -}}
+{{- if or .Values.s3.caBundle.secret .Values.s3.caBundle.configMap }}
+- name: ca-bundle
+  mountPath: /etc/petal/ca
+  readOnly: true
+{{- end }}
+{{- with .Values.extraVolumeMounts }}
+{{ toYaml . }}
+{{- end }}
 {{- end -}}
 
 {{- define "petal.podTemplate" -}}
@@ -102,18 +163,31 @@ spec:
       {{- /* torchrun (through training.launch, which keeps the trainer's exit codes) starts the pod's
              processes from the operator's PET_* settings and gives each its own RANK and WORLD_SIZE;
              the operator's own RANK counts pods, not processes. */}}
-      {{- if or (ne (toString .Values.nprocPerNode) "1") .Values.elasticPolicy }}
+      {{- if or (ne (include "petal.nprocPerNode" .) "1") .Values.elasticPolicy }}
       command: ["python", "-m", "training.launch", "-m", "training"]
       {{- end }}
       args:
-        {{- include "petal.trainerArgs" . | nindent 8 }}
+        {{- include "petal.trainerArgs" . | trim | nindent 8 }}
       env:
-        {{- include "petal.s3Env" . | nindent 8 }}
+        {{- include "petal.env" . | trim | nindent 8 }}
         - name: PETAL_CACHE_DIR
           value: /cache
+      {{- with .Values.extraEnvFrom }}
+      envFrom:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+      {{- $processes := int (include "petal.processCount" .) }}
       resources:
         requests:
+          {{- if .Values.resources.requests }}
           {{- toYaml .Values.resources.requests | nindent 10 }}
+          {{- else }}
+          cpu: {{ mul $processes .Values.perProcess.cpu | quote }}
+          memory: {{ printf "%dGi" (mul $processes .Values.perProcess.memoryGiB) }}
+          {{- end }}
+          {{- if not (hasKey .Values.resources.requests "ephemeral-storage") }}
+          ephemeral-storage: {{ .Values.cacheSize }}
+          {{- end }}
         {{- if or .Values.resources.limits .Values.gpusPerReplica }}
         limits:
           {{- with .Values.resources.limits }}
@@ -132,22 +206,32 @@ spec:
           mountPath: /cache
         - name: tmp
           mountPath: /tmp
+        {{- with (include "petal.extraVolumeMounts" . | trim) }}
+        {{- . | nindent 8 }}
+        {{- end }}
   volumes:
     - name: dshm
       emptyDir:
         medium: Memory
-        sizeLimit: {{ .Values.shmSize }}
+        sizeLimit: {{ .Values.shmSize | default (printf "%dGi" (mul $processes .Values.perProcess.shmGiB)) }}
     - name: cache
       emptyDir:
         sizeLimit: {{ .Values.cacheSize }}
     - name: tmp
       emptyDir:
         sizeLimit: 1Gi
+    {{- with (include "petal.extraVolumes" . | trim) }}
+    {{- . | nindent 4 }}
+    {{- end }}
   {{- with .Values.nodeSelector }}
   nodeSelector:
     {{- toYaml . | nindent 4 }}
   {{- end }}
-  {{- with .Values.tolerations }}
+  {{- $tolerations := .Values.tolerations }}
+  {{- if and .Values.gpusPerReplica .Values.gpuToleration }}
+  {{- $tolerations = append $tolerations (dict "key" "nvidia.com/gpu" "operator" "Exists" "effect" "NoSchedule") }}
+  {{- end }}
+  {{- with $tolerations }}
   tolerations:
     {{- toYaml . | nindent 4 }}
   {{- end }}

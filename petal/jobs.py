@@ -1,0 +1,258 @@
+"""petal's jobs once submitted: what they are doing (list, status: the Kubernetes object, its pods and
+the progress record the trainer writes into its run directory), their logs, cancelling them and
+collecting their results. No torch here.
+
+    petal list [-A] [--json]
+    petal status NAME [--json] [--watch]
+    petal logs NAME [-f] [--rank N]
+    petal cancel NAME
+    petal collect NAME [DIR]
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+from petal.cluster import Cluster, JobFailed, NotCollected, follow_log
+from training.artifacts import collect_events
+from training.storage import Storage, StorageError, parse_url
+
+ROOT = Path(__file__).resolve().parents[1]
+SYNC_SECONDS = 30
+
+
+def job_output(job: dict) -> str:
+    """The run directory the job trains into (its master's --output)."""
+    args = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0].get("args", [])
+    return next(a.split("=", 1)[1] for a in args if a.startswith("--output="))
+
+
+def state(job: dict) -> str:
+    """The job's latest condition that holds: Created, Running, Restarting, Succeeded, Failed, Suspended."""
+    held = [c for c in job.get("status", {}).get("conditions", []) if c.get("status") == "True"]
+    return held[-1]["type"] if held else "Pending"
+
+
+def age(job: dict) -> str:
+    created = datetime.fromisoformat(job["metadata"]["creationTimestamp"].replace("Z", "+00:00"))
+    return duration((datetime.now(UTC) - created).total_seconds())
+
+
+def duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    seconds = int(seconds)
+    if seconds < 120:
+        return f"{seconds}s"
+    if seconds < 7200:
+        return f"{seconds // 60}m"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def storage_or_none() -> Storage | None:
+    """Storage as this shell is configured for it, or None where it is not (progress then shows '-')."""
+    try:
+        return Storage.from_env()
+    except StorageError:
+        return None
+
+
+def read_json(storage: Storage | None, url: str) -> dict | list | None:
+    if storage is None:
+        return None
+    try:
+        text = storage.read_bytes(parse_url(url)).decode()
+    except StorageError:
+        return None
+    return [json.loads(line) for line in text.splitlines()] if url.endswith(".jsonl") else json.loads(text)
+
+
+def describe(cluster: Cluster, job: dict, storage: Storage | None, with_pods: bool) -> dict:
+    """Everything `status` and `list` say of a job."""
+    output = job_output(job)
+    progress = read_json(storage, f"{output}/progress.json") or {}
+    history = read_json(storage, f"{output}/metrics.jsonl") or []
+    finished = state(job) in ("Succeeded", "Failed")
+    described = {
+        "name": job["metadata"]["name"],
+        "namespace": job["metadata"]["namespace"],
+        "kind": job["kind"],
+        "state": state(job),
+        "age": age(job),
+        "output": output,
+        "epoch": progress.get("epoch"),
+        "epochs": progress.get("epochs"),
+        "step": progress.get("step"),
+        "steps": progress.get("steps"),
+        "loss": progress.get("loss"),
+        "images_per_s": progress.get("images_per_s"),
+        "eta_seconds": None if finished else progress.get("eta_seconds"),
+        "best_val_acc": max((r["val_acc"] for r in history), default=progress.get("best_val_acc")),
+        "progress_updated": progress.get("updated"),
+        "conditions": [
+            {k: c.get(k) for k in ("type", "status", "reason", "message")}
+            for c in job.get("status", {}).get("conditions", [])
+        ],  # fmt: skip
+        "last_epoch": {k: v for k, v in history[-1].items() if k != "val_per_class_acc"} if history else None,
+    }
+    if with_pods:
+        described["pods"] = [
+            {"name": p.metadata.name, "phase": p.status.phase,
+             "restarts": sum(s.restart_count for s in p.status.container_statuses or [])}
+            for p in cluster.pods(described["name"])
+        ]  # fmt: skip
+    return described
+
+
+def progress_text(d: dict) -> str:
+    if d["epoch"] is None:
+        return "-"
+    step = f" step {d['step']}/{d['steps']}" if d["step"] is not None and d["state"] not in ("Succeeded",) else ""
+    return f"epoch {d['epoch']}/{d['epochs']}{step}"
+
+
+def list_jobs(cluster: Cluster, all_namespaces: bool, as_json: bool) -> int:
+    storage = storage_or_none()
+    described = [describe(cluster, job, storage, with_pods=False) for job in cluster.jobs(all_namespaces)]
+    if as_json:
+        print(json.dumps(described, indent=1))
+        return 0
+    header = ["NAMESPACE"] if all_namespaces else []
+    rows = [[*header, "NAME", "KIND", "STATE", "PROGRESS", "BEST VAL ACC", "AGE", "ETA"]]
+    for d in described:
+        best = f"{d['best_val_acc']:.4f}" if d["best_val_acc"] is not None else "-"
+        rows.append([*([d["namespace"]] if all_namespaces else []), d["name"], d["kind"], d["state"], progress_text(d),
+                     best, d["age"], duration(d["eta_seconds"])])  # fmt: skip
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    return 0
+
+
+def status(cluster: Cluster, name: str, as_json: bool, watch: bool) -> int:
+    storage = storage_or_none()
+    while True:
+        d = describe(cluster, cluster.job(name), storage, with_pods=True)
+        if as_json:
+            print(json.dumps(d, indent=1), flush=True)
+        else:
+            if watch:
+                print("\033[2J\033[H", end="")  # redraw in place
+            print(status_text(d), flush=True)
+        if not watch or d["state"] in ("Succeeded", "Failed"):
+            return 0
+        time.sleep(5)
+
+
+def status_text(d: dict) -> str:
+    lines = [f"{d['kind']} {d['namespace']}/{d['name']}: {d['state']} (age {d['age']})", f"output: {d['output']}"]
+    if d["epoch"] is not None:
+        rate = f", {d['images_per_s']} img/s" if d["images_per_s"] else ""
+        loss = f", loss {d['loss']:.4f}" if d["loss"] is not None else ""
+        lines.append(f"progress: {progress_text(d)}{loss}{rate}, ETA {duration(d['eta_seconds'])}")
+    if d["best_val_acc"] is not None:
+        lines.append(f"best validation accuracy: {d['best_val_acc']:.4f}")
+    if d["last_epoch"]:
+        e = d["last_epoch"]
+        lines.append(f"last epoch: {e['epoch']}: train loss {e['train_loss']:.4f}, val acc {e['val_acc']:.4f}, "
+                     f"{e['train_samples']} samples in {e['seconds']:.0f}s")  # fmt: skip
+    lines.append("pods: " + (", ".join(f"{p['name']} {p['phase']} ({p['restarts']} restarts)" for p in d["pods"])
+                             or "none"))  # fmt: skip
+    lines += [f"  {c['type']}: {c['message'] or c['reason'] or ''}".rstrip() for c in d["conditions"]]
+    return "\n".join(lines)
+
+
+def logs(cluster: Cluster, name: str, follow: bool, rank: int) -> int:
+    """The log of pod `rank` (0: the master; i: worker i-1), following it across restarts if asked."""
+    job = cluster.job(name)
+    workers = job["spec"]["pytorchReplicaSpecs"].get("Worker", {}).get("replicas", 0)
+    if not 0 <= rank <= workers:
+        raise ValueError(f"--rank {rank}: {name} has ranks 0 (the master) to {workers}")
+    pod = f"{name}-master-0" if rank == 0 else f"{name}-worker-{rank - 1}"
+    if not follow:
+        try:
+            sys.stdout.write(cluster.core.read_namespaced_pod_log(pod, cluster.namespace, container="pytorch"))
+        except cluster.client.exceptions.ApiException as err:
+            raise JobFailed(f"no log for {pod} ({err.reason})") from None
+        return 0
+
+    def write(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    follow_log(cluster, pod, write, lambda: state(cluster.job(name)) in ("Succeeded", "Failed"))
+    return 0
+
+
+def cancel(cluster: Cluster, name: str) -> int:
+    job = cluster.job(name)
+    gone = cluster.delete(name)
+    print(f"petal: deleted {', '.join(gone)} in {cluster.namespace}; its outputs stay in {job_output(job)} "
+          f"(petal collect {name} fetches them while the job is listed; afterwards: "
+          f"python scripts/collect_run.py {job_output(job)} runs/{name})", file=sys.stderr)  # fmt: skip
+    return 0
+
+
+def collect(job: dict, dest: Path) -> dict:
+    """The run's artifacts and TensorBoard events into dest, with a summary.json."""
+    from training.artifacts import collect as download
+
+    storage, output = Storage.from_env(), parse_url(job_output(job))
+    collected = download(storage, output, dest)
+    events = collect_events(storage, output, dest / "tensorboard")
+    records = [json.loads(line) for line in (dest / "metrics.jsonl").read_text().splitlines()]
+    best = max(records, key=lambda r: r["val_acc"])
+    summary = {
+        "job": job["metadata"]["name"],
+        "namespace": job["metadata"]["namespace"],
+        "output": str(output),
+        "best_val_acc": best["val_acc"],
+        "best_epoch": best["epoch"],
+        "epochs": len(records),
+        "conditions": [c["type"] for c in job.get("status", {}).get("conditions", [])],
+        "artifacts": sorted(p.name for p in collected),
+        "tensorboard_files": len(events),
+    }
+    (dest / "summary.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def collect_job(cluster: Cluster, name: str, dest: Path | None) -> dict:
+    """`petal collect`, and submit's last step: a finished job's results, or NotCollected saying how to retry."""
+    job = cluster.job(name)
+    if state(job) != "Succeeded":
+        raise JobFailed(f"{name} is {state(job)}, not Succeeded: nothing final to collect")
+    dest = dest or ROOT / "runs" / name
+    try:
+        return collect(job, dest)
+    except (StorageError, OSError, ValueError, KeyError) as err:  # the job's work is safe in storage either way
+        raise NotCollected(f"{name} succeeded but its results could not be collected ({err}); they are in "
+                           f"{job_output(job)}: petal collect {name} {dest}") from None  # fmt: skip
+
+
+def tensorboard(cluster: Cluster, name: str, port: int) -> int:
+    """TensorBoard on a run's event files, copied into runs/NAME/tensorboard every SYNC_SECONDS while it
+    runs. (TensorBoard reads s3:// only through TensorFlow's file systems, which petal does not
+    install: without TensorFlow, `tensorboard --logdir s3://…` finds nothing.)"""
+    import importlib.util
+    import subprocess
+
+    if importlib.util.find_spec("tensorboard") is None:
+        raise ValueError("TensorBoard is not installed here: pip install tensorboard")
+    output, dest = parse_url(job_output(cluster.job(name))), ROOT / "runs" / name / "tensorboard"
+    storage = Storage.from_env()
+    collect_events(storage, output, dest)
+    server = subprocess.Popen([sys.executable, "-m", "tensorboard.main", "--logdir", str(dest.parent),
+                               "--port", str(port), "--bind_all"])  # fmt: skip
+    print(f"petal: TensorBoard on {output}/tensorboard at http://localhost:{port} (Ctrl-C stops it)", file=sys.stderr)
+    try:
+        while server.poll() is None:
+            time.sleep(SYNC_SECONDS)
+            collect_events(storage, output, dest)
+    finally:
+        server.terminate()
+    return server.wait()

@@ -1,0 +1,250 @@
+"""petal submit: a training run as a PyTorchJob rendered from charts/petal, followed to the end and
+collected — the same job `helm install` makes, because it is rendered by helm.
+
+    petal submit --replicas 4 --image registry.example/petal:0.1.0 --gpus-per-replica 1 \\
+        --dataset s3://my-team-ml/petal/datasets/flowers102 --set outputPrefix=s3://my-team-ml/petal/runs
+    petal submit --replicas 2 --values charts/petal/ci/cpu-values.yaml --dataset s3://… --dry-run
+
+(`python scripts/submit.py …` is the same command.) --replicas N is the number of pods: 1 Master +
+N-1 Workers. The job object is built first (helm template) and submitted second, so --dry-run prints
+it and contacts no cluster. Storage credentials reach the pods through the Secret named by
+s3.existingSecret (default petal-s3), which must then exist in the namespace, or through the pods'
+own identity (s3.existingSecret=""). --follow shows a progress bar (epoch, step, loss, ETA) read from
+the run's progress record; --follow=logs streams the master's log instead. On success, best.pt,
+metrics.jsonl, curves.png, per_class.png, the TensorBoard events and a summary.json land in
+--collect (default runs/<name>/); that needs S3_ENDPOINT_URL and credentials here as well.
+
+Exit codes: 0 succeeded; 1 the job failed (its failing pod's last log lines and events are shown)
+or did not succeed within --timeout (it is left running); 2 bad arguments or a job the cluster
+refuses (name taken, rejected by the operator's webhook; nothing applied); 3 a cluster precondition
+is missing (no kubeconfig, no PyTorchJob CRD, no namespace or Secret, no permission); 4 the job
+succeeded but its results could not be collected here (the command that retries it is printed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import secrets
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+from petal import installed
+from petal.cluster import (
+    BadArguments,
+    Cluster,
+    JobFailed,
+    PendingReporter,
+    Precondition,
+    explain_failure,
+    follow_in_background,
+)
+from petal.jobs import collect_job, job_output
+from training.config import flag, options
+
+CHART = installed("charts/petal")
+OPERATOR_VERSION = re.search(r"^TRAINING_OPERATOR_VERSION=(.*)$", installed("scripts/versions.env").read_text(),
+                             flags=re.M)[1]  # fmt: skip
+INSTALL_OPERATOR = (
+    "kubectl apply --server-side -k "
+    f'"github.com/kubeflow/training-operator.git/manifests/overlays/standalone?ref={OPERATOR_VERSION}"'
+)
+DNS_1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+
+
+def count(low: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{text!r} must be at least {low}")
+        return value
+
+    return parse
+
+
+def training_keys() -> list[str]:
+    """The trainer options the chart lists in values.yaml: each is also a flag of this script."""
+    return list(yaml.safe_load((CHART / "values.yaml").read_text())["training"])
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--replicas", type=count(1), help="pods in all: 1 Master + N-1 Workers (chart default 2)")
+    p.add_argument("--image", help="training image, REPOSITORY[:TAG]")
+    p.add_argument("--gpus-per-replica", type=count(0), help="nvidia.com/gpu per pod")
+    trainer = p.add_argument_group("trainer options (charts/petal/values.yaml `training`; python -m training --help)")
+    for key, action in options().items():
+        if key not in training_keys():
+            continue
+        # The trainer's own flag, type, choices and help; only what is given becomes a chart value.
+        names = [flag(action), *(["--dataset"] if key == "data" else [])]
+        extra = {"type": action.type, "metavar": None if action.choices else action.dest.upper()}
+        if isinstance(action, argparse.BooleanOptionalAction):
+            extra = {"action": argparse.BooleanOptionalAction}
+        trainer.add_argument(*names, dest=f"training_{key}", choices=action.choices, help=action.help,
+                             default=None, **extra)  # fmt: skip
+    p.add_argument("--name", help="job name, a DNS-1035 label of at most 45 characters (default: unique)")
+    p.add_argument("--namespace", help="default: the kubeconfig context's, else 'default'")
+    p.add_argument("--values", action="append", default=[], type=Path, help="chart values file (repeatable)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="chart value (repeatable)")
+    p.add_argument(
+        "--timeout",
+        type=count(1),
+        default=24 * 3600,
+        help="seconds to wait for the job to succeed (default a day); the job outlives the wait",
+    )
+    p.add_argument("--follow", nargs="?", const="progress", choices=("progress", "logs"),
+                   help="show progress (epoch, step, loss, ETA) until the job ends; --follow=logs: the "
+                        "master's log")  # fmt: skip
+    p.add_argument("--collect", type=Path, help="where results go (default runs/<name>/)")
+    p.add_argument("--dry-run", action="store_true", help="print the PyTorchJob YAML; contact no cluster")
+
+
+def flag_values(args: argparse.Namespace) -> dict:
+    """The chart values the command-line flags stand for (flags beat --values files; --set beats both)."""
+    values: dict = {}
+    if args.replicas is not None:
+        values["replicas"] = args.replicas
+    if args.image is not None:
+        # A ':' after the last '/' starts the tag; one before it belongs to a registry's port.
+        repository, tag = args.image.rsplit(":", 1) if ":" in args.image.rsplit("/", 1)[-1] else (args.image, "")
+        if not repository.strip():
+            raise BadArguments(f"--image {args.image!r} names no image; expected REPOSITORY[:TAG]")
+        values["image"] = {"repository": repository, **({"tag": tag} if tag else {})}
+    if args.gpus_per_replica is not None:
+        values["gpusPerReplica"] = args.gpus_per_replica
+    training = {
+        key.removeprefix("training_"): value
+        for key, value in vars(args).items()
+        if key.startswith("training_") and value is not None
+    }
+    if training:
+        values["training"] = training
+    return values
+
+
+def job_name(args: argparse.Namespace) -> str:
+    name = args.name or f"petal-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+    if len(name) > 45 or not DNS_1035.match(name):
+        raise BadArguments(
+            f"--name {name!r} is not a DNS-1035 label of at most 45 characters (lower-case letters, digits, '-', "
+            "starting with a letter)"
+        )
+    return name
+
+
+def render(name: str, namespace: str, args: argparse.Namespace) -> list[dict]:
+    """The job's objects, rendered by `helm template` from charts/petal; a values problem is BadArguments."""
+    helm = shutil.which(os.environ.get("HELM", "helm"))
+    if helm is None:
+        raise Precondition("helm is not on PATH (scripts/testbed.sh install helm, or set HELM)")
+    for path in args.values:
+        if not path.is_file():
+            raise BadArguments(f"--values {path} does not exist")
+    with tempfile.NamedTemporaryFile("w", suffix=".json") as flags:
+        json.dump(flag_values(args), flags)
+        flags.flush()
+        command = [helm, "template", name, str(CHART), "--namespace", namespace, "--skip-tests"]
+        command += [arg for path in args.values for arg in ("--values", str(path))]
+        command += ["--values", flags.name, *[arg for item in args.set for arg in ("--set", item)]]
+        result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        problem = " ".join(line.strip(" -") for line in result.stderr.splitlines() if line.strip())
+        raise BadArguments(problem.removeprefix("Error: "))
+    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+
+
+def print_yaml(docs: list[dict]) -> None:
+    print(yaml.safe_dump_all(docs, sort_keys=False), end="")
+
+
+def secrets_needed(docs: list[dict]) -> set[str]:
+    """Secrets the pods read that the render does not create itself."""
+    made = {d["metadata"]["name"] for d in docs if d["kind"] == "Secret"}
+    text = json.dumps(docs)
+    return set(re.findall(r'"secretKeyRef": \{"name": "([^"]+)"', text)) - made
+
+
+class ProgressBar:
+    """submit --follow: one bar over the run's optimizer steps, fed by its progress record."""
+
+    def __init__(self, cluster: Cluster, name: str):
+        from tqdm import tqdm
+
+        from petal.jobs import read_json, storage_or_none
+
+        self.read, self.storage = read_json, storage_or_none()
+        self.output = job_output(cluster.job(name))
+        self.bar = tqdm(desc=name, unit="step", file=sys.stderr, dynamic_ncols=True)
+
+    def __call__(self, job) -> None:
+        record = self.read(self.storage, f"{self.output}/progress.json")
+        if not record or not record.get("steps"):
+            return
+        self.bar.total = record["steps"] * record["epochs"]
+        self.bar.n = (record["epoch"] - 1) * record["steps"] + (record["step"] or 0)
+        eta, loss = record.get("eta_seconds"), record.get("loss")
+        self.bar.set_postfix_str(f"epoch {record['epoch']}/{record['epochs']}"
+                                 + (f", loss {loss:.4f}" if loss is not None else "")
+                                 + (f", ETA {eta // 60}m{eta % 60:02d}s" if eta is not None else ""))  # fmt: skip
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python scripts/submit.py …`: `petal submit …`."""
+    from petal.cli import main as petal
+
+    return petal(["submit", *(sys.argv[1:] if argv is None else argv)])
+
+
+def submit(args: argparse.Namespace) -> int:
+    name = job_name(args)
+    docs = render(name, args.namespace or "default", args)
+    if args.dry_run:
+        print_yaml(docs)
+        return 0
+    cluster = Cluster(args.namespace)
+    if cluster.namespace != (args.namespace or "default"):
+        docs = render(name, cluster.namespace, args)
+    cluster.check(secrets_needed(docs), INSTALL_OPERATOR)
+    from kubeflow.training import TrainingClient
+
+    training = TrainingClient(job_kind="PyTorchJob", namespace=cluster.namespace)
+    cluster.apply(docs)
+    callbacks = [PendingReporter(cluster, training, name)]
+    if args.follow == "logs":
+        follow_in_background(cluster, f"{name}-master-0")
+    elif args.follow == "progress":
+        callbacks.append(ProgressBar(cluster, name))
+    try:
+        training.wait_for_job_conditions(name, cluster.namespace, expected_conditions={"Succeeded"},
+                                         wait_timeout=args.timeout, polling_interval=5,
+                                         callback=lambda job: [callback(job) for callback in callbacks])  # fmt: skip
+    except TimeoutError:
+        explain_failure(cluster, training, name)
+        raise JobFailed(
+            f"{name} did not succeed within --timeout {args.timeout}s; it is still in the cluster "
+            f"(petal cancel {name} -n {cluster.namespace} removes it)"
+        ) from None
+    except RuntimeError as err:
+        explain_failure(cluster, training, name)
+        raise JobFailed(str(err).splitlines()[0]) from None
+    finally:
+        for callback in callbacks:
+            getattr(callback, "close", lambda: None)()
+    summary = collect_job(cluster, name, args.collect)
+    print(json.dumps({"event": "succeeded", **summary}))
+    print(f"submit: {name} succeeded; best validation accuracy {summary['best_val_acc']:.4f}", file=sys.stderr)
+    return 0

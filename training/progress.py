@@ -1,0 +1,98 @@
+"""What a running job says about itself, written by rank 0 into its run directory as it trains:
+
+    <output>/progress.json      at most every PROGRESS_SECONDS, and at every epoch's end:
+        {"state": "training" | "done", "epoch": E, "epochs": N, "step": S, "steps": T, "loss": ...,
+         "images_per_s": ..., "eta_seconds": ..., "best_val_acc": ..., "updated": <unix time>}
+    <output>/tensorboard/       TensorBoard event files: train/loss per logged step; train/lr,
+                                train/images_per_s, val/loss, val/accuracy per epoch; the per-class
+                                accuracy as a figure. Uploaded every EVENTS_SECONDS and each epoch.
+
+`petal status`, `petal list` and `submit --follow` read progress.json; `petal collect` fetches the
+event files, so `tensorboard --logdir runs` shows every collected run.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from training import plots
+from training.storage import S3Url, Storage
+
+PROGRESS_SECONDS = 10.0
+EVENTS_SECONDS = 60.0
+
+
+class Progress:
+    def __init__(self, storage: Storage, output: S3Url, epochs: int, global_batch: int, events_dir: Path):
+        from torch.utils.tensorboard import SummaryWriter  # only rank 0 writes: only it needs tensorboard
+
+        self.storage, self.output, self.epochs, self.global_batch = storage, output, epochs, global_batch
+        self.events_dir = events_dir
+        self.writer = SummaryWriter(log_dir=str(events_dir))
+        self.last_write = self.last_upload = 0.0
+        self.last_step_time, self.last_step = time.monotonic(), None
+        self.seconds_per_step: float | None = None
+        self.eval_seconds = 0.0
+        self.record: dict = {}
+
+    def step(self, epoch: int, step: int, steps: int, loss: float | None, best_val_acc: float) -> None:
+        """After an optimizer step (`loss` where it was read anyway, for the log): the rate, the ETA."""
+        now = time.monotonic()
+        if self.last_step is not None and step > self.last_step:
+            per_step = (now - self.last_step_time) / (step - self.last_step)
+            self.seconds_per_step = (
+                per_step if self.seconds_per_step is None else 0.8 * self.seconds_per_step + 0.2 * per_step
+            )
+        self.last_step_time, self.last_step = now, step
+        global_step = (epoch - 1) * steps + step
+        if loss is not None:
+            self.writer.add_scalar("train/loss", loss, global_step)
+        if now - self.last_write >= PROGRESS_SECONDS:
+            eta = None
+            if self.seconds_per_step is not None:
+                steps_left = (steps - step) + (self.epochs - epoch) * steps
+                eta = round(steps_left * self.seconds_per_step + (self.epochs - epoch + 1) * self.eval_seconds)
+            self.record = {"state": "training", "epoch": epoch, "epochs": self.epochs, "step": step, "steps": steps,
+                           "loss": loss if loss is not None else self.record.get("loss"),
+                           "images_per_s": round(self.global_batch / self.seconds_per_step, 1)
+                           if self.seconds_per_step else None,
+                           "eta_seconds": eta, "best_val_acc": best_val_acc if best_val_acc >= 0 else None}  # fmt: skip
+            self.publish(now)
+
+    def epoch_end(self, record: dict, best_val_acc: float, eval_seconds: float, classes: list[str]) -> None:
+        epoch = record["epoch"]
+        self.eval_seconds = eval_seconds
+        self.writer.add_scalar("train/lr", record["lr"], epoch)
+        self.writer.add_scalar(
+            "train/images_per_s", record["train_samples"] / max(record["train_seconds"], 1e-9), epoch
+        )
+        self.writer.add_scalar("val/loss", record["val_loss"], epoch)
+        self.writer.add_scalar("val/accuracy", record["val_acc"], epoch)
+        self.writer.add_figure("val/per_class_accuracy", plots.per_class_figure(classes, record["val_per_class_acc"],
+                                                                                  epoch), epoch)  # fmt: skip
+        left = self.epochs - epoch
+        per_epoch = record["seconds"]
+        self.record = {"state": "training" if left else "done", "epoch": min(epoch + 1, self.epochs) if left else epoch,
+                       "epochs": self.epochs, "step": 0 if left else self.record.get("steps"),
+                       "steps": self.record.get("steps"), "loss": record["train_loss"],
+                       "images_per_s": round(record["train_samples"] / max(record["train_seconds"], 1e-9), 1),
+                       "eta_seconds": round(left * per_epoch), "best_val_acc": best_val_acc}  # fmt: skip
+        self.last_upload = 0.0  # the epoch's scalars go up now
+        self.publish(time.monotonic())
+
+    def publish(self, now: float) -> None:
+        record = json.dumps(self.record | {"updated": time.time()}).encode()
+        self.storage.write_bytes(self.output.join("progress.json"), record, "application/json")
+        self.last_write = now
+        if now - self.last_upload >= EVENTS_SECONDS:
+            self.writer.flush()
+            for path in sorted(self.events_dir.iterdir()):
+                self.storage.upload(path, self.output.join("tensorboard", path.name))
+            self.last_upload = now
+
+    def close(self) -> None:
+        self.last_upload = 0.0
+        self.publish(time.monotonic())
+        self.writer.close()
