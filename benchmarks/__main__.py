@@ -4,7 +4,7 @@
     python -m benchmarks data --json runs/bench/data.json
     python -m benchmarks all --json runs/bench/all.json
 
-Names: data, feature_cache, ddp, submit, all. What each measures and its goal: benchmarks/data.py,
+Names: data, feature_cache, ddp, submit, resized_accuracy, all. What each measures and its goal: benchmarks/data.py,
 benchmarks/trainer_runs.py, benchmarks/submitter.py. Ratios, not absolute numbers, are what to compare across machines.
 """
 
@@ -19,6 +19,7 @@ BENCHMARKS = {
     "feature_cache": trainer_runs.feature_cache,
     "ddp": trainer_runs.ddp,
     "submit": submitter.run,
+    "resized_accuracy": trainer_runs.resized_accuracy,
 }
 
 
@@ -30,8 +31,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="data: rounds per contender, best kept")
     parser.add_argument("--workers", type=int, default=2, help="data: DataLoader workers for every contender")
     parser.add_argument("--images", type=int, default=480, help="data: images in the set")
-    parser.add_argument("--image-side", type=int, default=400, help="data: pixels per side of each JPEG")
     parser.add_argument("--per-class", type=int, default=60, help="feature_cache, ddp: training images per class")
+    parser.add_argument("--epochs", type=int, default=8, help="resized_accuracy: epochs of each of its two runs")
     args = parser.parse_args()
     if args.name != "all":
         BENCHMARKS[args.name](args)

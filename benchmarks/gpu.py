@@ -8,7 +8,8 @@ Measures training images/s at 224 px for ResNet-50 and ResNet-152 in fp32, AMP (
 channels_last, on synthetic tensors; the fc-only (`--freeze fc`) step with and without the feature
 cache (the seed recomputes the frozen backbone every epoch; the cache runs it once per view, then
 trains the head from features) with the 12-epoch speedup that implies; and ResNet-50 AMP +
-channels_last fed from decoded JPEGs by DataLoader workers. Anchor: NVIDIA's ResNet-50 reference
+channels_last fed from decoded JPEGs by DataLoader workers; and JPEG decode images/s on the CPU
+(PIL, torchvision) against nvJPEG on the GPU (the trainer's --decode gpu). Anchor: NVIDIA's ResNet-50 reference
 trains ~2,470 img/s on one A100 with AMP (DeepLearningExamples).
 """
 
@@ -164,6 +165,34 @@ def decoded_jpegs(cfg, device) -> float:
     return seen / (time.perf_counter() - started)
 
 
+def decode_rates(cfg, device) -> dict:
+    """JPEG decode images/s of one process: PIL and torchvision (libjpeg-turbo) on the CPU, against
+    batches decoded by nvJPEG on the GPU (torchvision.io.decode_jpeg(device="cuda")), which is what
+    the trainer's --decode gpu does."""
+    blobs = Jpegs(cfg.jpegs, cfg.size).blobs
+    tensors = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in blobs]
+
+    def timed(fn, repeats: int = 3) -> float:
+        fn()  # warm-up: nvJPEG handles, page cache
+        synchronize(device)
+        started = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        synchronize(device)
+        return repeats * len(blobs) / (time.perf_counter() - started)
+
+    rates = {
+        "cpu_pil": timed(lambda: [Image.open(io.BytesIO(b)).convert("RGB") for b in blobs]),
+        "cpu_torchvision": timed(lambda: [torchvision.io.decode_jpeg(t) for t in tensors]),
+        "gpu_nvjpeg": None,
+    }
+    if device.type == "cuda":
+        batch = cfg.batch
+        rates["gpu_nvjpeg"] = timed(lambda: [torchvision.io.decode_jpeg(tensors[i : i + batch], device=device)
+                                             for i in range(0, len(tensors), batch)])  # fmt: skip
+    return rates
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", help="write every figure here")
@@ -194,6 +223,9 @@ def main() -> None:
     results["resnet50/decoded_jpegs_amp_bf16_channels_last"] = decoded_jpegs(cfg, device)
     print(f"resnet50   from decoded JPEGs ({cfg.workers} workers) "
           f"{results['resnet50/decoded_jpegs_amp_bf16_channels_last']:9.1f} img/s")  # fmt: skip
+    results["jpeg_decode_img_per_s"] = decode_rates(cfg, device)
+    print("JPEG decode img/s (one process): " + json.dumps(
+        {k: None if v is None else round(v) for k, v in results["jpeg_decode_img_per_s"].items()}))  # fmt: skip
     best = results["train_img_per_s"]["resnet50/amp_bf16_channels_last"]
     results["resnet50_amp_vs_a100_reference"] = best / A100_RESNET50_AMP
     print(f"resnet50 AMP + channels_last vs NVIDIA's A100 reference: {best / A100_RESNET50_AMP:.2f}x")

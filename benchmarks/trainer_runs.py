@@ -23,6 +23,7 @@ from pathlib import Path
 from statistics import median
 
 from benchmarks.common import ROOT, make_images, report, run_script, storage_from_env
+from benchmarks.photos import make_photos
 from training.storage import parse_url
 
 DATASET = "s3://petal/bench/trainer-shapes"
@@ -40,7 +41,8 @@ def clear(output: str) -> None:
         storage.delete(url)
 
 
-def train(output: str, args: list[str], nproc: int = 1, threads: int | None = None) -> tuple[list[dict], float]:
+def train(output: str, args: list[str], nproc: int = 1, threads: int | None = None,
+          data: str = DATASET) -> tuple[list[dict], float]:  # fmt: skip
     """Runs the trainer to completion in a fresh --output; returns its epoch records and wall time."""
     clear(output)
     env = os.environ | ({"OMP_NUM_THREADS": str(threads)} if threads else {})
@@ -49,7 +51,7 @@ def train(output: str, args: list[str], nproc: int = 1, threads: int | None = No
         if nproc > 1
         else [sys.executable]
     )
-    argv = [*launcher, "-m", "training", "--data", DATASET, "--output", output, "--arch", "resnet18", *args]
+    argv = [*launcher, "-m", "training", "--data", data, "--output", output, "--arch", "resnet18", *args]
     started = time.perf_counter()
     result = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - started
@@ -105,3 +107,29 @@ def ddp(args) -> dict:
     rows = [(f"{name} x 1 thread images/s", f"{value:7.1f}") for name, value in rate.items()]
     rows.append(("scaling", f"{scaling:7.2f}x  (goal >= 1.7x{'' if scaling >= 1.7 else ', MISSED'})"))
     return report("ddp", rows, {"images_per_s": rate, "scaling": scaling, "goals": {"scaling": 1.7}}, args.json)
+
+
+def resized_accuracy(args) -> dict:
+    """Accuracy of the same training on the stored-resized images (upload_dataset.py's default,
+    short side 256) and on the originals (--short-side 0): same seed, epochs and 224 px. The task is
+    realistic photographs, each class one half of one of them, so fine detail counts."""
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="petal-bench-resized-"))
+    images = make_photos(work / "halves", classes=14, per_class=40, halves=True)
+    datasets = {"stored_256": "s3://petal/bench/halves-256", "original": "s3://petal/bench/halves-original"}
+    run_script("upload_dataset.py", str(images), datasets["stored_256"], "--valid-fraction", "0.25")
+    run_script("upload_dataset.py", str(images), datasets["original"], "--valid-fraction", "0.25", "--short-side", "0")
+    common = ["--image-size", "224", "--batch-size", "32", "--workers", "1", "--epochs", str(args.epochs),
+              "--freeze", "none", "--pretrained", "none", "--lr", "0.002"]  # fmt: skip
+    runs = {
+        name: train(f"s3://petal/bench/resized-{name}", common, nproc=2, data=url) for name, url in datasets.items()
+    }
+    best = {name: max(r["val_acc"] for r in records) for name, (records, _) in runs.items()}
+    seconds = {name: sum(r["train_seconds"] for r in records) for name, (records, _) in runs.items()}
+    delta = 100 * (best["stored_256"] - best["original"])
+    rows = [(f"{name}: best val_acc", f"{best[name]:.4f}   training {seconds[name]:.0f}s") for name in runs]
+    rows.append(
+        ("stored - original", f"{delta:+.2f} points  (goal within +-0.5{'' if abs(delta) <= 0.5 else ', MISSED'})")
+    )
+    result = {"best_val_acc": best, "train_seconds": seconds, "delta_points": delta, "epochs": args.epochs,
+              "goals": {"delta_points_abs": 0.5}}  # fmt: skip
+    return report("resized_accuracy", rows, result, args.json)

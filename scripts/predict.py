@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         k = min(args.top_k, len(classes))
         for path in args.images:
             try:
-                batch = transform(decode_image(path.read_bytes()))[None]
+                batch = transform(decode_image(path.read_bytes(), state["config"]["image_size"]))[None]
             except (OSError, UnidentifiedImageError) as err:
                 raise ValueError(f"{path} is not a readable image ({err})") from None
             with torch.no_grad():

@@ -10,6 +10,9 @@ Layouts it understands (class names from an optional SRC/cat_to_name.json, else 
                its train / valid / test splits
   imagefolder  SRC/<class>/*.jpg: a deterministic --valid-fraction of each class becomes `valid`
 
+Images whose shorter side is over --short-side (default 256) are stored re-encoded at that short side
+(what training at the default 224 px needs; decoding a 500 px original costs about four times as
+much), the others as they are; the index records it per split. The local files are never changed.
 Images that do not decode are reported (count and paths) and left out. Re-running uploads nothing
 already stored (shard names carry their content hash); index.json is written last, so an
 interrupted upload never leaves a dataset that looks complete. Storage settings come from the
@@ -27,6 +30,7 @@ import re
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from io import BytesIO
 from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
@@ -35,6 +39,9 @@ from tqdm import tqdm
 from training.shards import FORMAT, Sample, build_shard, shard_count, shard_entry, write_index
 from training.storage import S3Url, Storage, StorageError, parse_url
 
+# 256 keeps the margin the eval view (resize to 224, centre-crop) and a 20 degree rotation use.
+DEFAULT_SHORT_SIDE = 256
+STORED_QUALITY = 93
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 SEED_SPLITS = ("train", "valid", "test")
 
@@ -117,8 +124,34 @@ def decoded_format(path: Path) -> str | None:
         return None
 
 
+def stored_image(path: Path, fmt: str, short_side: int) -> tuple[bytes, str]:
+    """The bytes to store: the file as it is, or — when its shorter side is over `short_side` — the
+    image re-encoded as a JPEG of that short side. Training crops --image-size pixels (224) from an
+    image scaled to that short side anyway, so decoding a 500 px original only to shrink it is waste;
+    the same input always gives the same bytes, so a re-run still finds its shards stored."""
+    data = path.read_bytes()
+    if not short_side:
+        return data, fmt
+    with Image.open(BytesIO(data)) as image:
+        if min(image.size) <= short_side:
+            return data, fmt
+        scale = short_side / min(image.size)
+        size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+        resized = image.convert("RGB").resize(size, Image.Resampling.LANCZOS)
+    buffer = BytesIO()
+    resized.save(buffer, "JPEG", quality=STORED_QUALITY)
+    return buffer.getvalue(), "jpg"
+
+
 def upload(
-    src: Path, dest: S3Url, storage: Storage, *, valid_fraction: float, min_shards: int, max_shard_mb: int
+    src: Path,
+    dest: S3Url,
+    storage: Storage,
+    *,
+    valid_fraction: float,
+    min_shards: int,
+    max_shard_mb: int,
+    short_side: int = 0,
 ) -> dict:
     if not src.is_dir():
         raise DatasetError(f"{src} is not a directory")
@@ -153,16 +186,13 @@ def upload(
         entries = []
         for number in tqdm(range(count), desc=f"uploading {split}", unit="shard"):
             chunk = good[len(good) * number // count : len(good) * (number + 1) // count]
+            with ThreadPoolExecutor(max_workers=4) as pool:
+                stored = list(pool.map(lambda i: stored_image(i.path, formats[i], short_side), chunk))
             samples = [
-                Sample(
-                    f"{split}-{len(good) * number // count + j:06d}",
-                    i.path.read_bytes(),
-                    formats[i],
-                    label_of[i.class_id],
-                    str(i.path.relative_to(src)),
-                )
-                for j, i in enumerate(chunk)
-            ]
+                Sample(f"{split}-{len(good) * number // count + j:06d}", data, fmt, label_of[i.class_id],
+                       str(i.path.relative_to(src)))
+                for j, (i, (data, fmt)) in enumerate(zip(chunk, stored, strict=True))
+            ]  # fmt: skip
             data = build_shard(samples)
             entry = shard_entry(split, number, data, len(samples))
             url = dest.join(entry["name"])
@@ -172,7 +202,8 @@ def upload(
                 storage.write_bytes(url, data, "application/x-tar")
                 uploaded += 1
             entries.append(entry)
-        index["splits"][split] = {"samples": len(good), "shards": entries}
+        index["splits"][split] = {"samples": len(good), "shards": entries,
+                                  **({"short_side": short_side} if short_side else {})}  # fmt: skip
     write_index(storage, dest, index)
     if rejected:
         print(f"rejected {len(rejected)} image(s) that do not decode:", *rejected, sep="\n  ", file=sys.stderr)
@@ -202,12 +233,21 @@ def main(argv: list[str] | None = None) -> int:
         help="per split, so that many ranks x DataLoader workers all get shards",
     )
     parser.add_argument("--max-shard-mb", type=int, default=64)
+    parser.add_argument(
+        "--short-side",
+        type=int,
+        default=DEFAULT_SHORT_SIDE,
+        help="store images whose shorter side is larger re-encoded (JPEG) at this short side, which training "
+        "at --image-size up to it needs no more of; 0 stores the files as they are (the originals are never changed)",
+    )
     args = parser.parse_args(argv)
     try:
         if not 0 < args.valid_fraction < 1:
             raise DatasetError(f"--valid-fraction {args.valid_fraction} must be between 0 and 1")
         if args.min_shards < 1 or args.max_shard_mb < 1:
             raise DatasetError("--min-shards and --max-shard-mb must be at least 1")
+        if args.short_side < 0:
+            raise DatasetError(f"--short-side {args.short_side} must be 0 (as they are) or a size in pixels")
         dest = parse_url(args.dest)
         if not dest.key:
             raise DatasetError(f"{args.dest!r} names no prefix; expected s3://BUCKET/PREFIX")
@@ -218,6 +258,7 @@ def main(argv: list[str] | None = None) -> int:
             valid_fraction=args.valid_fraction,
             min_shards=args.min_shards,
             max_shard_mb=args.max_shard_mb,
+            short_side=args.short_side,
         )
     except (DatasetError, StorageError, ValueError) as err:
         print(f"upload_dataset: error: {err}", file=sys.stderr)

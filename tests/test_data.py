@@ -120,3 +120,30 @@ def test_a_resume_trains_each_sample_of_the_interrupted_epoch_exactly_once(stret
         before = continue_epoch(first, done[:-1], resumed_on)
         skipped = done[-1]["steps"] * done[-1]["batch_size"]
         assert left == [ids[skipped:] for ids in before]
+
+
+def test_batches_decoded_by_the_gpu_path_are_the_views_of_their_samples():
+    """--decode gpu's batch pipeline, run on the CPU device (nvJPEG itself needs a GPU): JPEGs decoded
+    in one call, anything else one by one; the eval view equals the CPU path's up to resampling."""
+    import io
+
+    import torch
+    from PIL import Image
+
+    from training.data import DecodeOnGpu, decode_image, encoded_batch, eval_transform
+
+    def encoded(colour, fmt):
+        buffer = io.BytesIO()
+        Image.new("RGB", (300, 240), colour).save(buffer, fmt)
+        return buffer.getvalue()
+
+    blobs = [encoded((200, 30, 30), "JPEG"), encoded((30, 200, 30), "PNG")]
+    batch = encoded_batch([(torch.frombuffer(bytearray(b), dtype=torch.uint8), i, f"key{i}", 3)
+                           for i, b in enumerate(blobs)])  # fmt: skip
+    ((images, labels, keys),) = list(DecodeOnGpu([batch], 64, torch.device("cpu"), seed=0, augment=False))
+    assert images.shape == (2, 3, 64, 64) and labels.tolist() == [0, 1] and keys == ["key0", "key1"]
+    on_cpu = torch.stack([eval_transform(64)(decode_image(b)) for b in blobs])
+    torch.testing.assert_close(images, on_cpu, atol=0.05, rtol=0)  # flat colours: resamplers agree
+    augmented = list(DecodeOnGpu([batch], 64, torch.device("cpu"), seed=0, augment=True))[0][0]
+    again = list(DecodeOnGpu([batch], 64, torch.device("cpu"), seed=0, augment=True))[0][0]
+    assert torch.equal(augmented, again), "augmentation is seeded per (seed, epoch, sample)"

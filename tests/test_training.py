@@ -160,6 +160,7 @@ def one_line_failure(env: dict, *args: str, timeout: float = 90) -> str:
             f"--pretrained {s3('weights/absent.pt')} does not exist",
         ),
         ({}, ["--pretrained", "imagenet-v9"], "'imagenet-v9' is not imagenet, none or s3://BUCKET/KEY"),
+        ({}, ["--decode", "gpu"], "--decode gpu needs a GPU; this rank runs on cpu"),
     ],
 )
 def test_bad_input_gets_one_line_naming_the_problem(s3_env, synthetic_dataset, run_dir, change, args, expected):

@@ -113,6 +113,10 @@ def build_parser() -> OneLineParser:
     p.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default="auto",
                    help="mixed precision on CUDA (auto: bf16 on GPUs that have it natively, compute "
                         "capability 8.0+; else fp16 with a GradScaler); ignored on CPU")  # fmt: skip
+    p.add_argument("--decode", choices=("auto", "cpu", "gpu"), default="auto",
+                   help="where training images are decoded: gpu: nvJPEG on the rank's GPU, batch by batch "
+                        "(the DataLoader workers only read bytes); cpu: PIL in the workers; auto: gpu where it "
+                        "works")  # fmt: skip
     p.add_argument("--feature-cache", action=argparse.BooleanOptionalAction, default=True,
                    help="with --freeze fc, run the frozen backbone once per image view and train the "
                         "head from its cached features; --no-feature-cache recomputes it every epoch "

@@ -43,25 +43,28 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def eval_transform(image_size: int) -> T.Compose:
-    """Deterministic: resize the short side, centre-crop, normalise (the seed's validation view)."""
-    return T.Compose(
-        [
-            T.PILToTensor(),
-            T.Resize(image_size, antialias=True),
-            T.CenterCrop(image_size),
-            T.ToDtype(torch.float32, scale=True),
-            T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-        ]
-    )
+    """Deterministic: resize the short side, centre-crop, normalise (the seed's validation view). The
+    geometry is done by PIL, on 8-bit pixels, before anything becomes a float tensor."""
+    return T.Compose([T.Resize(image_size), T.CenterCrop(image_size), *_to_normalised_tensor()])
 
 
 def train_transform(image_size: int) -> T.Compose:
-    """The seed's training view: a random rotation of up to 20 degrees before the eval view."""
-    return T.Compose([T.PILToTensor(), T.RandomRotation(20), *eval_transform(image_size).transforms[1:]])
+    """The seed's training view: the eval view with a random rotation of up to 20 degrees, done after
+    the resize (on image_size² pixels, not on the full image: the same view for a fraction of the work)."""
+    return T.Compose([T.Resize(image_size), T.RandomRotation(20), T.CenterCrop(image_size), *_to_normalised_tensor()])
 
 
-def decode_image(data: bytes) -> Image.Image:
+def _to_normalised_tensor() -> list:
+    return [T.PILToTensor(), T.ToDtype(torch.float32, scale=True), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+
+
+def decode_image(data: bytes, draft_side: int | None = None) -> Image.Image:
+    """An RGB image. With `draft_side`, a JPEG larger than needed is decoded at a reduced scale (1/2,
+    1/4, 1/8: PIL's draft, done in the decoder) while both sides stay at least `draft_side`, which is
+    all a transform to that size uses."""
     with Image.open(BytesIO(data)) as image:
+        if draft_side and image.format == "JPEG":
+            image.draft("RGB", (draft_side, draft_side))
         return image.convert("RGB")
 
 
@@ -70,10 +73,11 @@ class SplitSamples(Dataset):
     (epoch, number). Augmentation draws from an RNG seeded by (seed, epoch, sample), whichever
     process decodes it, so the worker that happens to get a sample does not matter."""
 
-    def __init__(self, stream: SplitStream, transform: T.Compose, *, seed: int, augment: bool):
+    def __init__(self, stream: SplitStream, transform: T.Compose | None, *, seed: int, augment: bool,
+                 draft_side: int | None = None):  # fmt: skip
         self.paths = [shard_path(stream.dataset, shard, stream.cache_dir) for shard in stream.shards]
         self.starts = list(accumulate(stream.sizes, initial=0))
-        self.transform, self.seed, self.augment = transform, seed, augment
+        self.transform, self.seed, self.augment, self.draft_side = transform, seed, augment, draft_side
 
     def __len__(self) -> int:
         return self.starts[-1]
@@ -82,7 +86,9 @@ class SplitSamples(Dataset):
         epoch, number = item
         shard = bisect_right(self.starts, number) - 1
         ref = _table(self.paths[shard])[number - self.starts[shard]]
-        image = decode_image(read_image_bytes(ref))
+        if self.transform is None:  # --decode gpu: the rank decodes; a worker only reads the bytes
+            return torch.frombuffer(bytearray(read_image_bytes(ref)), dtype=torch.uint8), ref.label, ref.key, epoch
+        image = decode_image(read_image_bytes(ref), self.draft_side)
         if not self.augment:
             return self.transform(image), ref.label, ref.key
         with torch.random.fork_rng(devices=[]):
@@ -191,12 +197,13 @@ class SplitLoader:
     """A DataLoader over one split whose workers live for the whole run (starting them is not free:
     imports, forks, prefetch); each epoch only says which samples, in which order (`for_epoch`)."""
 
-    def __init__(self, stream: SplitStream, transform: T.Compose, *, seed: int, augment: bool, batch_size: int,
-                 workers: int, pin_memory: bool):  # fmt: skip
+    def __init__(self, stream: SplitStream, transform: T.Compose | None, *, seed: int, augment: bool, batch_size: int,
+                 workers: int, pin_memory: bool, draft_side: int | None = None):  # fmt: skip
         self.stream = stream
         self.sampler = EpochSampler()
         self.loader = DataLoader(
-            SplitSamples(stream, transform, seed=seed, augment=augment),
+            SplitSamples(stream, transform, seed=seed, augment=augment, draft_side=draft_side),
+            collate_fn=None if transform is not None else encoded_batch,
             batch_size=batch_size,
             sampler=self.sampler,
             num_workers=workers,
@@ -219,6 +226,73 @@ class SplitLoader:
             iterator._shutdown_workers()
 
 
+def encoded_batch(items: list) -> tuple:
+    """A batch of still-encoded images: they differ in length, so they stay a list."""
+    blobs, labels, keys, epochs = zip(*items, strict=True)
+    return list(blobs), torch.tensor(labels), list(keys), list(epochs)
+
+
+def gpu_transform(image_size: int, augment: bool) -> T.Compose:
+    """The train or eval view on a decoded CUDA tensor (the same steps as on a PIL image, on the GPU)."""
+    rotate = [T.RandomRotation(20)] if augment else []
+    return T.Compose([T.Resize(image_size, antialias=True), *rotate, T.CenterCrop(image_size),
+                      T.ToDtype(torch.float32, scale=True), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])  # fmt: skip
+
+
+class DecodeOnGpu:
+    """--decode gpu: each batch's JPEGs decoded by nvJPEG on the rank's GPU in one call
+    (torchvision.io.decode_jpeg), then resized, rotated and cropped there, so that decoding stops
+    needing a score of CPU cores per GPU. Augmentation is seeded per (seed, epoch, sample) as on the
+    CPU path. Anything that is not a JPEG is decoded on the CPU and moved over."""
+
+    def __init__(self, loader: DataLoader, image_size: int, device: torch.device, *, seed: int, augment: bool):
+        self.loader, self.device, self.seed, self.augment = loader, device, seed, augment
+        self.transform = gpu_transform(image_size, augment)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        for blobs, labels, keys, epochs in self.loader:
+            try:
+                images = decode_jpeg(blobs, mode=ImageReadMode.RGB, device=self.device)
+            except RuntimeError:  # a PNG, GIF, ... among them: one by one, those on the CPU
+                images = [self._decode_one(blob, decode_jpeg, ImageReadMode.RGB) for blob in blobs]
+            views = []
+            for image, key, epoch in zip(images, keys, epochs, strict=True):
+                if not self.augment:
+                    views.append(self.transform(image))
+                    continue
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(hash_seed(self.seed, epoch, key))
+                    views.append(self.transform(image))
+            yield torch.stack(views), labels, keys
+
+    def _decode_one(self, blob: torch.Tensor, decode_jpeg, mode) -> torch.Tensor:
+        try:
+            return decode_jpeg(blob, mode=mode, device=self.device)
+        except RuntimeError:
+            pixels = T.functional.pil_to_tensor(decode_image(blob.numpy().tobytes()))
+            return pixels.to(self.device, non_blocking=True)
+
+
+def gpu_decode_works(device: torch.device) -> bool:
+    """Whether nvJPEG decodes here: --decode auto's test."""
+    if device.type != "cuda":
+        return False
+    from torchvision.io import decode_jpeg
+
+    buffer = BytesIO()
+    Image.new("RGB", (16, 16)).save(buffer, "JPEG")
+    try:
+        decode_jpeg(torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8), device=device)
+    except RuntimeError:
+        return False
+    return True
+
+
 def ignore_sigterm(_worker_id: int) -> None:
     """DataLoader workers leave stopping to their rank: a SIGTERM sent to the whole process group
     (torchrun stopping its workers) must not kill them while the rank finishes its step and writes a
@@ -234,24 +308,32 @@ class ImageEpochs:
     """Each epoch decodes and transforms its images afresh: the whole model runs on every batch."""
 
     def __init__(self, model, train: SplitStream, val: SplitStream, *, image_size: int, seed: int, rank: int,
-                 world_size: int, batch_size: int, workers: int, pin_memory: bool):  # fmt: skip
+                 world_size: int, batch_size: int, workers: int, pin_memory: bool,
+                 decode_on: torch.device | None = None):  # fmt: skip
         self.trained = self.evaluated = model
         self.train, self.val = train, val
         self.samples = train.samples
         self.seed, self.rank, self.world_size = seed, rank, world_size
-        common = dict(seed=seed, batch_size=batch_size, workers=workers, pin_memory=pin_memory)
-        self.train_batches = SplitLoader(train, train_transform(image_size), augment=True, **common)
-        self.val_batches = SplitLoader(val, eval_transform(image_size), augment=False, **common)
+        self.image_size, self.decode_on = image_size, decode_on
+        common = dict(seed=seed, batch_size=batch_size, workers=workers, pin_memory=pin_memory, draft_side=image_size)
+        on_cpu = decode_on is None
+        self.train_batches = SplitLoader(train, train_transform(image_size) if on_cpu else None, augment=True, **common)
+        self.val_batches = SplitLoader(val, eval_transform(image_size) if on_cpu else None, augment=False, **common)
 
     def assignment(self, epoch: int, world_size: int) -> list[list[int]]:
         return self.train.assignment(self.seed, epoch, world_size, shuffle=True)
 
-    def train_loader(self, epoch: int, numbers: list[int]) -> DataLoader:
-        return self.train_batches.for_epoch(epoch, numbers)
+    def train_loader(self, epoch: int, numbers: list[int]):
+        return self._on_device(self.train_batches.for_epoch(epoch, numbers), augment=True)
 
-    def val_loader(self, epoch: int) -> DataLoader:
+    def val_loader(self, epoch: int):
         numbers = self.val.assignment(self.seed, epoch, self.world_size, shuffle=False)[self.rank]
-        return self.val_batches.for_epoch(epoch, numbers)
+        return self._on_device(self.val_batches.for_epoch(epoch, numbers), augment=False)
+
+    def _on_device(self, loader: DataLoader, augment: bool):
+        if self.decode_on is None:
+            return loader
+        return DecodeOnGpu(loader, self.image_size, self.decode_on, seed=self.seed, augment=augment)
 
     def close(self) -> None:
         self.train_batches.close()

@@ -36,7 +36,7 @@ class ViewSamples(Dataset):
 
     def __init__(self, items: list[tuple[SampleRef, int]], image_size: int, seed: int):
         self.items = items
-        self.seed = seed
+        self.seed, self.image_size = seed, image_size
         self.eval_view = eval_transform(image_size)
         self.train_view = train_transform(image_size)
 
@@ -45,7 +45,7 @@ class ViewSamples(Dataset):
 
     def __getitem__(self, i: int) -> torch.Tensor:
         ref, view = self.items[i]
-        image = decode_image(read_image_bytes(ref))
+        image = decode_image(read_image_bytes(ref), self.image_size)
         if view == 0:
             return self.eval_view(image)
         with torch.random.fork_rng(devices=[]):

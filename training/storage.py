@@ -180,6 +180,7 @@ class Storage:
         if credentials is None and access_key and secret_key:
             credentials = StaticProvider(access_key, secret_key)
         self.endpoint_url = endpoint_url
+        self.credentials = credentials
         self.retry_seconds = retry_seconds
         self._settings = dict(
             endpoint=parsed.netloc,

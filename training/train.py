@@ -43,7 +43,7 @@ from torch.distributed.algorithms.join import Join
 from torch.nn.parallel import DistributedDataParallel
 
 from training import checkpoint, plots
-from training.data import ImageEpochs, SplitStream, continue_epoch, hash_seed
+from training.data import ImageEpochs, SplitStream, continue_epoch, gpu_decode_works, hash_seed
 from training.distributed import (
     LaunchError,
     World,
@@ -198,9 +198,10 @@ def epoch_source(args, model, train: SplitStream, val: SplitStream, world: World
                              dataset=f"{train.fingerprint}/{val.fingerprint}")  # fmt: skip
         return FeatureEpochs(model, train, val, cache=cache, views=args.cache_views, seed=args.seed,
                              rank=world.rank, world_size=world.world_size, batch_size=args.batch_size)  # fmt: skip
+    on_gpu = args.decode == "gpu" or (args.decode == "auto" and gpu_decode_works(world.device))
     return ImageEpochs(model, train, val, image_size=args.image_size, seed=args.seed, rank=world.rank,
                        world_size=world.world_size, batch_size=args.batch_size, workers=args.workers,
-                       pin_memory=world.device.type == "cuda")  # fmt: skip
+                       pin_memory=world.device.type == "cuda", decode_on=world.device if on_gpu else None)  # fmt: skip
 
 
 class Preempted(Exception):
@@ -285,11 +286,19 @@ def resume_point(storage: Storage, output: S3Url, args, config: dict, classes: l
 
 def run(args: argparse.Namespace, preemption: Preemption) -> None:
     world = World.from_env()
+    if args.decode == "gpu" and world.device.type != "cuda":
+        raise LaunchError(f"--decode gpu needs a GPU; this rank runs on {world.device.type} (use auto or cpu)")
     storage = Storage.from_env()
     data, output = parse_url(args.data), parse_url(args.output)
     index = read_index(storage, data)
     train_splits = split_names(index, args.train_splits.split(","))
     (val_split,) = split_names(index, [args.val_split])
+    for split in (*train_splits, val_split):
+        stored = index["splits"][split].get("short_side")
+        if stored and stored < args.image_size and world.is_main:
+            log(f"{split}'s images are stored at short side {stored}, below --image-size {args.image_size}: "
+                "they are upscaled; re-upload with scripts/upload_dataset.py --short-side 0 (or larger) for "
+                "the detail")  # fmt: skip
     class_names = [c["name"] for c in index["classes"]]
     config = run_config(args)
     storage.require_bucket(output)
