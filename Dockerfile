@@ -21,15 +21,17 @@ WORKDIR /opt/petal
 COPY pyproject.toml ./
 # Versions are pinned where they are declared, in pyproject.toml.
 # hadolint ignore=DL3013
-RUN mkdir -p training petal charts/petal/templates/tests scripts \
+RUN mkdir -p training petal charts/petal/templates/tests scripts manifests \
     && touch README.md training/__init__.py petal/__init__.py scripts/versions.env \
         charts/petal/Chart.yaml charts/petal/values.yaml charts/petal/values.schema.json \
+        manifests/trainer-runtime.yaml \
     && pip install ".[train]"
 
 COPY training/ training/
 COPY petal/ petal/
 COPY charts/petal/ charts/petal/
 COPY scripts/predict.py scripts/collect_run.py scripts/versions.env scripts/
+COPY manifests/trainer-runtime.yaml manifests/
 RUN pip install --no-deps --force-reinstall . \
     && mkdir -p /cache \
     && chown 1000:1000 /cache

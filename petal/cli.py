@@ -57,7 +57,9 @@ def parser() -> OneLineParser:
     logs = verb("logs", "a job's log: the master's, or rank N's pod")
     logs.add_argument("name")
     logs.add_argument("-f", "--follow", action="store_true", help="follow it, across pod restarts, to the job's end")
-    logs.add_argument("--rank", type=int, default=0, help="0: the master; i: worker i-1")
+    logs.add_argument(
+        "--rank", type=int, default=0, help="0: the master; i: a PyTorchJob's worker i-1, a TrainJob's node i"
+    )
     cancel = verb("cancel", "delete a job (its outputs stay in storage)")
     cancel.add_argument("name")
     collect = verb("collect", "a finished job's results into DIR (default runs/NAME/)")

@@ -9,16 +9,78 @@ missing; 4 the job succeeded but its results could not be collected here; 5 no s
 from __future__ import annotations
 
 import json
+import re
 import sys
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
 
-CRD = "pytorchjobs.kubeflow.org"
-GROUP, VERSION, PLURAL = "kubeflow.org", "v1", "pytorchjobs"
+from petal import installed
+
 PENDING_GRACE_SECONDS = 30
 # The chart's labels: what tells petal's jobs from others.
 PETAL_SELECTOR = "app.kubernetes.io/name=petal"
+QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+KUEUE = ("kueue.x-k8s.io", "v1beta2")
+
+
+def pinned(name: str) -> str:
+    return re.search(rf"^{name}=(.*)$", installed("scripts/versions.env").read_text(), flags=re.M)[1]
+
+
+@dataclass(frozen=True)
+class Api:
+    """One Kubeflow job API petal submits to: where its objects live and how its pods are found."""
+
+    kind: str
+    group: str
+    version: str
+    plural: str
+    container: str  # the training container's name, which the operator requires
+    succeeded: str  # the condition that means done
+    pod_label: str  # the label holding the job's name on its pods
+    rank: Callable[[dict], int]  # a pod's place in the job from its labels: 0 runs the master process
+    install: str
+
+    @property
+    def crd(self) -> str:
+        return f"{self.plural}.{self.group}"
+
+    def pod_selector(self, name: str) -> str:
+        """The job's training pods: a TrainJob's runtime may add initializer jobs beside its nodes."""
+        return f"{self.pod_label}={name}" + (",jobset.sigs.k8s.io/replicatedjob-name=node" if self is TRAINJOB else "")
+
+
+PYTORCHJOB = Api(
+    "PyTorchJob", "kubeflow.org", "v1", "pytorchjobs", "pytorch", "Succeeded", "training.kubeflow.org/job-name",
+    lambda labels: int(labels["training.kubeflow.org/replica-index"])
+    + (labels["training.kubeflow.org/replica-type"] != "master"),
+    "install the training-operator: kubectl apply --server-side -k "
+    f'"github.com/kubeflow/training-operator.git/manifests/overlays/standalone?ref={pinned("TRAINING_OPERATOR_VERSION")}"',
+)  # fmt: skip
+TRAINJOB = Api(
+    "TrainJob", "trainer.kubeflow.org", "v1alpha1", "trainjobs", "node", "Complete", "jobset.sigs.k8s.io/jobset-name",
+    lambda labels: int(labels["batch.kubernetes.io/job-completion-index"]),
+    "install Kubeflow Trainer v2 (with JobSet): kubectl apply --server-side -k "
+    f'"https://github.com/kubeflow/trainer.git/manifests/overlays/manager?ref={pinned("KUBEFLOW_TRAINER_VERSION")}"',
+)  # fmt: skip
+APIS = {api.kind: api for api in (PYTORCHJOB, TRAINJOB)}
+RUNTIME_MANIFEST = "manifests/trainer-runtime.yaml"
+INSTALL_KUEUE = (
+    "install Kueue: kubectl apply --server-side -f "
+    f"https://github.com/kubernetes-sigs/kueue/releases/download/{pinned('KUEUE_VERSION')}/manifests.yaml"
+)
+
+
+def api_of(job: dict) -> Api:
+    return APIS[job["kind"]]
+
+
+def age_seconds(job: dict) -> float:
+    created = datetime.fromisoformat(job["metadata"]["creationTimestamp"].replace("Z", "+00:00"))
+    return (datetime.now(UTC) - created).total_seconds()
 
 
 class BadArguments(Exception):
@@ -42,7 +104,8 @@ class NotFound(Exception):
 
 
 class Cluster:
-    """The kubernetes and kubeflow-training clients, imported only once a cluster is really needed."""
+    """The Kubernetes API client (jobs of either kind through its generic custom-objects API), imported only
+    once a cluster is really needed."""
 
     def __init__(self, namespace: str | None):
         from kubernetes import client, config
@@ -71,12 +134,28 @@ class Cluster:
         except HTTPError as err:
             raise Precondition(f"cannot reach the cluster at {self.host} ({type(err).__name__})") from None
 
-    def check(self, secret_names: set[str], install_operator: str) -> None:
-        self._read(
-            "looking up the PyTorchJob CRD",
-            lambda: self.client.ApiextensionsV1Api().read_custom_resource_definition(CRD),
-            f"the PyTorchJob CRD ({CRD}) is not installed; install the training-operator: {install_operator}",
-        )
+    def check(self, api: Api, docs: list[dict], secret_names: set[str]) -> None:
+        """Exit 3 naming what the job needs and the cluster lacks: the API's CRD, the runtime a TrainJob
+        runs on, the namespace, the storage Secret, the Kueue LocalQueue."""
+        extensions = self.client.ApiextensionsV1Api()
+        self._read(f"looking up the {api.kind} CRD", lambda: extensions.read_custom_resource_definition(api.crd),
+                   f"the {api.kind} CRD ({api.crd}) is not installed; {api.install}")  # fmt: skip
+        job = next(d for d in docs if d["kind"] == api.kind)
+        name = job["metadata"]["name"]
+        for other in APIS.values():
+            if other is not api and self._exists(other, name):
+                raise BadArguments(
+                    f"a {other.kind} named {name!r} already exists in namespace {self.namespace!r} "
+                    "(its pods, outputs and `petal` verbs would be shared); choose another --name, or "
+                    f"remove it: kubectl -n {self.namespace} delete {other.kind.lower()} {name}"
+                )
+        if api is TRAINJOB:
+            runtime = job["spec"]["runtimeRef"]["name"]
+            self._read("looking up the ClusterTrainingRuntime",
+                       lambda: self.custom.get_cluster_custom_object(api.group, api.version, "clustertrainingruntimes",
+                                                                     runtime),
+                       f"ClusterTrainingRuntime {runtime!r} does not exist; install petal's: kubectl apply "
+                       f"--server-side -f {installed(RUNTIME_MANIFEST)}, or set trainJob.runtime")  # fmt: skip
         self._read("looking up the namespace", lambda: self.core.read_namespace(self.namespace),
                    f"namespace {self.namespace!r} does not exist")  # fmt: skip
         for secret in sorted(secret_names):
@@ -84,6 +163,15 @@ class Cluster:
                        lambda s=secret: self.core.read_namespaced_secret(s, self.namespace),
                        f"Secret {secret!r} (S3 credentials) does not exist in namespace {self.namespace!r}; create it "
                        f"with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or set s3.existingSecret")  # fmt: skip
+        queue = job["metadata"]["labels"].get(QUEUE_LABEL)
+        if queue:
+            crd = f"localqueues.{KUEUE[0]}"
+            self._read("looking up the Kueue CRDs", lambda: extensions.read_custom_resource_definition(crd),
+                       f"--queue {queue}: Kueue is not installed (no CRD {crd}); {INSTALL_KUEUE}")  # fmt: skip
+            self._read("looking up the LocalQueue",
+                       lambda: self.custom.get_namespaced_custom_object(*KUEUE, self.namespace, "localqueues", queue),
+                       f"--queue {queue}: no Kueue LocalQueue {queue!r} in namespace {self.namespace!r}; create one "
+                       f"that points at a ClusterQueue (README: Kueue)")  # fmt: skip
 
     def apply(self, docs: list[dict]) -> None:
         """Creates the job's objects: all of them first as a server-side dry run (schema, admission
@@ -104,9 +192,9 @@ class Cluster:
     def _create(self, doc: dict, dry_run: str | None) -> None:
         from kubernetes import utils
 
-        if doc["kind"] == "PyTorchJob":
-            group, version = doc["apiVersion"].split("/")
-            self.custom.create_namespaced_custom_object(group, version, self.namespace, "pytorchjobs", doc,
+        if doc["kind"] in APIS:
+            api = APIS[doc["kind"]]
+            self.custom.create_namespaced_custom_object(api.group, api.version, self.namespace, api.plural, doc,
                                                         dry_run=dry_run)  # fmt: skip
             return
         try:
@@ -116,9 +204,9 @@ class Cluster:
 
     def _delete(self, doc: dict) -> None:
         name = doc["metadata"]["name"]
-        if doc["kind"] == "PyTorchJob":
-            group, version = doc["apiVersion"].split("/")
-            self.custom.delete_namespaced_custom_object(group, version, self.namespace, "pytorchjobs", name)
+        if doc["kind"] in APIS:
+            api = APIS[doc["kind"]]
+            self.custom.delete_namespaced_custom_object(api.group, api.version, self.namespace, api.plural, name)
         elif doc["kind"] == "Secret":
             self.core.delete_namespaced_secret(name, self.namespace)
 
@@ -140,41 +228,94 @@ class Cluster:
             return Precondition(f"not allowed to create {what}: {message}")
         return Precondition(f"creating {what} failed: {err.status} {err.reason}: {message}")
 
-    def job(self, name: str) -> dict:
-        """The PyTorchJob as the API has it; NotFound if there is none."""
+    def _get(self, api: Api, name: str) -> dict | None:
+        """The job of that kind and name; None where there is none, or where this API is not installed
+        or not open to us (403): a user may be allowed one kind only."""
         from kubernetes.client.exceptions import ApiException
 
         try:
-            return self.custom.get_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, name)
+            return self.custom.get_namespaced_custom_object(api.group, api.version, self.namespace, api.plural, name)
         except ApiException as err:
-            if err.status == 404:
-                raise NotFound(f"no petal job {name!r} in namespace {self.namespace!r}") from None
-            raise Precondition(f"reading job {name}: {err.status} {err.reason}") from None
+            if err.status in (403, 404):
+                return None
+            raise Precondition(f"reading {api.kind} {name}: {err.status} {err.reason}") from None
+
+    def _exists(self, api: Api, name: str) -> bool:
+        return self._get(api, name) is not None
+
+    def job(self, name: str) -> dict:
+        """The petal job of that name as the API has it, of whichever kind; NotFound if there is none."""
+        found = [job for job in (self._get(api, name) for api in APIS.values()) if job]
+        if len(found) > 1:
+            kinds = " and a ".join(job["kind"] for job in found)
+            raise BadArguments(f"both a {kinds} are named {name!r} in namespace {self.namespace!r}; remove one: "
+                               f"kubectl -n {self.namespace} delete {found[-1]['kind'].lower()} {name}")  # fmt: skip
+        if not found:
+            raise NotFound(f"no petal job {name!r} in namespace {self.namespace!r}")
+        return found[0]
 
     def jobs(self, all_namespaces: bool = False) -> list[dict]:
-        """petal's PyTorchJobs (the chart's labels), in this namespace or all."""
-        read = self._read_all if all_namespaces else self._read_namespaced
-        return self._read("listing jobs", read, f"the PyTorchJob CRD ({CRD}) is not installed")["items"]
+        """petal's jobs of every kind the cluster serves (the chart's labels), in this namespace or all."""
+        from kubernetes.client.exceptions import ApiException
 
-    def _read_all(self) -> dict:
-        return self.custom.list_cluster_custom_object(GROUP, VERSION, PLURAL, label_selector=PETAL_SELECTOR)
+        found, refused = [], []
+        for api in APIS.values():
+            try:
+                if all_namespaces:
+                    listed = self.custom.list_cluster_custom_object(
+                        api.group, api.version, api.plural, label_selector=PETAL_SELECTOR
+                    )
+                else:
+                    listed = self.custom.list_namespaced_custom_object(
+                        api.group, api.version, self.namespace, api.plural, label_selector=PETAL_SELECTOR
+                    )
+            except ApiException as err:
+                if err.status in (403, 404):  # this API is not installed, or not open to us
+                    refused.append(f"{api.kind}s: {err.status} {err.reason}")
+                    continue
+                raise Precondition(f"listing {api.kind}s: {err.status} {err.reason}") from None
+            found += listed["items"]
+        if len(refused) == len(APIS):
+            raise Precondition(f"cannot list petal's jobs ({'; '.join(refused)}); is the training-operator or "
+                               f"Kubeflow Trainer installed? {PYTORCHJOB.install}")  # fmt: skip
+        return sorted(found, key=lambda job: job["metadata"]["creationTimestamp"])
 
-    def _read_namespaced(self) -> dict:
-        return self.custom.list_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL,
-                                                         label_selector=PETAL_SELECTOR)  # fmt: skip
+    def pods(self, job: dict) -> list:
+        """The job's pods, rank 0 (the master's) first; after a restart, the newest pod of each rank first."""
+        api, name = api_of(job), job["metadata"]["name"]
+        pods = self.core.list_namespaced_pod(self.namespace, label_selector=api.pod_selector(name)).items
+        return sorted(pods, key=lambda p: (api.rank(p.metadata.labels), -p.metadata.creation_timestamp.timestamp()))
 
-    def pods(self, name: str) -> list:
-        """The job's pods (the operator labels them with the job's name), master first."""
-        pods = self.core.list_namespaced_pod(self.namespace, label_selector=f"training.kubeflow.org/job-name={name}")
-        return sorted(pods.items, key=lambda p: (not p.metadata.name.endswith("-master-0"), p.metadata.name))
+    def rank_pod(self, job: dict, rank: int):
+        """The newest pod of a rank, or None while it has none."""
+        return next((p for p in self.pods(job) if api_of(job).rank(p.metadata.labels) == rank), None)
 
-    def delete(self, name: str) -> list[str]:
+    def admission(self, job: dict) -> str | None:
+        """Why Kueue has not admitted a queued job yet (its Workload's QuotaReserved condition), or None."""
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            workloads = self.custom.list_namespaced_custom_object(
+                *KUEUE, self.namespace, "workloads", label_selector=f"kueue.x-k8s.io/job-uid={job['metadata']['uid']}"
+            )["items"]
+        except ApiException as err:
+            return f"cannot read its Kueue Workload ({err.status} {err.reason})"
+        if not workloads:  # Kueue makes one within moments of the job; long without one, it is not watching
+            age = age_seconds(job)
+            return None if age < PENDING_GRACE_SECONDS else (
+                f"no Kueue Workload for it after {age:.0f}s: is Kueue running with its {job['kind']} integration "
+                "enabled (integrations.frameworks in its configuration)?")  # fmt: skip
+        conditions = {c["type"]: c for c in workloads[0].get("status", {}).get("conditions", [])}
+        reserved = conditions.get("QuotaReserved", {})
+        return reserved["message"] if reserved.get("status") == "False" else None
+
+    def delete(self, job: dict) -> list[str]:
         """The job and what its release rendered beside it (Secret, NetworkPolicy, ServiceAccount)."""
         from kubernetes.client.exceptions import ApiException
 
-        self.job(name)
-        gone = [f"pytorchjob/{name}"]
-        self.custom.delete_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, name,
+        api, name = api_of(job), job["metadata"]["name"]
+        gone = [f"{api.kind.lower()}/{name}"]
+        self.custom.delete_namespaced_custom_object(api.group, api.version, self.namespace, api.plural, name,
                                                     propagation_policy="Foreground")  # fmt: skip
         selector = f"{PETAL_SELECTOR},app.kubernetes.io/instance={name}"
         networking = self.client.NetworkingV1Api()
@@ -194,22 +335,37 @@ class Cluster:
 
 
 class PendingReporter:
-    """Says why pods stay Pending: the scheduler's (or kubelet's) reasons from their events."""
+    """Says why a job waits: Kueue not admitting it (its Workload's reason), or pods staying Pending
+    (the scheduler's or kubelet's reasons from their events). Each reason once."""
 
-    def __init__(self, cluster: Cluster, training, name: str):
-        self.cluster, self.training, self.name = cluster, training, name
+    def __init__(self, cluster: Cluster, name: str):
+        self.cluster, self.name = cluster, name
         self.said: set[str] = set()
 
-    def __call__(self, job) -> None:
+    def say(self, line: str) -> None:
+        if line not in self.said:
+            self.said.add(line)
+            print(f"petal: {line}", file=sys.stderr)
+
+    def __call__(self, _=None) -> None:
+        job = self.cluster.job(self.name)
         now = time.time()
-        for pod in self.training.get_job_pods(self.name, self.cluster.namespace):
+        if job["metadata"]["labels"].get(QUEUE_LABEL) and suspended(job):
+            reason = self.cluster.admission(job)
+            if reason:
+                self.say(f"{self.name} waiting for Kueue admission: {reason}")
+            return
+        for pod in self.cluster.pods(job):
             created = pod.metadata.creation_timestamp.timestamp()
             if pod.status.phase != "Pending" or now - created < PENDING_GRACE_SECONDS:
                 continue
             for reason in pod_event_lines(self.cluster, pod.metadata.name, warnings_only=True):
-                if reason not in self.said:
-                    self.said.add(reason)
-                    print(f"petal: {pod.metadata.name} Pending for {now - created:.0f}s: {reason}", file=sys.stderr)
+                self.say(f"{pod.metadata.name} Pending for {now - created:.0f}s: {reason}")
+
+
+def suspended(job: dict) -> bool:
+    spec = job["spec"].get("runPolicy", job["spec"])  # a PyTorchJob's is in its runPolicy
+    return bool(spec.get("suspend"))
 
 
 def pod_event_lines(cluster: Cluster, pod: str, warnings_only: bool = False) -> list[str]:
@@ -217,24 +373,27 @@ def pod_event_lines(cluster: Cluster, pod: str, warnings_only: bool = False) -> 
     return [f"{e.reason}: {e.message}" for e in events if not warnings_only or e.type == "Warning"]
 
 
-def follow_log(cluster: Cluster, pod: str, write: Callable[[str], None], done: Callable[[], bool]) -> None:
-    """Streams a pod's `pytorch` container log through `write` once it runs, and again for every new
-    instance of it — a container restarted in place, or the pod deleted and made anew under the same
-    name — until `done()` says the job is over and the last instance's log has ended."""
+def follow_log(cluster: Cluster, job: dict, rank: int, write: Callable[[str], None], done: Callable[[], bool]) -> None:
+    """Streams the training container's log of a rank's pod through `write` once it runs, and again
+    for every new instance of it — a container restarted in place, or a pod made anew for the rank
+    (under the same name or another) — until `done()` says the job is over and the last instance's
+    log has ended."""
     from kubernetes.client.exceptions import ApiException
     from urllib3.exceptions import HTTPError
 
+    container = api_of(job).container
     streamed = None  # (pod uid, restart count) of the instance last streamed
     while True:
         try:
-            found = cluster.core.read_namespaced_pod(pod, cluster.namespace)
-            statuses = [s for s in found.status.container_statuses or [] if s.name == "pytorch"]
+            found = cluster.rank_pod(job, rank)
+            statuses = [s for s in (found.status.container_statuses if found else None) or [] if s.name == container]
             instance = (found.metadata.uid, statuses[0].restart_count) if statuses else None
             started = statuses and (statuses[0].state.running or statuses[0].state.terminated)
             if started and instance != streamed:
                 streamed = instance
-                response = cluster.core.read_namespaced_pod_log(pod, cluster.namespace, container="pytorch",
-                                                                follow=True, _preload_content=False)  # fmt: skip
+                response = cluster.core.read_namespaced_pod_log(found.metadata.name, cluster.namespace,
+                                                                container=container, follow=True,
+                                                                _preload_content=False)  # fmt: skip
                 for line in response.stream():
                     write(line.decode(errors="replace"))
                 continue
@@ -242,19 +401,21 @@ def follow_log(cluster: Cluster, pod: str, write: Callable[[str], None], done: C
             # Not created (yet, or again), or the kubelet cannot serve logs: keep polling.
             if getattr(err, "status", None) != 404:
                 reason = getattr(err, "reason", None) or type(err).__name__
-                print(f"petal: cannot follow {pod} yet ({reason})", file=sys.stderr)
+                print(f"petal: cannot follow rank {rank} of {job['metadata']['name']} yet ({reason})", file=sys.stderr)
         if done():
             return
         time.sleep(2)
 
 
-def follow_in_background(cluster: Cluster, pod: str) -> None:
+def follow_in_background(cluster: Cluster, job: dict) -> None:
     """submit --follow=logs: the master's log on stderr while the wait goes on."""
-    threading.Thread(target=follow_log, args=(cluster, pod, sys.stderr.write, lambda: False), daemon=True).start()
+    threading.Thread(target=follow_log, args=(cluster, job, 0, sys.stderr.write, lambda: False), daemon=True).start()
 
 
-def explain_failure(cluster: Cluster, training, name: str) -> None:
-    for pod in training.get_job_pods(name, cluster.namespace):
+def explain_failure(cluster: Cluster, name: str) -> None:
+    job = cluster.job(name)
+    container = api_of(job).container
+    for pod in cluster.pods(job):
         statuses = pod.status.container_statuses or []
         failed = pod.status.phase == "Failed" or any(
             (s.state.terminated and s.state.terminated.exit_code) or (s.last_state and s.last_state.terminated)
@@ -263,11 +424,11 @@ def explain_failure(cluster: Cluster, training, name: str) -> None:
         if not failed:
             continue
         # A container that failed and was restarted holds its failure in the previous instance's log.
-        restarted = any(s.name == "pytorch" and s.restart_count and not s.state.terminated for s in statuses)
+        restarted = any(s.name == container and s.restart_count and not s.state.terminated for s in statuses)
         which = "previous container's" if restarted else "last"
         print(f"--- {pod.metadata.name} ({pod.status.phase}): {which} log lines", file=sys.stderr)
         try:
-            log = cluster.core.read_namespaced_pod_log(pod.metadata.name, cluster.namespace, container="pytorch",
+            log = cluster.core.read_namespaced_pod_log(pod.metadata.name, cluster.namespace, container=container,
                                                        tail_lines=30, previous=restarted)  # fmt: skip
         except cluster.client.exceptions.ApiException as err:
             log = f"(no log: {err.reason})"

@@ -14,10 +14,19 @@ from __future__ import annotations
 import json
 import sys
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
-from petal.cluster import Cluster, JobFailed, NotCollected, follow_log
+from petal.cluster import (
+    QUEUE_LABEL,
+    TRAINJOB,
+    Cluster,
+    JobFailed,
+    NotCollected,
+    age_seconds,
+    api_of,
+    follow_log,
+    suspended,
+)
 from training.artifacts import collect_events
 from training.storage import Storage, StorageError, parse_url
 
@@ -26,20 +35,37 @@ SYNC_SECONDS = 30
 
 
 def job_output(job: dict) -> str:
-    """The run directory the job trains into (its master's --output)."""
-    args = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0].get("args", [])
+    """The run directory the job trains into (its trainer's --output)."""
+    if job["kind"] == TRAINJOB.kind:
+        args = job["spec"]["trainer"]["args"]
+    else:
+        args = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0].get("args", [])
     return next(a.split("=", 1)[1] for a in args if a.startswith("--output="))
 
 
 def state(job: dict) -> str:
-    """The job's latest condition that holds: Created, Running, Restarting, Succeeded, Failed, Suspended."""
-    held = [c for c in job.get("status", {}).get("conditions", []) if c.get("status") == "True"]
-    return held[-1]["type"] if held else "Pending"
+    """One word for both kinds: Queued (suspended: waiting for Kueue, or for whoever suspended it),
+    Pending, Created, Running, Restarting, Succeeded or Failed."""
+    held = [c["type"] for c in job.get("status", {}).get("conditions", []) if c.get("status") == "True"]
+    if job["kind"] == TRAINJOB.kind:
+        # A TrainJob's conditions are only Suspended, Complete and Failed; its Jobs say whether it runs.
+        running = any(j.get("active") for j in job.get("status", {}).get("jobsStatus", []))
+        held = [{TRAINJOB.succeeded: "Succeeded"}.get(c, c) for c in held] or (["Running"] if running else [])
+    if not held and suspended(job):
+        return "Queued"
+    latest = held[-1] if held else "Pending"
+    return "Queued" if latest == "Suspended" else latest
+
+
+def ranks(job: dict) -> int:
+    """How many pods the job runs: the master and workers, or the nodes."""
+    if job["kind"] == TRAINJOB.kind:
+        return job["spec"]["trainer"]["numNodes"]
+    return 1 + job["spec"]["pytorchReplicaSpecs"].get("Worker", {}).get("replicas", 0)
 
 
 def age(job: dict) -> str:
-    created = datetime.fromisoformat(job["metadata"]["creationTimestamp"].replace("Z", "+00:00"))
-    return duration((datetime.now(UTC) - created).total_seconds())
+    return duration(age_seconds(job))
 
 
 def duration(seconds: float | None) -> str:
@@ -100,10 +126,12 @@ def describe(cluster: Cluster, job: dict, storage: Storage | None, with_pods: bo
         "last_epoch": {k: v for k, v in history[-1].items() if k != "val_per_class_acc"} if history else None,
     }
     if with_pods:
+        queued = described["state"] == "Queued" and job["metadata"]["labels"].get(QUEUE_LABEL)
+        described["admission"] = cluster.admission(job) if queued else None
         described["pods"] = [
             {"name": p.metadata.name, "phase": p.status.phase,
              "restarts": sum(s.restart_count for s in p.status.container_statuses or [])}
-            for p in cluster.pods(described["name"])
+            for p in cluster.pods(job)
         ]  # fmt: skip
     return described
 
@@ -150,6 +178,8 @@ def status(cluster: Cluster, name: str, as_json: bool, watch: bool) -> int:
 
 def status_text(d: dict) -> str:
     lines = [f"{d['kind']} {d['namespace']}/{d['name']}: {d['state']} (age {d['age']})", f"output: {d['output']}"]
+    if d["admission"]:
+        lines.append(f"waiting for Kueue admission: {d['admission']}")
     if d["epoch"] is not None:
         rate = f", {d['images_per_s']} img/s" if d["images_per_s"] else ""
         loss = f", loss {d['loss']:.4f}" if d["loss"] is not None else ""
@@ -167,30 +197,32 @@ def status_text(d: dict) -> str:
 
 
 def logs(cluster: Cluster, name: str, follow: bool, rank: int) -> int:
-    """The log of pod `rank` (0: the master; i: worker i-1), following it across restarts if asked."""
+    """The log of pod `rank` (0: the master, or node 0), following it across restarts if asked."""
     job = cluster.job(name)
-    workers = job["spec"]["pytorchReplicaSpecs"].get("Worker", {}).get("replicas", 0)
-    if not 0 <= rank <= workers:
-        raise ValueError(f"--rank {rank}: {name} has ranks 0 (the master) to {workers}")
-    pod = f"{name}-master-0" if rank == 0 else f"{name}-worker-{rank - 1}"
+    if not 0 <= rank < ranks(job):
+        raise ValueError(f"--rank {rank}: {name} has ranks 0 (the master) to {ranks(job) - 1}")
     if not follow:
+        pod = cluster.rank_pod(job, rank)
+        if pod is None:
+            raise JobFailed(f"{name} has no pod of rank {rank} (state {state(job)})")
         try:
-            sys.stdout.write(cluster.core.read_namespaced_pod_log(pod, cluster.namespace, container="pytorch"))
+            sys.stdout.write(cluster.core.read_namespaced_pod_log(pod.metadata.name, cluster.namespace,
+                                                                  container=api_of(job).container))  # fmt: skip
         except cluster.client.exceptions.ApiException as err:
-            raise JobFailed(f"no log for {pod} ({err.reason})") from None
+            raise JobFailed(f"no log for {pod.metadata.name} ({err.reason})") from None
         return 0
 
     def write(text: str) -> None:
         sys.stdout.write(text)
         sys.stdout.flush()
 
-    follow_log(cluster, pod, write, lambda: state(cluster.job(name)) in ("Succeeded", "Failed"))
+    follow_log(cluster, job, rank, write, lambda: state(cluster.job(name)) in ("Succeeded", "Failed"))
     return 0
 
 
 def cancel(cluster: Cluster, name: str) -> int:
     job = cluster.job(name)
-    gone = cluster.delete(name)
+    gone = cluster.delete(job)
     print(f"petal: deleted {', '.join(gone)} in {cluster.namespace}; its outputs stay in {job_output(job)} "
           f"(petal collect {name} fetches them while the job is listed; afterwards: "
           f"python scripts/collect_run.py {job_output(job)} runs/{name})", file=sys.stderr)  # fmt: skip

@@ -1,23 +1,28 @@
-"""petal submit: a training run as a PyTorchJob rendered from charts/petal, followed to the end and
-collected — the same job `helm install` makes, because it is rendered by helm.
+"""petal submit: a training run as a Kubeflow job rendered from charts/petal, followed to the end
+and collected — the same job `helm install` makes, because it is rendered by helm.
 
     petal submit --replicas 4 --image registry.example/petal:0.1.0 --gpus-per-replica 1 \\
         --dataset s3://my-team-ml/petal/datasets/flowers102 --set outputPrefix=s3://my-team-ml/petal/runs
+    petal submit --api trainjob --queue team-a --replicas 4 --dataset s3://… --set outputPrefix=s3://…
     petal submit --replicas 2 --values charts/petal/ci/cpu-values.yaml --dataset s3://… --dry-run
 
-(`python scripts/submit.py …` is the same command.) --replicas N is the number of pods: 1 Master +
-N-1 Workers. The job object is built first (helm template) and submitted second, so --dry-run prints
-it and contacts no cluster. Storage credentials reach the pods through the Secret named by
-s3.existingSecret (default petal-s3), which must then exist in the namespace, or through the pods'
-own identity (s3.existingSecret=""). --follow shows a progress bar (epoch, step, loss, ETA) read from
-the run's progress record; --follow=logs streams the master's log instead. On success, best.pt,
-metrics.jsonl, curves.png, per_class.png, the TensorBoard events and a summary.json land in
---collect (default runs/<name>/); that needs S3_ENDPOINT_URL and credentials here as well.
+(`python scripts/submit.py …` is the same command.) --replicas N is the number of pods: a PyTorchJob
+(the default) of 1 Master + N-1 Workers, or with --api trainjob a Kubeflow Trainer v2 TrainJob of N
+nodes. --queue NAME submits it to a Kueue LocalQueue: it waits, suspended, until all of its pods fit
+the queue's quota, and then starts them together. The job object is built first (helm template) and
+submitted second, so --dry-run prints it and contacts no cluster. Storage credentials reach the pods
+through the Secret named by s3.existingSecret (default petal-s3), which must then exist in the
+namespace, or through the pods' own identity (s3.existingSecret=""). --follow shows a progress bar
+(epoch, step, loss, ETA) read from the run's progress record; --follow=logs streams the master's log
+instead. On success, best.pt, metrics.jsonl, curves.png, per_class.png, the TensorBoard events and a
+summary.json land in --collect (default runs/<name>/); that needs S3_ENDPOINT_URL and credentials
+here as well.
 
 Exit codes: 0 succeeded; 1 the job failed (its failing pod's last log lines and events are shown)
 or did not succeed within --timeout (it is left running); 2 bad arguments or a job the cluster
-refuses (name taken, rejected by the operator's webhook; nothing applied); 3 a cluster precondition
-is missing (no kubeconfig, no PyTorchJob CRD, no namespace or Secret, no permission); 4 the job
+refuses (name taken, rejected by an admission webhook; nothing applied); 3 a cluster precondition
+is missing (no kubeconfig; no PyTorchJob or TrainJob CRD, ClusterTrainingRuntime, namespace, Secret
+or LocalQueue; no permission — the message says how to install what is missing); 4 the job
 succeeded but its results could not be collected here (the command that retries it is printed).
 """
 
@@ -39,6 +44,8 @@ import yaml
 
 from petal import installed
 from petal.cluster import (
+    APIS,
+    TRAINJOB,
     BadArguments,
     Cluster,
     JobFailed,
@@ -47,16 +54,10 @@ from petal.cluster import (
     explain_failure,
     follow_in_background,
 )
-from petal.jobs import collect_job, job_output
+from petal.jobs import collect_job, job_output, state
 from training.config import flag, options
 
 CHART = installed("charts/petal")
-OPERATOR_VERSION = re.search(r"^TRAINING_OPERATOR_VERSION=(.*)$", installed("scripts/versions.env").read_text(),
-                             flags=re.M)[1]  # fmt: skip
-INSTALL_OPERATOR = (
-    "kubectl apply --server-side -k "
-    f'"github.com/kubeflow/training-operator.git/manifests/overlays/standalone?ref={OPERATOR_VERSION}"'
-)
 DNS_1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 
 
@@ -79,7 +80,12 @@ def training_keys() -> list[str]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--replicas", type=count(1), help="pods in all: 1 Master + N-1 Workers (chart default 2)")
+    p.add_argument("--api", type=str.lower, choices=[kind.lower() for kind in APIS],
+                   help="the Kubeflow API: pytorchjob (training-operator v1; chart default) or trainjob (Kubeflow "
+                        "Trainer v2, on petal's ClusterTrainingRuntime: manifests/trainer-runtime.yaml)")  # fmt: skip
+    p.add_argument("--replicas", type=count(1), help="pods in all: 1 Master + N-1 Workers, or N TrainJob nodes "
+                                                     "(chart default 2)")  # fmt: skip
+    p.add_argument("--queue", metavar="NAME", help="Kueue LocalQueue: the job starts whole once its quota admits it")
     p.add_argument("--image", help="training image, REPOSITORY[:TAG]")
     p.add_argument("--gpus-per-replica", type=count(0), help="nvidia.com/gpu per pod")
     trainer = p.add_argument_group("trainer options (charts/petal/values.yaml `training`; python -m training --help)")
@@ -107,12 +113,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="show progress (epoch, step, loss, ETA) until the job ends; --follow=logs: the "
                         "master's log")  # fmt: skip
     p.add_argument("--collect", type=Path, help="where results go (default runs/<name>/)")
-    p.add_argument("--dry-run", action="store_true", help="print the PyTorchJob YAML; contact no cluster")
+    p.add_argument("--dry-run", action="store_true", help="print the job's YAML; contact no cluster")
 
 
 def flag_values(args: argparse.Namespace) -> dict:
     """The chart values the command-line flags stand for (flags beat --values files; --set beats both)."""
     values: dict = {}
+    if args.api is not None:
+        values["api"] = next(kind for kind in APIS if kind.lower() == args.api)
+    if args.queue is not None:
+        values["queue"] = args.queue
     if args.replicas is not None:
         values["replicas"] = args.replicas
     if args.image is not None:
@@ -159,8 +169,9 @@ def render(name: str, namespace: str, args: argparse.Namespace) -> list[dict]:
         command += ["--values", flags.name, *[arg for item in args.set for arg in ("--set", item)]]
         result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
-        problem = " ".join(line.strip(" -") for line in result.stderr.splitlines() if line.strip())
-        raise BadArguments(problem.removeprefix("Error: "))
+        lines = [line.strip(" -") for line in result.stderr.splitlines() if line.strip() and "--debug" not in line]
+        # A template's own refusal (`fail`) is the whole message; where helm found it is noise here.
+        raise BadArguments(re.sub(r"^Error: (execution error at \([^)]*\): )?", "", " ".join(lines)))
     return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
 
 
@@ -218,28 +229,27 @@ def submit(args: argparse.Namespace) -> int:
     cluster = Cluster(args.namespace)
     if cluster.namespace != (args.namespace or "default"):
         docs = render(name, cluster.namespace, args)
-    cluster.check(secrets_needed(docs), INSTALL_OPERATOR)
-    from kubeflow.training import TrainingClient
-
-    training = TrainingClient(job_kind="PyTorchJob", namespace=cluster.namespace)
+    api = next(APIS[d["kind"]] for d in docs if d["kind"] in APIS)
+    cluster.check(api, docs, secrets_needed(docs))
     cluster.apply(docs)
-    callbacks = [PendingReporter(cluster, training, name)]
+    callbacks = [PendingReporter(cluster, name)]
     if args.follow == "logs":
-        follow_in_background(cluster, f"{name}-master-0")
+        follow_in_background(cluster, cluster.job(name))
     elif args.follow == "progress":
         callbacks.append(ProgressBar(cluster, name))
     try:
-        training.wait_for_job_conditions(name, cluster.namespace, expected_conditions={"Succeeded"},
-                                         wait_timeout=args.timeout, polling_interval=5,
-                                         callback=lambda job: [callback(job) for callback in callbacks])  # fmt: skip
+        wait(api, cluster.namespace, name, args.timeout, callbacks)
     except TimeoutError:
-        explain_failure(cluster, training, name)
+        explain_failure(cluster, name)
         raise JobFailed(
             f"{name} did not succeed within --timeout {args.timeout}s; it is still in the cluster "
             f"(petal cancel {name} -n {cluster.namespace} removes it)"
         ) from None
-    except RuntimeError as err:
-        explain_failure(cluster, training, name)
+    except RuntimeError as err:  # the SDKs' word for a failed job, and for an API call that failed
+        if state(cluster.job(name)) != "Failed":
+            raise Precondition(f"lost track of {name} while waiting ({str(err).splitlines()[0]}); it is still in the "
+                               f"cluster: petal status {name} -n {cluster.namespace}") from None  # fmt: skip
+        explain_failure(cluster, name)
         raise JobFailed(str(err).splitlines()[0]) from None
     finally:
         for callback in callbacks:
@@ -248,3 +258,26 @@ def submit(args: argparse.Namespace) -> int:
     print(json.dumps({"event": "succeeded", **summary}))
     print(f"submit: {name} succeeded; best validation accuracy {summary['best_val_acc']:.4f}", file=sys.stderr)
     return 0
+
+
+def wait(api, namespace: str, name: str, timeout: int, callbacks: list) -> None:
+    """Until the job succeeds (TimeoutError past timeout, RuntimeError once it failed), by each API's
+    own SDK: kubeflow-training's TrainingClient for a PyTorchJob, kubeflow's TrainerClient for a TrainJob."""
+
+    def every(job) -> None:
+        for callback in callbacks:
+            callback(job)
+
+    if api is TRAINJOB:
+        from kubeflow.common.types import KubernetesBackendConfig
+        from kubeflow.trainer import TrainerClient
+
+        trainer = TrainerClient(KubernetesBackendConfig(namespace=namespace))
+        trainer.wait_for_job_status(name, status={api.succeeded}, timeout=timeout, polling_interval=min(5, timeout / 2),
+                                    callbacks=[every])  # fmt: skip
+        return
+    from kubeflow.training import TrainingClient
+
+    training = TrainingClient(job_kind=api.kind, namespace=namespace)
+    training.wait_for_job_conditions(name, namespace, expected_conditions={api.succeeded}, wait_timeout=timeout,
+                                     polling_interval=5, callback=every)  # fmt: skip

@@ -2,7 +2,7 @@
 """Writes the `training` part of charts/petal/values.schema.json from the trainer's own parser
 (training/config.py): one property per option, its type, bounds, choices and help, null meaning the
 trainer's default. The rest of the schema is written by hand. --check exits 1 if the file is not
-what this would write (tests/test_options.py runs it).
+what this would write (tests/test_drift.py runs it).
 
     python scripts/chart_schema.py           # after adding or changing a trainer option
     python scripts/chart_schema.py --check

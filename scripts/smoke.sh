@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # One small CPU training run through Kubernetes, against whatever cluster the current kubeconfig
 # points at and whatever object storage S3_ENDPOINT_URL (+ AWS_* credentials) points at from here:
-# synthetic images → upload → scripts/submit.py (PyTorchJob, gloo) → Succeeded → collected run in
-# runs/<name>/ → held-out images classified with its best.pt at >= 90 %.
+# synthetic images → upload → scripts/submit.py (a PyTorchJob, or a TrainJob; gloo) → succeeded →
+# collected run in runs/<name>/ → held-out images classified with its best.pt at >= 90 %.
 #
 #   PETAL_IMAGE=petal:dev scripts/smoke.sh
+#   PETAL_API=trainjob PETAL_REPLICAS=4 PETAL_IMAGE=petal:dev scripts/smoke.sh
 #
+# PETAL_API             pytorchjob (default) or trainjob (Kubeflow Trainer v2)
 # PETAL_IMAGE           training image the cluster can run (required)
 # PETAL_NAMESPACE       namespace holding the petal-s3 Secret (default petal)
 # PETAL_POD_S3_ENDPOINT storage endpoint as pods reach it (default: the chart's, minio.petal.svc.cluster.local:9000)
@@ -27,7 +29,7 @@ dataset="$prefix/datasets/smoke-shapes"
 python scripts/make_synthetic_dataset.py "$work/data" --classes 4 --per-class 50 --eval-per-class 20 >/dev/null
 python scripts/upload_dataset.py "$work/data" "$dataset" | tail -n 1
 python scripts/submit.py --name "$name" --namespace "$namespace" --replicas "${PETAL_REPLICAS:-2}" \
-  --image "$PETAL_IMAGE" --values charts/petal/ci/cpu-values.yaml --dataset "$dataset" --epochs 5 \
+  --api "${PETAL_API:-pytorchjob}" --image "$PETAL_IMAGE" --values charts/petal/ci/cpu-values.yaml --dataset "$dataset" --epochs 5 \
   --set "outputPrefix=$prefix/runs" \
   ${PETAL_POD_S3_ENDPOINT:+--set "s3.endpoint=$PETAL_POD_S3_ENDPOINT"} --collect "$work" --timeout 1800 --follow
 

@@ -5,7 +5,8 @@
 # commands share it: `up` leaves what already runs alone, `down` stops exactly what `up` started.
 #
 #   scripts/testbed.sh install [python|minio|helm|lint-tools|toxiproxy|all]   build what is missing (idempotent)
-#   scripts/testbed.sh install cluster              Debian packages, Kubernetes, CoreDNS, training-operator, base images (root)
+#   scripts/testbed.sh install cluster              Debian packages; Kubernetes, CoreDNS, training-operator, Kubeflow
+#                                                   Trainer v2, JobSet, Kueue; base images (root)
 #   scripts/testbed.sh cluster up|down|status       a one-node cluster from those programs
 #   scripts/testbed.sh build-image [IMAGE]          the Dockerfile on the local base (default petal:dev), loaded if a cluster is up
 #   scripts/testbed.sh load-image IMAGE             a local Docker image into the cluster (skipped if already there)
@@ -19,12 +20,13 @@
 # generated credentials. PETAL_MINIO_PORT pins the port.
 #
 # Layers, each sourced file using only those before it: testbed/common.sh (paths, versions, PIDs) →
-# tools.sh (builds) → minio.sh → images.sh (Docker, containerd imports) → cluster.sh → this file,
-# the only one that combines them (e.g. publishing MinIO to the cluster when both run).
+# tools.sh (builds) → minio.sh → images.sh (Docker, containerd imports) → cluster.sh → trainer.sh
+# (Kubeflow Trainer v2, JobSet, Kueue) → this file, the only one that combines them (e.g. publishing
+# MinIO to the cluster when both run).
 set -euo pipefail
 
 LIB="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/testbed"
-for layer in common tools minio images cluster; do
+for layer in common tools minio images cluster trainer; do
   # shellcheck source=/dev/null
   source "$LIB/$layer.sh"
 done
@@ -37,7 +39,7 @@ publish_minio_when_both_run() {
 print_env() {
   echo "export PATH=\"$(venv_dir)/bin:$(dirname "$(minio_bin)"):$(dirname "$(helm_bin)"):$(dirname "$(kubeconform_bin)"):$(dirname "$(actionlint_bin)"):$(dirname "$(toxiproxy_bin)"):\$PATH\""
   echo "export HELM_PLUGINS=\"$(helm_plugins)\""
-  echo "export PETAL_PYTORCHJOB_SCHEMAS=\"$(schema_dir)\""
+  echo "export PETAL_CRD_SCHEMAS=\"$(schema_dir)\""
   echo "export PETAL_STATE=\"$STATE\""
   cluster_env
   minio_env
@@ -74,12 +76,16 @@ case "${1:-}" in
     esac ;;
   cluster)
     case "${2:-}" in
-      up) cluster_up; publish_minio_when_both_run ;;
+      up) if ! cluster_running; then cluster_up; trainer_up
+          elif trainer_running; then apply_petal_runtime; say "cluster already up (kubeconfig $(cluster_dir)/kubeconfig)"
+          else die "the running cluster has no Kubeflow Trainer v2, JobSet or Kueue (an older testbed.sh started it, or their start failed): scripts/testbed.sh cluster down, then up"
+          fi
+          publish_minio_when_both_run ;;
       down) cluster_down ;;
       status) cluster_status ;;
       *) die "usage: scripts/testbed.sh cluster up|down|status" ;;
     esac ;;
-  build-image) build_image "${2:-petal:dev}"; if cluster_running; then load_image "${2:-petal:dev}"; fi ;;
+  build-image) build_image "${2:-$DEV_IMAGE}"; if cluster_running; then load_image "${2:-$DEV_IMAGE}"; fi ;;
   load-image) [ -n "${2:-}" ] || die "usage: scripts/testbed.sh load-image IMAGE"; load_image "$2" ;;
   env) print_env ;;
   status) status ;;

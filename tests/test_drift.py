@@ -149,15 +149,17 @@ def test_a_shared_constant_has_one_value_everywhere(name):
     assert not missing, f"{name} {value!r} is not what these files say: {missing}"
 
 
-def test_the_submitters_install_hint_names_the_pinned_operator():
-    from petal.submit import INSTALL_OPERATOR
+def test_the_submitters_install_hints_name_the_pinned_versions():
+    from petal.cluster import INSTALL_KUEUE, PYTORCHJOB, TRAINJOB
 
-    assert f"?ref={versions_env('TRAINING_OPERATOR_VERSION')}" in INSTALL_OPERATOR
+    assert f"?ref={versions_env('TRAINING_OPERATOR_VERSION')}" in PYTORCHJOB.install
+    assert f"?ref={versions_env('KUBEFLOW_TRAINER_VERSION')}" in TRAINJOB.install
+    assert f"/download/{versions_env('KUEUE_VERSION')}/" in INSTALL_KUEUE
 
 
 # The test bed's layers: each file may use the functions of those before it, never of one after it.
-TESTBED_LAYERS = [*(f"scripts/testbed/{name}.sh" for name in ("common", "tools", "minio", "images", "cluster")),
-                  "scripts/testbed.sh"]  # fmt: skip
+LAYERS = ("common", "tools", "minio", "images", "cluster", "trainer")
+TESTBED_LAYERS = [*(f"scripts/testbed/{name}.sh" for name in LAYERS), "scripts/testbed.sh"]
 
 
 def shell_functions(text: str) -> set[str]:
@@ -171,7 +173,7 @@ def test_the_test_bed_layers_never_call_up():
     for lower, path in enumerate(TESTBED_LAYERS):
         code = "\n".join(line.split(" #")[0] for line in texts[path].splitlines() if not line.lstrip().startswith("#"))
         for upper in TESTBED_LAYERS[lower + 1 :]:
-            called = {f for f in shell_functions(texts[upper]) if re.search(rf"(?<![\w-]){f}(?![\w-])", code)}
+            called = {f for f in shell_functions(texts[upper]) if re.search(rf"(?<![\w.-]){f}(?![\w.-])", code)}
             assert not called, f"{path} calls {sorted(called)}, defined above it in {upper}"
 
 

@@ -84,6 +84,43 @@ def test_a_cpu_pod_is_one_process_without_a_gpu_toleration():
     assert job["spec"]["nprocPerNode"] == "1" and "command" not in pod["containers"][0] and "tolerations" not in pod
 
 
+def test_api_trainjob_is_a_trainer_v2_trainjob_of_replicas_nodes_with_the_same_pod():
+    result = submit("--dry-run", "--api", "trainjob", "--replicas", "4", "--name", "tj", "--gpus-per-replica", "8",
+                    "--arch", "resnet50", "--image", "registry.example:5000/petal:1.2")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    (job,) = [d for d in yaml.safe_load_all(result.stdout) if d]
+    assert (job["apiVersion"], job["kind"]) == ("trainer.kubeflow.org/v1alpha1", "TrainJob")
+    trainer = job["spec"]["trainer"]
+    assert trainer["numNodes"] == 4 and trainer["numProcPerNode"] == 8
+    assert trainer["image"] == "registry.example:5000/petal:1.2"
+    assert {"--arch=resnet50", "--output=s3://runs-bucket/petal/tj"} <= set(trainer["args"])
+    assert trainer["resourcesPerNode"]["limits"]["nvidia.com/gpu"] == 8
+    # The pod's other settings are the PyTorchJob's, patched into the runtime's.
+    pytorchjob = job_of(submit("--dry-run", "--replicas", "4", "--name", "tj", "--gpus-per-replica", "8",
+                               "--arch", "resnet50", "--image", "registry.example:5000/petal:1.2").stdout)  # fmt: skip
+    reference = pytorchjob["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]
+    (patch,) = job["spec"]["runtimePatches"]
+    pod = patch["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]
+    assert pod["metadata"]["labels"] == reference["metadata"]["labels"]
+    assert pod["spec"]["volumes"] == reference["spec"]["volumes"]
+    assert pod["spec"]["securityContext"] == reference["spec"]["securityContext"]
+    assert pod["spec"]["tolerations"] == reference["spec"]["tolerations"]
+    (container,) = reference["spec"]["containers"]
+    assert pod["spec"]["containers"] == [
+        {"name": "node", "securityContext": container["securityContext"], "volumeMounts": container["volumeMounts"]}
+    ]
+    assert trainer["env"] == container["env"] and trainer["resourcesPerNode"] == container["resources"]
+    assert trainer["args"] == container["args"]
+
+
+def test_a_queue_makes_either_kind_wait_suspended_for_kueue():
+    for api, suspend in (("pytorchjob", lambda j: j["spec"]["runPolicy"]["suspend"]),
+                         ("trainjob", lambda j: j["spec"]["suspend"])):  # fmt: skip
+        result = submit("--dry-run", "--api", api, "--queue", "team-a", "--name", "queued")
+        (job,) = [d for d in yaml.safe_load_all(result.stdout) if d]
+        assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a" and suspend(job) is True
+
+
 def test_the_chart_names_no_bucket_of_its_own():
     plain = subprocess.run([sys.executable, str(ROOT / "scripts" / "submit.py"), "--dry-run"], cwd=ROOT,
                            capture_output=True, text=True, timeout=60)  # fmt: skip
@@ -107,13 +144,14 @@ def test_the_submitter_renders_exactly_what_helm_renders(tmp_path):
     assert [d for d in yaml.safe_load_all(ours.stdout) if d] == [d for d in yaml.safe_load_all(theirs.stdout) if d]
 
 
-def test_manifests_have_not_drifted_from_the_chart():
+@pytest.mark.parametrize("api", ["pytorchjob", "trainjob"])
+def test_manifests_have_not_drifted_from_the_chart(api):
     script = (ROOT / "scripts" / "render_manifests.sh").read_text()
-    placeholders = re.search(r"--dry-run --name petal --replicas 4 \\\n\s*(.*)\n", script)[1].split()
-    rendered = submit("--dry-run", "--name", "petal", "--replicas", "4", *placeholders)
-    committed = (ROOT / "manifests" / "pytorchjob.yaml").read_text()
+    placeholders = re.search(r"^PLACEHOLDERS=\((.*)\)$", script, flags=re.M)[1].split()
+    rendered = submit("--dry-run", "--name", "petal", "--replicas", "4", "--api", api, *placeholders)
+    committed = (ROOT / "manifests" / f"{api}.yaml").read_text()
     assert list(yaml.safe_load_all(committed)) == list(yaml.safe_load_all(rendered.stdout)), (
-        "manifests/pytorchjob.yaml drifted from charts/petal: run scripts/render_manifests.sh"
+        f"manifests/{api}.yaml drifted from charts/petal: run scripts/render_manifests.sh"
     )
 
 
@@ -141,6 +179,12 @@ def test_the_dry_run_imports_neither_torch_nor_the_kubernetes_client():
         (["--set", "restartPolicy=Always"], "at '/restartPolicy': value must be one of 'OnFailure', 'ExitCode'"),
         (["--dataset", "/data/flowers"], "--data/--dataset: '/data/flowers' is not an object-storage URL"),
         (["--values", "{bad_values}"], "at '/replicas': minimum: got 0, want 1"),
+        (["--api", "mpijob"], "argument --api: invalid choice: 'mpijob' (choose from 'pytorchjob', 'trainjob')"),
+        (["--queue", "Team_A"], "at '/queue': 'Team_A' does not match pattern"),
+        (
+            ["--api", "trainjob", "--set", "elasticPolicy.minReplicas=2"],
+            "elasticPolicy is not supported with api TrainJob: JobSet does not run elastic jobs",
+        ),
     ],
 )
 def test_bad_arguments_exit_2_with_one_line_before_any_cluster_is_contacted(tmp_path, args, expected):
@@ -181,9 +225,7 @@ def test_the_helm_unittest_suites_pass():
 
 
 def kubeconform(path) -> subprocess.CompletedProcess:
-    location = (
-        os.environ["PETAL_PYTORCHJOB_SCHEMAS"] + "/{{ .ResourceKind }}-{{ .Group }}-{{ .ResourceAPIVersion }}.json"
-    )
+    location = os.environ["PETAL_CRD_SCHEMAS"] + "/{{ .ResourceKind }}-{{ .Group }}-{{ .ResourceAPIVersion }}.json"
     return subprocess.run(["kubeconform", "-strict", "-summary", "-schema-location", location, str(path)],
                           capture_output=True, text=True, timeout=60)  # fmt: skip
 
@@ -207,8 +249,33 @@ def test_the_rendered_job_is_valid_against_the_training_operators_own_crd(args, 
     assert result.returncode == 0 and "Valid: 1, Invalid: 0" in result.stdout, result.stdout + result.stderr
 
 
-def test_the_crd_check_catches_a_field_the_operator_does_not_know(tmp_path):
-    rendered = submit("--dry-run", "--name", "checked").stdout
-    (tmp_path / "job.yaml").write_text(rendered.replace("  nprocPerNode:", "  nprocsPerNode:"))
+@pytest.mark.parametrize(
+    "args",
+    [
+        [],
+        ["--values", str(CHART / "ci" / "gpu-values.yaml")],
+        ["--queue", "team-a", "--set", "runPolicy.activeDeadlineSeconds=3600", "--set", "s3.caBundle.configMap=ca"],
+    ],
+    ids=["defaults", "gpu-values", "queue-deadline-ca"],
+)
+def test_the_rendered_trainjob_is_valid_against_the_trainers_own_crd(args, tmp_path):
+    rendered = submit("--dry-run", "--api", "trainjob", "--name", "checked", "--replicas", "4", *args)
+    assert rendered.returncode == 0, rendered.stderr
+    assert "numNodes: 4" in rendered.stdout
+    (tmp_path / "job.yaml").write_text(rendered.stdout)
     result = kubeconform(tmp_path / "job.yaml")
-    assert result.returncode != 0 and "nprocsPerNode" in result.stdout
+    assert result.returncode == 0 and "Valid: 1, Invalid: 0" in result.stdout, result.stdout + result.stderr
+
+
+def test_petals_cluster_training_runtime_is_valid_against_the_trainers_own_crd():
+    result = kubeconform(ROOT / "manifests" / "trainer-runtime.yaml")
+    assert result.returncode == 0 and "Valid: 1, Invalid: 0" in result.stdout, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(("api", "field"), [("pytorchjob", "  nprocPerNode:"), ("trainjob", "    numProcPerNode:")])
+def test_the_crd_check_catches_a_field_the_operator_does_not_know(tmp_path, api, field):
+    rendered = submit("--dry-run", "--name", "checked", "--api", api).stdout
+    assert field in rendered
+    (tmp_path / "job.yaml").write_text(rendered.replace(field, field.replace("Per", "sPer")))
+    result = kubeconform(tmp_path / "job.yaml")
+    assert result.returncode != 0 and field.strip(" :").replace("Per", "sPer") in result.stdout

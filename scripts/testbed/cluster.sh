@@ -90,6 +90,8 @@ EOF
   {"type": "portmap", "capabilities": {"portMappings": true}},
   {"type": "loopback"}]}
 EOF
+  # No image GC and eviction only on a nearly full disk: its images cannot be pulled again, and a
+  # shared disk's free space swings by gigabytes while images build.
   cat > "$dir/kubelet.yaml" <<EOF
 apiVersion: kubelet.config.k8s.io/v1beta1
 kind: KubeletConfiguration
@@ -102,7 +104,7 @@ clusterDomain: cluster.local
 containerRuntimeEndpoint: unix://$(containerd_socket)
 tlsCertFile: $dir/pki/apiserver.crt
 tlsPrivateKeyFile: $dir/pki/apiserver.key
-evictionHard: {memory.available: "100Mi", nodefs.available: "1%", imagefs.available: "1%"}
+evictionHard: {memory.available: "100Mi", nodefs.available: "200Mi", imagefs.available: "200Mi"}
 imageGCHighThresholdPercent: 100
 EOF
   cat > "$dir/Corefile" <<EOF
@@ -168,7 +170,9 @@ publish_minio() {
 
 cluster_up() {
   local dir; dir=$(cluster_dir)
-  [ -x "$(operator_bin)" ] || die "the cluster is not built: run scripts/testbed.sh install cluster"
+  for program in "$(operator_bin)" "$(trainer_bin)" "$(jobset_bin)" "$(kueue_bin)"; do
+    [ -x "$program" ] || die "the cluster is not built ($program is missing): run scripts/testbed.sh install cluster"
+  done
   if [ -f "$dir/pids" ]; then
     if cluster_running; then say "cluster already up (kubeconfig $dir/kubeconfig)"; return; fi
     say "cleaning up a previous cluster first"
@@ -286,7 +290,7 @@ cluster_status() {
   local dir; dir=$(cluster_dir)
   [ -f "$dir/pids" ] || { echo "cluster: down"; return 1; }
   while read -r pid name; do
-    printf '%-24s %s (pid %s, log %s)\n' "$name" "$(kill -0 "$pid" 2>/dev/null && echo running || echo STOPPED)" "$pid" "$dir/$name.log"
+    printf '%-28s %s (pid %s, log %s)\n' "$name" "$(kill -0 "$pid" 2>/dev/null && echo running || echo STOPPED)" "$pid" "$dir/$name.log"
   done < "$dir/pids"
   echo "kube-apiserver https://127.0.0.1:6443, DNS $DNS_IP, pods $POD_CIDR (gateway $POD_GATEWAY), kubeconfig $dir/kubeconfig"
   echo "pods reach the test bed's MinIO (when it runs) at $(chart_default s3.endpoint) with Secret $(chart_endpoint_part namespace)/$(chart_default s3.existingSecret)"

@@ -12,6 +12,8 @@ CACHE=${PETAL_CACHE:-$HOME/.cache/petal}
 STATE=${PETAL_STATE:-$CACHE/state}
 PYTHON=${PYTHON:-python3}
 EXTRAS="train,dataset,submit,augment,dev"
+# The image build-image makes by default and the test bed's ClusterTrainingRuntime runs.
+DEV_IMAGE=petal:dev
 
 say() { printf 'testbed: %s\n' "$*" >&2; }
 die() { say "error: $*"; exit 1; }
@@ -31,11 +33,14 @@ helm_plugins() { echo "$CACHE/helm-plugins-$HELM_UNITTEST_VERSION"; }
 kubeconform_bin() { echo "$CACHE/kubeconform-$KUBECONFORM_VERSION/bin/kubeconform"; }
 actionlint_bin() { echo "$CACHE/actionlint-$ACTIONLINT_VERSION/bin/actionlint"; }
 toxiproxy_bin() { echo "$CACHE/toxiproxy-$TOXIPROXY_VERSION/bin/toxiproxy-server"; }
-schema_dir() { echo "$CACHE/schemas-training-operator-$TRAINING_OPERATOR_VERSION"; }
+schema_dir() { echo "$CACHE/schemas-training-operator-$TRAINING_OPERATOR_VERSION-trainer-$KUBEFLOW_TRAINER_VERSION"; }
 kube_dir() { echo "$CACHE/kubernetes-$KUBERNETES_VERSION"; }
 kbin() { echo "$(kube_dir)/bin/$1"; }
 coredns_bin() { echo "$CACHE/coredns-$COREDNS_VERSION/bin/coredns"; }
 operator_bin() { echo "$CACHE/training-operator-$TRAINING_OPERATOR_VERSION/bin/training-operator.v1"; }
+trainer_bin() { echo "$CACHE/trainer-$KUBEFLOW_TRAINER_VERSION/bin/trainer-controller-manager"; }
+jobset_bin() { echo "$CACHE/jobset-$JOBSET_VERSION/bin/jobset"; }
+kueue_bin() { echo "$CACHE/kueue-$KUEUE_VERSION/bin/kueue"; }
 cluster_dir() { echo "$STATE/cluster"; }
 containerd_socket() { echo "$(cluster_dir)/containerd/containerd.sock"; }
 # containerd's image store outlives clusters (`cluster down` keeps it), so a 6 GB image is imported

@@ -37,8 +37,9 @@ install_helm() {
   GOBIN="$(dirname "$(helm_bin)")" go install "helm.sh/helm/v3/cmd/helm@$HELM_VERSION"
 }
 
-# Lint tools: the helm-unittest plugin, kubeconform with the PyTorchJob JSON schema made from the
-# training-operator's own CRD, and actionlint for the GitHub workflow.
+# Lint tools: the helm-unittest plugin, kubeconform with the JSON schemas made from the PyTorchJob
+# CRD of the training-operator and the TrainJob/ClusterTrainingRuntime CRDs of Kubeflow Trainer v2, and
+# actionlint for the GitHub workflow.
 install_lint_tools() {
   local plugin; plugin="$(helm_plugins)/unittest"
   if [ -x "$plugin/untt" ]; then
@@ -58,11 +59,17 @@ install_lint_tools() {
     say "building kubeconform $KUBECONFORM_VERSION"
     GOBIN="$(dirname "$(kubeconform_bin)")" go install "github.com/yannh/kubeconform/cmd/kubeconform@$KUBECONFORM_VERSION"
   fi
-  if [ -f "$(schema_dir)/pytorchjob-kubeflow.org-v1.json" ]; then
-    say "the PyTorchJob schema of training-operator $TRAINING_OPERATOR_VERSION is already made"
+  if [ -f "$(schema_dir)/clustertrainingruntime-trainer.kubeflow.org-v1alpha1.json" ]; then
+    say "the PyTorchJob, TrainJob and ClusterTrainingRuntime schemas are already made"
   else
-    local operator; operator=$(module_dir "github.com/kubeflow/training-operator@$TRAINING_OPERATOR_VERSION")
-    "$(venv_dir)/bin/python" "$ROOT/scripts/crd_to_jsonschema.py" "$operator/manifests/base/crds/kubeflow.org_pytorchjobs.yaml" "$(schema_dir)"
+    local operator trainer
+    operator=$(module_dir "github.com/kubeflow/training-operator@$TRAINING_OPERATOR_VERSION")
+    trainer=$(module_dir "github.com/kubeflow/trainer/v2@$KUBEFLOW_TRAINER_VERSION")
+    for crd in "$operator/manifests/base/crds/kubeflow.org_pytorchjobs.yaml" \
+      "$trainer/manifests/base/crds/trainer.kubeflow.org_trainjobs.yaml" \
+      "$trainer/manifests/base/crds/trainer.kubeflow.org_clustertrainingruntimes.yaml"; do
+      "$(venv_dir)/bin/python" "$ROOT/scripts/crd_to_jsonschema.py" "$crd" "$(schema_dir)"
+    done
   fi
   if [ -x "$(actionlint_bin)" ]; then
     say "actionlint $ACTIONLINT_VERSION is already built"
@@ -112,6 +119,24 @@ install_kube() {
   touch "$dir/.complete"
 }
 
+# Kubeflow Trainer v2, JobSet and Kueue. JobSet is built inside its module: the proxy refuses its
+# version list, which `go install module@version` asks for.
+install_trainer_programs() {
+  if [ -x "$(jobset_bin)" ]; then say "jobset $JOBSET_VERSION is already built"; else
+    say "building jobset $JOBSET_VERSION"
+    local src; src=$(module_dir "sigs.k8s.io/jobset@$JOBSET_VERSION")
+    (cd "$src" && GOFLAGS=-mod=mod go build -o "$(jobset_bin)" .)
+  fi
+  if [ -x "$(trainer_bin)" ]; then say "kubeflow trainer $KUBEFLOW_TRAINER_VERSION is already built"; else
+    say "building the kubeflow trainer $KUBEFLOW_TRAINER_VERSION"
+    GOBIN="$(dirname "$(trainer_bin)")" go install "github.com/kubeflow/trainer/v2/cmd/trainer-controller-manager@$KUBEFLOW_TRAINER_VERSION"
+  fi
+  if [ -x "$(kueue_bin)" ]; then say "kueue $KUEUE_VERSION is already built"; else
+    say "building kueue $KUEUE_VERSION (a large build: minutes on a cold cache)"
+    GOBIN="$(dirname "$(kueue_bin)")" go install "sigs.k8s.io/kueue/cmd/kueue@$KUEUE_VERSION"
+  fi
+}
+
 # Everything the cluster runs as host programs: Debian's container runtime, etcd and CNI plugins;
 # Kubernetes, CoreDNS and the training-operator built from their Go modules.
 install_cluster_programs() {
@@ -129,6 +154,7 @@ install_cluster_programs() {
     say "building coredns $COREDNS_VERSION"
     GOBIN="$(dirname "$(coredns_bin)")" go install "github.com/coredns/coredns@$COREDNS_VERSION"
   fi
+  install_trainer_programs
   if [ -x "$(operator_bin)" ]; then say "training-operator $TRAINING_OPERATOR_VERSION is already built"; else
     say "building training-operator $TRAINING_OPERATOR_VERSION"
     GOBIN="$(dirname "$(operator_bin)")" go install "github.com/kubeflow/training-operator/cmd/training-operator.v1@$TRAINING_OPERATOR_VERSION"

@@ -26,9 +26,10 @@ def submit_here(cluster, *args: str, env: dict | None = None, timeout: float = 1
                           env=env or cluster.env, capture_output=True, text=True, timeout=timeout)  # fmt: skip
 
 
-def test_smoke_submits_four_replicas_collects_and_predicts(cluster, petal_image, storage, tmp_path):
+@pytest.mark.parametrize(("api", "done"), [("pytorchjob", "Succeeded"), ("trainjob", "Complete")])
+def test_smoke_submits_four_replicas_collects_and_predicts(cluster, petal_image, storage, tmp_path, api, done):
     env = cluster.env | {"PETAL_IMAGE": petal_image, "PETAL_REPLICAS": "4", "PETAL_RUNS_DIR": str(tmp_path),
-                         "PETAL_S3_PREFIX": s3("smoke")}  # fmt: skip
+                         "PETAL_S3_PREFIX": s3("smoke"), "PETAL_API": api}  # fmt: skip
     smoke = subprocess.run([str(ROOT / "scripts" / "smoke.sh")], cwd=tmp_path, env=env, capture_output=True,
                            text=True, timeout=1800)  # fmt: skip
     assert smoke.returncode == 0, f"{smoke.stdout[-3000:]}\n{smoke.stderr[-5000:]}"
@@ -39,7 +40,7 @@ def test_smoke_submits_four_replicas_collects_and_predicts(cluster, petal_image,
     assert work.parent == tmp_path
     summary = json.loads((work / "summary.json").read_text())
     assert summary["artifacts"] == ["best.pt", "curves.png", "metrics.jsonl", "per_class.png"]
-    assert summary["epochs"] == 5 and summary["conditions"][-1] == "Succeeded"
+    assert summary["epochs"] == 5 and summary["conditions"][-1] == done
     assert list((work / "tensorboard").glob("events.out.tfevents.*"))
 
     petal = ["petal", "-n", PETAL_NAMESPACE]
@@ -50,9 +51,14 @@ def test_smoke_submits_four_replicas_collects_and_predicts(cluster, petal_image,
                            text=True)  # fmt: skip
     assert json.loads(shown.stdout)["epoch"] == json.loads(shown.stdout)["epochs"] == 5
 
-    job = cluster.get("-n", PETAL_NAMESPACE, "pytorchjob", work.name)
-    assert job["spec"]["pytorchReplicaSpecs"]["Master"]["replicas"] == 1
-    assert job["spec"]["pytorchReplicaSpecs"]["Worker"]["replicas"] == 3
+    job = cluster.get("-n", PETAL_NAMESPACE, api, work.name)
+    if api == "trainjob":
+        assert job["spec"]["trainer"]["numNodes"] == 4
+        pods = cluster.get("-n", PETAL_NAMESPACE, "pods", "-l", f"jobset.sigs.k8s.io/jobset-name={work.name}")
+        assert len(pods["items"]) == 4 and {p["status"]["phase"] for p in pods["items"]} == {"Succeeded"}
+    else:
+        assert job["spec"]["pytorchReplicaSpecs"]["Master"]["replicas"] == 1
+        assert job["spec"]["pytorchReplicaSpecs"]["Worker"]["replicas"] == 3
 
 
 def test_helm_install_resumes_after_a_worker_is_lost_mid_epoch(cluster, petal_image, synthetic_dataset, storage):
@@ -145,11 +151,18 @@ def test_pods_that_cannot_be_scheduled_are_explained_while_pending(cluster):
         cluster.kubectl("-n", PETAL_NAMESPACE, "delete", "pytorchjob", name, check=False)
 
 
-def test_a_cluster_without_the_pytorchjob_crd_exits_3_and_says_how_to_install_it(apiserver_without_crds):
-    submit = submit_here(None, "--replicas", "2", "--image", "petal:dev", env=apiserver_without_crds)
-    assert submit.returncode == 3, submit.stderr
-    assert "PyTorchJob CRD (pytorchjobs.kubeflow.org) is not installed; install the training-operator" in submit.stderr
-    crd = subprocess.run(["kubectl", "get", "crd", "pytorchjobs.kubeflow.org"], env=apiserver_without_crds,
+@pytest.mark.parametrize(
+    ("api", "said"),
+    [
+        ("pytorchjob", "PyTorchJob CRD (pytorchjobs.kubeflow.org) is not installed; install the training-operator"),
+        ("trainjob", "TrainJob CRD (trainjobs.trainer.kubeflow.org) is not installed; install Kubeflow Trainer v2"),
+    ],
+)
+def test_a_cluster_without_the_jobs_crd_exits_3_and_says_how_to_install_it(apiserver_without_crds, api, said):
+    submit = submit_here(None, "--replicas", "2", "--image", "petal:dev", "--api", api, env=apiserver_without_crds)
+    assert submit.returncode == 3 and submit.stderr.count("\n") == 1, submit.stderr
+    assert said in submit.stderr
+    crd = subprocess.run(["kubectl", "get", "crd", said.split("(")[1].split(")")[0]], env=apiserver_without_crds,
                          capture_output=True, text=True)  # fmt: skip
     assert crd.returncode != 0 and "NotFound" in crd.stderr
 

@@ -3,6 +3,15 @@
 {{- .Release.Name | trunc 45 | trimSuffix "-" -}}
 {{- end -}}
 
+{{/* The job object's labels: the chart's, and Kueue's LocalQueue where a queue is named (Kueue then
+     admits the job whole, or not yet). */}}
+{{- define "petal.jobLabels" -}}
+{{ include "petal.labels" . }}
+{{- with .Values.queue }}
+kueue.x-k8s.io/queue-name: {{ . }}
+{{- end }}
+{{- end -}}
+
 {{- define "petal.labels" -}}
 app.kubernetes.io/name: petal
 app.kubernetes.io/instance: {{ .Release.Name }}
@@ -129,13 +138,92 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end }}
 {{- end -}}
 
+{{/* The launcher: torchrun (through training.launch, which keeps the trainer's exit codes) starts the
+     pod's processes from the operator's PET_* settings and gives each its own RANK and WORLD_SIZE. */}}
+{{- define "petal.launchCommand" -}}
+["python", "-m", "training.launch", "-m", "training"]
+{{- end -}}
+
+{{- define "petal.podLabels" -}}
+{{ include "petal.labels" . }}
+{{- with .Values.podLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end -}}
+
+{{/* The training container's environment: storage, then the node-local cache. */}}
+{{- define "petal.containerEnv" -}}
+{{ include "petal.env" . | trim }}
+- name: PETAL_CACHE_DIR
+  value: /cache
+{{- end -}}
+
+{{/* Requests sized for the pod's processes (perProcess), unless resources.requests says otherwise. */}}
+{{- define "petal.resources" -}}
+{{- $processes := int (include "petal.processCount" .) -}}
+requests:
+  {{- if .Values.resources.requests }}
+  {{- toYaml .Values.resources.requests | nindent 2 }}
+  {{- else }}
+  cpu: {{ mul $processes .Values.perProcess.cpu | quote }}
+  memory: {{ printf "%dGi" (mul $processes .Values.perProcess.memoryGiB) }}
+  {{- end }}
+  {{- if not (hasKey .Values.resources.requests "ephemeral-storage") }}
+  ephemeral-storage: {{ .Values.cacheSize }}
+  {{- end }}
+{{- if or .Values.resources.limits .Values.gpusPerReplica }}
+limits:
+  {{- with .Values.resources.limits }}
+  {{- toYaml . | nindent 2 }}
+  {{- end }}
+  {{- if .Values.gpusPerReplica }}
+  nvidia.com/gpu: {{ .Values.gpusPerReplica }}
+  {{- end }}
+{{- end }}
+{{- end -}}
+
+{{- define "petal.volumeMounts" -}}
+- name: dshm
+  mountPath: /dev/shm
+- name: cache
+  mountPath: /cache
+- name: tmp
+  mountPath: /tmp
+{{- with (include "petal.extraVolumeMounts" . | trim) }}
+{{ . }}
+{{- end }}
+{{- end -}}
+
+{{- define "petal.volumes" -}}
+{{- $processes := int (include "petal.processCount" .) -}}
+- name: dshm
+  emptyDir:
+    medium: Memory
+    sizeLimit: {{ .Values.shmSize | default (printf "%dGi" (mul $processes .Values.perProcess.shmGiB)) }}
+- name: cache
+  emptyDir:
+    sizeLimit: {{ .Values.cacheSize }}
+- name: tmp
+  emptyDir:
+    sizeLimit: 1Gi
+{{- with (include "petal.extraVolumes" . | trim) }}
+{{ . }}
+{{- end }}
+{{- end -}}
+
+{{/* tolerations plus, for GPU pods, the nvidia.com/gpu taint's (gpuToleration). */}}
+{{- define "petal.tolerations" -}}
+{{- $tolerations := .Values.tolerations }}
+{{- if and .Values.gpusPerReplica .Values.gpuToleration }}
+{{- $tolerations = append $tolerations (dict "key" "nvidia.com/gpu" "operator" "Exists" "effect" "NoSchedule") }}
+{{- end }}
+{{- with $tolerations }}{{ toYaml . }}{{ end }}
+{{- end -}}
+
 {{- define "petal.podTemplate" -}}
 metadata:
   labels:
-    {{- include "petal.labels" . | nindent 4 }}
-    {{- with .Values.podLabels }}
-    {{- toYaml . | nindent 4 }}
-    {{- end }}
+    {{- include "petal.podLabels" . | nindent 4 }}
   {{- with .Values.podAnnotations }}
   annotations:
     {{- toYaml . | nindent 4 }}
@@ -157,83 +245,36 @@ spec:
   securityContext:
     {{- toYaml .Values.podSecurityContext | nindent 4 }}
   containers:
-    - name: pytorch  # the name the PyTorchJob operator requires
+    - name: pytorch  # the name the operator requires
       image: {{ include "petal.image" . }}
       imagePullPolicy: {{ .Values.image.pullPolicy }}
-      {{- /* torchrun (through training.launch, which keeps the trainer's exit codes) starts the pod's
-             processes from the operator's PET_* settings and gives each its own RANK and WORLD_SIZE;
-             the operator's own RANK counts pods, not processes. */}}
+      {{- /* The operator's own RANK counts pods, not processes: several per pod need the launcher. */}}
       {{- if or (ne (include "petal.nprocPerNode" .) "1") .Values.elasticPolicy }}
-      command: ["python", "-m", "training.launch", "-m", "training"]
+      command: {{ include "petal.launchCommand" . }}
       {{- end }}
       args:
         {{- include "petal.trainerArgs" . | trim | nindent 8 }}
       env:
-        {{- include "petal.env" . | trim | nindent 8 }}
-        - name: PETAL_CACHE_DIR
-          value: /cache
+        {{- include "petal.containerEnv" . | nindent 8 }}
       {{- with .Values.extraEnvFrom }}
       envFrom:
         {{- toYaml . | nindent 8 }}
       {{- end }}
-      {{- $processes := int (include "petal.processCount" .) }}
       resources:
-        requests:
-          {{- if .Values.resources.requests }}
-          {{- toYaml .Values.resources.requests | nindent 10 }}
-          {{- else }}
-          cpu: {{ mul $processes .Values.perProcess.cpu | quote }}
-          memory: {{ printf "%dGi" (mul $processes .Values.perProcess.memoryGiB) }}
-          {{- end }}
-          {{- if not (hasKey .Values.resources.requests "ephemeral-storage") }}
-          ephemeral-storage: {{ .Values.cacheSize }}
-          {{- end }}
-        {{- if or .Values.resources.limits .Values.gpusPerReplica }}
-        limits:
-          {{- with .Values.resources.limits }}
-          {{- toYaml . | nindent 10 }}
-          {{- end }}
-          {{- if .Values.gpusPerReplica }}
-          nvidia.com/gpu: {{ .Values.gpusPerReplica }}
-          {{- end }}
-        {{- end }}
+        {{- include "petal.resources" . | nindent 8 }}
       securityContext:
         {{- toYaml .Values.securityContext | nindent 8 }}
       volumeMounts:
-        - name: dshm
-          mountPath: /dev/shm
-        - name: cache
-          mountPath: /cache
-        - name: tmp
-          mountPath: /tmp
-        {{- with (include "petal.extraVolumeMounts" . | trim) }}
-        {{- . | nindent 8 }}
-        {{- end }}
+        {{- include "petal.volumeMounts" . | nindent 8 }}
   volumes:
-    - name: dshm
-      emptyDir:
-        medium: Memory
-        sizeLimit: {{ .Values.shmSize | default (printf "%dGi" (mul $processes .Values.perProcess.shmGiB)) }}
-    - name: cache
-      emptyDir:
-        sizeLimit: {{ .Values.cacheSize }}
-    - name: tmp
-      emptyDir:
-        sizeLimit: 1Gi
-    {{- with (include "petal.extraVolumes" . | trim) }}
-    {{- . | nindent 4 }}
-    {{- end }}
+    {{- include "petal.volumes" . | nindent 4 }}
   {{- with .Values.nodeSelector }}
   nodeSelector:
     {{- toYaml . | nindent 4 }}
   {{- end }}
-  {{- $tolerations := .Values.tolerations }}
-  {{- if and .Values.gpusPerReplica .Values.gpuToleration }}
-  {{- $tolerations = append $tolerations (dict "key" "nvidia.com/gpu" "operator" "Exists" "effect" "NoSchedule") }}
-  {{- end }}
-  {{- with $tolerations }}
+  {{- with (include "petal.tolerations" .) }}
   tolerations:
-    {{- toYaml . | nindent 4 }}
+    {{- . | nindent 4 }}
   {{- end }}
   {{- with .Values.affinity }}
   affinity:

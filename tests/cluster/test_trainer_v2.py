@@ -1,0 +1,219 @@
+"""Kubeflow Trainer v2 (TrainJob, on JobSet) and Kueue on the real test bed: a TrainJob that loses a
+node pod is restarted whole by JobSet and resumes from its checkpoint, one that exits with a permanent
+code fails at once; under a queue whose quota fits
+one job, two jobs of either kind run one after the other, the second's pods made only once the first
+has finished (gang admission); what the cluster lacks for them exits 3 naming it. (The 4-node
+TrainJob through scripts/smoke.sh is in test_delivery.py.)"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import uuid
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import PETAL_NAMESPACE
+from support import BUCKET_VALUES, ROOT, s3
+
+from training.storage import parse_url
+
+CPU_VALUES = ROOT / "charts" / "petal" / "ci" / "cpu-values.yaml"
+CHECKPOINT_EVERY = 3
+STEP = re.compile(r"epoch (\d+)/\d+ step (\d+)/")
+RESUMED = re.compile(r'\{"event": "resumed", "epoch": (\d+), "step": (\d+)\}')
+
+
+def petal_submit(cluster, name: str, dataset: str, runs: Path, *args: str) -> subprocess.Popen:
+    """`petal submit` of a small CPU job, running while the test looks on."""
+    argv = ["petal", "submit", *BUCKET_VALUES, "--name", name, "--namespace", PETAL_NAMESPACE, "--replicas", "2",
+            "--values", str(CPU_VALUES), "--dataset", dataset, "--set", f"outputPrefix={s3('runs')}",
+            "--collect", str(runs / name), "--timeout", "1200", *args]  # fmt: skip
+    return subprocess.Popen(argv, env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finished(submit: subprocess.Popen) -> tuple[int, str]:
+    _, stderr = submit.communicate(timeout=1500)
+    return submit.returncode, stderr
+
+
+def while_submitting(submit: subprocess.Popen, probe):
+    """probe, failing the test at once with submit's output if `petal submit` has already exited."""
+
+    def probed():
+        if submit.poll() is not None:
+            pytest.fail(f"petal submit exited {submit.returncode} early:\n{submit.stderr.read()[-4000:]}")
+        return probe()
+
+    return probed
+
+
+def newest(cluster, name: str, rank: int) -> dict | None:
+    """The newest pod of a TrainJob's node `rank` (JobSet's labels), or None."""
+    selector = f"jobset.sigs.k8s.io/jobset-name={name},batch.kubernetes.io/job-completion-index={rank}"
+    pods = cluster.get("-n", PETAL_NAMESPACE, "pods", "-l", selector)["items"]
+    return max(pods, key=lambda p: p["metadata"]["creationTimestamp"], default=None)
+
+
+def test_a_trainjob_resumes_after_a_node_pod_is_deleted(cluster, petal_image, synthetic_dataset, storage, tmp_path):
+    name = f"tj-fault-{uuid.uuid4().hex[:5]}"
+    submit = petal_submit(cluster, name, synthetic_dataset, tmp_path, "--api", "trainjob", "--epochs", "4",
+                          "--batch-size", "8", "--set", f"training.checkpointEvery={CHECKPOINT_EVERY}",
+                          "--set", "training.logEvery=1",
+                          "--set", "terminationGracePeriodSeconds=60")  # fmt: skip
+    try:
+
+        def master_position():
+            pod = newest(cluster, name, 0)
+            found = STEP.findall(cluster.logs(pod["metadata"]["name"], PETAL_NAMESPACE)) if pod else []
+            return (int(found[-1][0]), int(found[-1][1])) if found else None
+
+        def past_a_checkpoint():
+            position = master_position()
+            return position if position and position >= (1, CHECKPOINT_EVERY + 2) else None
+
+        reached = cluster.wait_until(f"{name} past its first checkpoint", while_submitting(submit, past_a_checkpoint),
+                                     PETAL_NAMESPACE, 900)  # fmt: skip
+        first_master = newest(cluster, name, 0)["metadata"]["uid"]
+        cluster.kubectl("-n", PETAL_NAMESPACE, "delete", "pod", newest(cluster, name, 1)["metadata"]["name"],
+                        "--wait=false")  # fmt: skip
+
+        def resumed():
+            pod = newest(cluster, name, 0)
+            if pod is None or pod["metadata"]["uid"] == first_master:
+                return None
+            match = RESUMED.search(cluster.logs(pod["metadata"]["name"], PETAL_NAMESPACE))
+            return (int(match[1]), int(match[2])) if match else None
+
+        epoch, step = cluster.wait_until(f"{name}'s nodes restarted by JobSet and resumed",
+                                         while_submitting(submit, resumed), PETAL_NAMESPACE, 900)  # fmt: skip
+        assert epoch == reached[0] or (epoch == reached[0] + 1 and step == 0), (reached, (epoch, step))
+        assert epoch > reached[0] or reached[1] - step <= CHECKPOINT_EVERY, (reached, (epoch, step))
+        code, stderr = finished(submit)
+        assert code == 0, stderr[-4000:]
+        jobset = cluster.get("-n", PETAL_NAMESPACE, "jobset", name)
+        assert jobset["status"]["restarts"] >= 1 and jobset["status"]["terminalState"] == "Completed"
+        text = storage.read_bytes(parse_url(s3(f"runs/{name}")).join("metrics.jsonl")).decode()
+        records = [json.loads(line) for line in text.splitlines()]
+        assert [r["epoch"] for r in records] == [1, 2, 3, 4]
+        assert {r["train_samples"] for r in records} == {records[0]["train_samples"]}  # each epoch trained whole
+
+        cancelled = subprocess.run(["petal", "cancel", name, "-n", PETAL_NAMESPACE], env=cluster.env,
+                                   capture_output=True, text=True)  # fmt: skip
+        assert cancelled.returncode == 0 and f"deleted trainjob/{name}" in cancelled.stderr, cancelled.stderr
+    finally:
+        submit.kill()
+        cluster.kubectl("-n", PETAL_NAMESPACE, "delete", "trainjob", name, "--ignore-not-found", check=False)
+
+
+def test_a_trainjob_fails_at_once_on_a_permanent_exit_code(cluster, petal_image, tmp_path):
+    """The runtime's podFailurePolicy: a missing dataset (exit 3) is not retried, unlike exit 143 above."""
+    name = f"tj-perm-{uuid.uuid4().hex[:5]}"
+    submit = petal_submit(cluster, name, s3("datasets/absent"), tmp_path, "--api", "trainjob", "--epochs", "1")
+    try:
+        code, stderr = finished(submit)
+        assert code == 1, stderr[-4000:]
+        assert "datasets/absent" in stderr, stderr[-4000:]  # the failing pod's log tail names it
+        jobset = cluster.get("-n", PETAL_NAMESPACE, "jobset", name)
+        assert jobset["status"].get("restarts", 0) == 0 and jobset["status"]["terminalState"] == "Failed"
+    finally:
+        submit.kill()
+        cluster.kubectl("-n", PETAL_NAMESPACE, "delete", "trainjob", name, "--ignore-not-found", check=False)
+
+
+@pytest.fixture()
+def one_job_queue(cluster):
+    """A Kueue ClusterQueue whose quota fits one 2-pod CPU job (100m CPU, 1Gi memory and a 1Gi cache
+    each) and not two, with its LocalQueue in petal's namespace."""
+    name = f"gang-{uuid.uuid4().hex[:5]}"
+    cluster.apply(
+        {"apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "ClusterQueue", "metadata": {"name": name},
+         "spec": {"namespaceSelector": {}, "resourceGroups": [{
+             "coveredResources": ["cpu", "memory", "ephemeral-storage"],
+             "flavors": [{"name": "default-flavor", "resources": [
+                 {"name": "cpu", "nominalQuota": "300m"}, {"name": "memory", "nominalQuota": "3Gi"},
+                 {"name": "ephemeral-storage", "nominalQuota": "3Gi"}]}]}]}},
+        {"apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "LocalQueue",
+         "metadata": {"name": name, "namespace": PETAL_NAMESPACE}, "spec": {"clusterQueue": name}},
+        namespace=PETAL_NAMESPACE,
+    )  # fmt: skip
+    yield name
+    cluster.kubectl("-n", PETAL_NAMESPACE, "delete", "localqueue", name, check=False)
+    cluster.kubectl("delete", "clusterqueue", name, check=False)
+
+
+def timestamp(text: str) -> datetime:
+    return datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+@pytest.mark.parametrize(("api", "done"), [("pytorchjob", "Succeeded"), ("trainjob", "Complete")])
+def test_a_queue_that_fits_one_job_runs_two_one_after_the_other(cluster, petal_image, synthetic_dataset,
+                                                                  one_job_queue, tmp_path, api, done):  # fmt: skip
+    names = [f"gang-{api[:5]}-{i}-{uuid.uuid4().hex[:4]}" for i in (1, 2)]
+    label = "training.kubeflow.org/job-name" if api == "pytorchjob" else "jobset.sigs.k8s.io/jobset-name"
+    queued = ["--api", api, "--queue", one_job_queue, "--epochs", "1"]
+    if api == "pytorchjob":  # keep every pod for the record: by default a finished job's running ones go
+        queued += ["--set", "runPolicy.cleanPodPolicy=None"]
+    submits = [petal_submit(cluster, name, synthetic_dataset, tmp_path, *queued) for name in names]
+    try:
+        results = [finished(submit) for submit in submits]
+        for code, stderr in results:
+            assert code == 0, stderr[-4000:]
+        waited = [stderr for _, stderr in results if "waiting for Kueue admission: " in stderr]
+        assert len(waited) == 1 and "insufficient unused quota" in waited[0], [r[1][-2000:] for r in results]
+
+        ended, created = {}, {}
+        for name in names:
+            job = cluster.get("-n", PETAL_NAMESPACE, api, name)
+            (condition,) = [c for c in job["status"]["conditions"] if c["type"] == done]
+            ended[name] = timestamp(condition["lastTransitionTime"])
+            pods = cluster.get("-n", PETAL_NAMESPACE, "pods", "-l", f"{label}={name}")["items"]
+            assert len(pods) == 2, [p["metadata"]["name"] for p in pods]
+            created[name] = min(timestamp(p["metadata"]["creationTimestamp"]) for p in pods)
+        first, second = sorted(names, key=ended.get)
+        assert created[second] >= ended[first], f"{second}'s pods were made before {first} finished"
+    finally:
+        for submit, name in zip(submits, names, strict=True):
+            submit.kill()
+            cluster.kubectl("-n", PETAL_NAMESPACE, "delete", api, name, "--ignore-not-found", check=False)
+
+
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (["--api", "trainjob", "--set", "trainJob.runtime=absent"],
+         "ClusterTrainingRuntime 'absent' does not exist; install petal's: kubectl apply --server-side -f "
+         f"{ROOT / 'manifests' / 'trainer-runtime.yaml'}, or set trainJob.runtime"),
+        (["--queue", "absent"], f"--queue absent: no Kueue LocalQueue 'absent' in namespace '{PETAL_NAMESPACE}'"),
+    ],
+    ids=["runtime", "queue"],
+)  # fmt: skip
+def test_a_missing_runtime_or_queue_exits_3_and_applies_nothing(cluster, args, said):
+    name = f"pre-{uuid.uuid4().hex[:6]}"
+    result = subprocess.run(["petal", "submit", *BUCKET_VALUES, "--name", name, "--namespace", PETAL_NAMESPACE,
+                             *args], env=cluster.env, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert result.returncode == 3 and result.stderr.count("\n") == 1, result.stderr
+    assert said in result.stderr
+    left = cluster.kubectl("-n", PETAL_NAMESPACE, "get", "pytorchjobs,trainjobs", "-o", "name").stdout
+    assert name not in left
+
+
+def test_a_name_taken_by_the_other_kind_is_refused_and_nothing_applied(cluster):
+    """Both kinds under one name would share pods' names, the run directory and every `petal` verb."""
+    name = f"twin-{uuid.uuid4().hex[:6]}"
+    submit = ["petal", "submit", *BUCKET_VALUES, "--name", name, "--namespace", PETAL_NAMESPACE]
+    rendered = subprocess.run([*submit, "--dry-run"], env=cluster.env, capture_output=True, text=True, check=True)
+    job = next(doc for doc in yaml.safe_load_all(rendered.stdout) if doc and doc["kind"] == "PyTorchJob")
+    job["spec"]["runPolicy"]["suspend"] = True  # no pods: only its name matters here
+    cluster.apply(job, namespace=PETAL_NAMESPACE)
+    try:
+        result = subprocess.run([*submit, "--api", "trainjob"], env=cluster.env, capture_output=True, text=True,
+                                timeout=120)  # fmt: skip
+        assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+        assert f"a PyTorchJob named '{name}' already exists" in result.stderr
+        assert cluster.kubectl("-n", PETAL_NAMESPACE, "get", "trainjob", name, check=False).returncode != 0
+    finally:
+        cluster.kubectl("-n", PETAL_NAMESPACE, "delete", "pytorchjob", name, "--ignore-not-found", check=False)
