@@ -32,7 +32,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2, help="data: DataLoader workers for every contender")
     parser.add_argument("--images", type=int, default=480, help="data: images in the set")
     parser.add_argument("--per-class", type=int, default=60, help="feature_cache, ddp: training images per class")
-    parser.add_argument("--epochs", type=int, default=8, help="resized_accuracy: epochs of each of its two runs")
+    parser.add_argument("--epochs", type=int, default=8, help="resized_accuracy: epochs of each run")
+    parser.add_argument("--seeds", type=int, default=3, help="resized_accuracy: seeds, each run on both contenders")
     args = parser.parse_args()
     if args.name != "all":
         BENCHMARKS[args.name](args)

@@ -101,6 +101,17 @@ def test_a_trainjob_resumes_after_a_node_pod_is_deleted(cluster, petal_image, sy
         assert [r["epoch"] for r in records] == [1, 2, 3, 4]
         assert {r["train_samples"] for r in records} == {records[0]["train_samples"]}  # each epoch trained whole
 
+        def petal(*args: str) -> subprocess.CompletedProcess:
+            return subprocess.run(["petal", *args, name, "-n", PETAL_NAMESPACE], env=cluster.env, capture_output=True,
+                                  text=True)  # fmt: skip
+
+        status = json.loads(petal("status", "--json").stdout)
+        assert status["kind"] == "TrainJob" and status["state"] == "Succeeded" and status["last_epoch"]["epoch"] == 4
+        assert len({p["name"] for p in status["pods"]}) >= 2  # both nodes' pods, those of before the restart too
+        node_1 = newest(cluster, name, 1)["metadata"]["name"]  # the node pod after the restart, not the deleted one
+        logged = petal("logs", "--rank", "1").stdout
+        assert logged.strip() and logged == cluster.logs(node_1, PETAL_NAMESPACE)
+
         cancelled = subprocess.run(["petal", "cancel", name, "-n", PETAL_NAMESPACE], env=cluster.env,
                                    capture_output=True, text=True)  # fmt: skip
         assert cancelled.returncode == 0 and f"deleted trainjob/{name}" in cancelled.stderr, cancelled.stderr
