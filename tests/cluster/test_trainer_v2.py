@@ -108,9 +108,12 @@ def test_a_trainjob_resumes_after_a_node_pod_is_deleted(cluster, petal_image, sy
         status = json.loads(petal("status", "--json").stdout)
         assert status["kind"] == "TrainJob" and status["state"] == "Succeeded" and status["last_epoch"]["epoch"] == 4
         assert len({p["name"] for p in status["pods"]}) >= 2  # both nodes' pods, those of before the restart too
-        node_1 = newest(cluster, name, 1)["metadata"]["name"]  # the node pod after the restart, not the deleted one
-        logged = petal("logs", "--rank", "1").stdout
-        assert logged.strip() and logged == cluster.logs(node_1, PETAL_NAMESPACE)
+        for rank in (0, 1):  # each node's pod after the restart, not the deleted one; only node 0 prints progress
+            logged = petal("logs", "--rank", str(rank))
+            assert logged.returncode == 0, logged.stderr
+            assert logged.stdout == cluster.logs(newest(cluster, name, rank)["metadata"]["name"], PETAL_NAMESPACE)
+        master_log = petal("logs").stdout  # rank 0 by default
+        assert STEP.search(master_log), master_log[-2000:]
 
         cancelled = subprocess.run(["petal", "cancel", name, "-n", PETAL_NAMESPACE], env=cluster.env,
                                    capture_output=True, text=True)  # fmt: skip
