@@ -88,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
         return jobs.cancel(cluster, args.name)
     if args.verb == "collect":
         summary = jobs.collect_job(cluster, args.name, args.dir)
-        where = args.dir or f"runs/{args.name}"
+        where = args.dir or jobs.RUNS / args.name
         print(f"petal: collected {args.name} into {where}: best validation accuracy {summary['best_val_acc']:.4f}, "
               f"{summary['tensorboard_files']} TensorBoard file(s)", file=sys.stderr)  # fmt: skip
         return 0

@@ -19,18 +19,20 @@ from pathlib import Path
 from petal.cluster import (
     QUEUE_LABEL,
     TRAINJOB,
+    BadArguments,
     Cluster,
     JobFailed,
     NotCollected,
+    Precondition,
     age_seconds,
     api_of,
     follow_log,
     suspended,
 )
-from training.artifacts import collect_events
+from training import artifacts
 from training.storage import Storage, StorageError, parse_url
 
-ROOT = Path(__file__).resolve().parents[1]
+RUNS = Path("runs")  # in the working directory, as every message says: never in the installed package
 SYNC_SECONDS = 30
 
 
@@ -200,7 +202,7 @@ def logs(cluster: Cluster, name: str, follow: bool, rank: int) -> int:
     """The log of pod `rank` (0: the master, or node 0), following it across restarts if asked."""
     job = cluster.job(name)
     if not 0 <= rank < ranks(job):
-        raise ValueError(f"--rank {rank}: {name} has ranks 0 (the master) to {ranks(job) - 1}")
+        raise BadArguments(f"--rank {rank}: {name} has ranks 0 (the master) to {ranks(job) - 1}")
     if not follow:
         pod = cluster.rank_pod(job, rank)
         if pod is None:
@@ -231,11 +233,9 @@ def cancel(cluster: Cluster, name: str) -> int:
 
 def collect(job: dict, dest: Path) -> dict:
     """The run's artifacts and TensorBoard events into dest, with a summary.json."""
-    from training.artifacts import collect as download
-
     storage, output = Storage.from_env(), parse_url(job_output(job))
-    collected = download(storage, output, dest)
-    events = collect_events(storage, output, dest / "tensorboard")
+    collected = artifacts.collect(storage, output, dest)
+    events = artifacts.collect_events(storage, output, dest / "tensorboard")
     records = [json.loads(line) for line in (dest / "metrics.jsonl").read_text().splitlines()]
     best = max(records, key=lambda r: r["val_acc"])
     summary = {
@@ -258,7 +258,7 @@ def collect_job(cluster: Cluster, name: str, dest: Path | None) -> dict:
     job = cluster.job(name)
     if state(job) != "Succeeded":
         raise JobFailed(f"{name} is {state(job)}, not Succeeded: nothing final to collect")
-    dest = dest or ROOT / "runs" / name
+    dest = dest or RUNS / name
     try:
         return collect(job, dest)
     except (StorageError, OSError, ValueError, KeyError) as err:  # the job's work is safe in storage either way
@@ -274,17 +274,17 @@ def tensorboard(cluster: Cluster, name: str, port: int) -> int:
     import subprocess
 
     if importlib.util.find_spec("tensorboard") is None:
-        raise ValueError("TensorBoard is not installed here: pip install tensorboard")
-    output, dest = parse_url(job_output(cluster.job(name))), ROOT / "runs" / name / "tensorboard"
+        raise Precondition("TensorBoard is not installed here: pip install tensorboard")
+    output, dest = parse_url(job_output(cluster.job(name))), RUNS / name / "tensorboard"
     storage = Storage.from_env()
-    collect_events(storage, output, dest)
+    artifacts.collect_events(storage, output, dest)
     server = subprocess.Popen([sys.executable, "-m", "tensorboard.main", "--logdir", str(dest.parent),
                                "--port", str(port), "--bind_all"])  # fmt: skip
     print(f"petal: TensorBoard on {output}/tensorboard at http://localhost:{port} (Ctrl-C stops it)", file=sys.stderr)
     try:
         while server.poll() is None:
             time.sleep(SYNC_SECONDS)
-            collect_events(storage, output, dest)
+            artifacts.collect_events(storage, output, dest)
     finally:
         server.terminate()
     return server.wait()

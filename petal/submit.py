@@ -54,7 +54,7 @@ from petal.cluster import (
     explain_failure,
     follow_in_background,
 )
-from petal.jobs import collect_job, job_output, state
+from petal.jobs import collect_job, job_output, read_json, state, storage_or_none
 from training.config import flag, options
 
 CHART = installed("charts/petal")
@@ -89,8 +89,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image", help="training image, REPOSITORY[:TAG]")
     p.add_argument("--gpus-per-replica", type=count(0), help="nvidia.com/gpu per pod")
     trainer = p.add_argument_group("trainer options (charts/petal/values.yaml `training`; python -m training --help)")
+    chart_keys = set(training_keys())
     for key, action in options().items():
-        if key not in training_keys():
+        if key not in chart_keys:
             continue
         # The trainer's own flag, type, choices and help; only what is given becomes a chart value.
         names = [flag(action), *(["--dataset"] if key == "data" else [])]
@@ -192,14 +193,12 @@ class ProgressBar:
     def __init__(self, cluster: Cluster, name: str):
         from tqdm import tqdm
 
-        from petal.jobs import read_json, storage_or_none
-
-        self.read, self.storage = read_json, storage_or_none()
+        self.storage = storage_or_none()
         self.output = job_output(cluster.job(name))
         self.bar = tqdm(desc=name, unit="step", file=sys.stderr, dynamic_ncols=True)
 
     def __call__(self, job) -> None:
-        record = self.read(self.storage, f"{self.output}/progress.json")
+        record = read_json(self.storage, f"{self.output}/progress.json")
         if not record or not record.get("steps"):
             return
         self.bar.total = record["steps"] * record["epochs"]
@@ -211,13 +210,6 @@ class ProgressBar:
 
     def close(self) -> None:
         self.bar.close()
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python scripts/submit.py …`: `petal submit …`."""
-    from petal.cli import main as petal
-
-    return petal(["submit", *(sys.argv[1:] if argv is None else argv)])
 
 
 def submit(args: argparse.Namespace) -> int:
