@@ -64,7 +64,7 @@ def images_per_second(loader: DataLoader, count: int) -> float:
     return count / timed(lambda: sum(1 for _ in loader))
 
 
-def stored_images(storage: Storage, stream: SplitStream) -> tuple[list[bytes], list[int]]:
+def stored_images(stream: SplitStream) -> tuple[list[bytes], list[int]]:
     refs = stream.epoch_refs(seed=0, epoch=0, rank=0, world_size=1, shuffle=False)
     return [read_image_bytes(ref) for ref in refs], [ref.label for ref in refs]
 
@@ -77,7 +77,7 @@ def run(args) -> dict:
     run_script("upload_dataset.py", str(images), str(dataset), "--min-shards", str(2 * args.workers))
     index = read_index(storage, dataset)
     stream = SplitStream(storage, dataset, index, ["train"], work / "index-cache")
-    stored, labels = stored_images(storage, stream)
+    stored, labels = stored_images(stream)
     files = sorted(images.glob("*/*.jpg"))
     objects = [parse_url(f"s3://petal/bench/photo-objects/{i:05d}.jpg") for i in range(len(stored))]
     for url, data in zip(objects, stored, strict=True):

@@ -147,3 +147,7 @@ def test_batches_decoded_by_the_gpu_path_are_the_views_of_their_samples():
     augmented = list(DecodeOnGpu([batch], 64, torch.device("cpu"), seed=0, augment=True))[0][0]
     again = list(DecodeOnGpu([batch], 64, torch.device("cpu"), seed=0, augment=True))[0][0]
     assert torch.equal(augmented, again), "augmentation is seeded per (seed, epoch, sample)"
+    next_epoch = encoded_batch([(torch.frombuffer(bytearray(b), dtype=torch.uint8), i, f"key{i}", 4)
+                                for i, b in enumerate(blobs)])  # fmt: skip
+    other = list(DecodeOnGpu([next_epoch], 64, torch.device("cpu"), seed=0, augment=True))[0][0]
+    assert not torch.equal(augmented, other), "another epoch draws other rotations"

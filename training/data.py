@@ -40,6 +40,9 @@ from training.storage import S3Url, Storage
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# Which version of the decode + views below a feature cache was computed with: raise it whenever
+# they change what a view's pixels are (2: resize before rotation, JPEG draft decode).
+VIEWS_VERSION = 2
 
 
 def eval_transform(image_size: int) -> T.Compose:

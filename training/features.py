@@ -22,7 +22,15 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from training.data import SplitStream, decode_image, eval_transform, hash_seed, ignore_sigterm, train_transform
+from training.data import (
+    VIEWS_VERSION,
+    SplitStream,
+    decode_image,
+    eval_transform,
+    hash_seed,
+    ignore_sigterm,
+    train_transform,
+)
 from training.shards import SampleRef, read_image_bytes
 
 
@@ -84,7 +92,7 @@ class FeatureCache:
         self.autocast = autocast
         self.width = width
         self.directory = directory and directory / cache_key(
-            backbone, dataset=dataset, image_size=image_size, seed=seed
+            backbone, dataset=dataset, image_size=image_size, seed=seed, views=VIEWS_VERSION
         )
         self.memory: dict[tuple[str, int], torch.Tensor] = {}
 
