@@ -7,15 +7,17 @@
 
 For each class (named in the dataset's index.json) it searches for "<class name> <suffix>" and
 downloads up to --limit images (above 100 the library needs --chromedriver, e.g. Debian's
-chromium-driver). A URL is refused (not-http: it redirects off http(s); too-large: over --max-bytes;
-download-failed) before anything is kept; every file is then checked, and rejected with its reason
-when it is: empty / not-an-image / truncated / does-not-decode / decompression-bomb (more pixels
-than Pillow's limit), too-small (shorter side < --min-side),
-  extreme-aspect (> --max-aspect), duplicate-url (already in the dataset), exact-duplicate (same
-  bytes) or near-duplicate (perceptual hash within --near-distance) of any image already in the
-  dataset — the valid and test splits included, since leaking them would fake accuracy — or of
-  another download, or, with --relevance CHECKPOINT, irrelevant (a trained petal model does not put
-  the target class in its top --relevance-top-k).
+chromium-driver). A URL is refused before anything is kept when it is: not-http (it redirects off
+http(s)), private-address (it or a redirect resolves to a loopback, link-local, private or multicast
+address: the cloud metadata service, localhost, in-cluster services; --allow-network admits a
+mirror of yours), too-large (over --max-bytes), too-slow (not done within --download-seconds) or
+download-failed. Every file is then checked, and rejected with its reason when it is: empty /
+not-an-image / truncated / does-not-decode / decompression-bomb (more pixels than Pillow's limit),
+too-small (shorter side < --min-side), extreme-aspect (> --max-aspect), duplicate-url (already in
+the dataset), exact-duplicate (same bytes) or near-duplicate (perceptual hash within
+--near-distance) of any image already in the dataset — the valid and test splits included, since
+leaking them would fake accuracy — or of another download, or, with --relevance CHECKPOINT,
+irrelevant (a trained petal model does not put the target class in its top --relevance-top-k).
 What survives becomes new shards of the split --split (default augment); each sample keeps its
 source URL. The index is replaced only after every shard is stored, and a per-class report is
 printed and stored at <dataset>/reports/. Re-running stores no URL or image twice. Train on it with
@@ -27,14 +29,17 @@ from __future__ import annotations
 import argparse
 import hashlib
 import http.client
+import ipaddress
 import json
+import socket
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 import warnings
 from collections import Counter
-from contextlib import redirect_stdout
+from contextlib import redirect_stdout, suppress
 from dataclasses import dataclass, field
 from io import BytesIO
 from pathlib import Path
@@ -87,12 +92,113 @@ class Known:
         return (best[1], best[0]) if best and best[0] <= distance else None
 
 
-class NotHttp(Exception):
-    pass
+class Refused(Exception):
+    """A URL not downloaded, with the reason the report gives."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason, self.detail = reason, detail
 
 
-class TooLarge(Exception):
-    pass
+@dataclass(frozen=True)
+class NetworkPolicy:
+    """Where downloads may connect: public addresses only — a search result or a redirect must not
+    reach the metadata service, localhost or in-cluster services — unless a network is allowed."""
+
+    allowed: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+
+    def check(self, host: str, address: str) -> None:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+        if any(ip in network for network in self.allowed):
+            return
+        if not ip.is_global or ip.is_multicast:  # loopback, link-local, private, reserved, unspecified, ...
+            raise Refused("private-address", f"{host} is {ip}")
+
+
+class Download:
+    """One URL's fetch: every connection it opens (redirects included) goes only to addresses the
+    policy allows, checked on the resolved address it then connects to, and the whole of it — connect,
+    headers, body — ends at `deadline` (a server sending a byte a second is cut off there)."""
+
+    def __init__(self, policy: NetworkPolicy, seconds: float):
+        self.policy, self.deadline = policy, time.monotonic() + seconds
+        self.sockets: list[socket.socket] = []
+        self.timer = threading.Timer(seconds, self._cut_off)
+        self.timer.daemon = True
+
+    def remaining(self) -> float:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise Refused("too-slow", "past --download-seconds")
+        return left
+
+    def _cut_off(self) -> None:
+        for sock in self.sockets:
+            with suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+    def connect(self, address: tuple[str, int], timeout=None, source_address=None) -> socket.socket:
+        """What http.client calls to open a connection: resolve, refuse any address not allowed, connect."""
+        host, port = address
+        found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        for *_, sockaddr in found:
+            self.policy.check(host, sockaddr[0])
+        error: OSError = OSError(f"{host} has no address")
+        for family, kind, proto, _, sockaddr in found:
+            sock = socket.socket(family, kind, proto)
+            self.sockets.append(sock)
+            sock.settimeout(self.remaining())
+            try:
+                sock.connect(sockaddr)
+                return sock
+            except OSError as err:
+                error = err
+                sock.close()
+        raise error
+
+    def handlers(self) -> list[urllib.request.BaseHandler]:
+        connect = self.connect
+
+        def guarded(base):
+            class Guarded(base):
+                def __init__(self, *args, **kwargs):
+                    super().__init__(*args, **kwargs)
+                    self._create_connection = connect
+
+            return Guarded
+
+        class Http(urllib.request.HTTPHandler):
+            def http_open(self, req):
+                return self.do_open(guarded(http.client.HTTPConnection), req)
+
+        class Https(urllib.request.HTTPSHandler):
+            def https_open(self, req):
+                return self.do_open(guarded(http.client.HTTPSConnection), req, context=self._context)
+
+        return [Http(), Https(), HttpOnlyRedirects()]
+
+    def fetch(self, url: str, max_bytes: int) -> bytes:
+        self.timer.start()
+        try:
+            opener = urllib.request.build_opener(*self.handlers())
+            with opener.open(urllib.request.Request(url, headers={"User-Agent": USER_AGENT}),
+                             timeout=self.remaining()) as response:  # fmt: skip
+                declared = response.headers.get("Content-Length")
+                if declared and declared.isdigit() and int(declared) > max_bytes:
+                    raise Refused("too-large", f"{declared} bytes")
+                data = bytearray()
+                while len(data) <= max_bytes and (chunk := response.read1(65536)):
+                    data += chunk
+                    self.remaining()
+                self.remaining()  # an end of data that was the deadline cutting the connection
+        except (OSError, http.client.HTTPException):
+            self.remaining()  # cut off at the deadline: too-slow, not a failed download
+            raise
+        finally:
+            self.timer.cancel()
+        if len(data) > max_bytes:
+            raise Refused("too-large", f"over {max_bytes} bytes")
+        return bytes(data)
 
 
 class HttpOnlyRedirects(urllib.request.HTTPRedirectHandler):
@@ -100,43 +206,34 @@ class HttpOnlyRedirects(urllib.request.HTTPRedirectHandler):
 
     def redirect_request(self, req, fp, code, msg, headers, newurl):
         if urlparse(newurl).scheme not in ("http", "https"):
-            raise NotHttp(newurl)
+            raise Refused("not-http", newurl)
         return super().redirect_request(req, fp, code, msg, headers, newurl)
 
 
-def fetch(url: str, max_bytes: int, timeout: float = 20) -> bytes:
-    """The bytes at an http(s) URL, redirects included, refusing anything over max_bytes."""
+def fetch(url: str, max_bytes: int, policy: NetworkPolicy, seconds: float) -> bytes:
+    """The bytes at an http(s) URL, redirects included, refusing anything over max_bytes, any address
+    the policy does not allow and anything not done within `seconds`."""
     if urlparse(url).scheme not in ("http", "https"):
-        raise NotHttp(url)
-    opener = urllib.request.build_opener(HttpOnlyRedirects)
-    with opener.open(urllib.request.Request(url, headers={"User-Agent": USER_AGENT}), timeout=timeout) as response:
-        declared = response.headers.get("Content-Length")
-        if declared and declared.isdigit() and int(declared) > max_bytes:
-            raise TooLarge(declared)
-        data = response.read(max_bytes + 1)
-    if len(data) > max_bytes:
-        raise TooLarge(len(data))
-    return data
+        raise Refused("not-http", url)
+    return Download(policy, seconds).fetch(url, max_bytes)
 
 
 class RecordingDownloader(googleimagesdownload):
-    """The library's search and result parsing; the download itself is petal's: http(s) only (redirects
-    included), at most `max_bytes`, remembering where each saved file came from and why any URL was
-    not saved."""
+    """The library's search and result parsing; the download itself is petal's (`fetch`): http(s) only,
+    public addresses only, at most `max_bytes` within `seconds`, remembering where each saved file came
+    from and why any URL was not saved."""
 
-    def __init__(self, max_bytes: int):
+    def __init__(self, max_bytes: int, policy: NetworkPolicy, seconds: float):
         super().__init__()
-        self.max_bytes = max_bytes
+        self.max_bytes, self.policy, self.seconds = max_bytes, policy, seconds
         self.sources: dict[str, str] = {}  # saved file → URL
         self.refused: dict[str, str] = {}  # URL → reason
 
     def download_image(self, image_url, image_format, main_directory, dir_name, count, *rest):
         try:
-            data = fetch(image_url, self.max_bytes)
-        except NotHttp:
-            reason = "not-http"
-        except TooLarge:
-            reason = "too-large"
+            data = fetch(image_url, self.max_bytes, self.policy, self.seconds)
+        except Refused as err:
+            reason = err.reason
         except (OSError, ValueError, http.client.HTTPException):  # URLError is an OSError
             reason = "download-failed"
         else:
@@ -191,7 +288,8 @@ def search_and_download(classes: list[dict], args, workdir: Path) -> dict[str, t
     """class id → ({downloaded file: source URL}, {refused URL: reason}), through google_images_download."""
     found = {}
     for cls in tqdm(classes, desc="searching", unit="class"):
-        downloader = RecordingDownloader(args.max_bytes)
+        downloader = RecordingDownloader(args.max_bytes, NetworkPolicy(tuple(args.allow_network)),
+                                         args.download_seconds)  # fmt: skip
         with redirect_stdout(sys.stderr):  # the library talks on stdout; ours ends with the JSON summary
             downloader.download(
                 {
@@ -342,6 +440,13 @@ def print_report(summary: dict) -> None:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)), file=sys.stderr)
 
 
+def network(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    try:
+        return ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a network like 10.1.0.0/16 or 192.0.2.7") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
@@ -354,6 +459,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--split", default="augment", help="the split the kept images are added to")
     parser.add_argument("--min-side", type=int, default=64, help="shorter side in pixels, at least")
     parser.add_argument("--max-bytes", type=int, default=20 << 20, help="larger downloads are refused (too-large)")
+    parser.add_argument("--download-seconds", type=float, default=60,
+                        help="each download, redirects included, is given up after this long (too-slow)")  # fmt: skip
+    parser.add_argument("--allow-network", action="append", default=[], type=network, metavar="CIDR",
+                        help="also download from this private network (a mirror of yours; repeatable); by default "
+                             "only public addresses are fetched: never loopback, link-local (the cloud metadata "
+                             "service), private or multicast ones (private-address)")  # fmt: skip
     parser.add_argument("--max-aspect", type=float, default=3.0, help="longer side / shorter side, at most")
     parser.add_argument("--near-distance", type=int, default=6, help="perceptual-hash Hamming distance")
     parser.add_argument("--relevance", metavar="CHECKPOINT", help="petal checkpoint (path or s3://) to vet relevance")
@@ -367,6 +478,7 @@ def main(argv: list[str] | None = None) -> int:
             (args.limit > 100 and not args.chromedriver, f"--limit {args.limit} above 100 needs --chromedriver"),
             (args.max_aspect < 1, f"--max-aspect {args.max_aspect} must be at least 1"),
             (args.max_bytes < 1, f"--max-bytes {args.max_bytes} must be at least 1"),
+            (not args.download_seconds > 0, f"--download-seconds {args.download_seconds} must be above 0"),
             (args.split in ("train", "valid", "test"), f"--split {args.split} would change an original split"),
         ]
         for bad, message in problems:

@@ -11,6 +11,7 @@ import ssl
 import subprocess
 import sys
 import threading
+import time
 from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
@@ -31,15 +32,33 @@ def draw_shape(colour: str, shape: str, seed: str) -> Image.Image:
     return draw_sample(colour, shape, 96, random.Random(seed))
 
 
+# The test web server's address: a loopback one of its own, which the runs admit with --allow-network
+# (as a user admits a mirror), so that 127.0.0.1 and localhost stay refused like any private address.
+WEB_ADDRESS = "127.0.0.2"
+
+
 class QuietHandler(SimpleHTTPRequestHandler):
-    """Serves files; /to-ftp/<name> redirects off http(s), as a hostile result could."""
+    """Serves files; as a hostile result could, /to-ftp/<name> redirects off http(s), /to-loopback/<name>
+    to this host's 127.0.0.1, and /drip/<name> sends a byte a second."""
 
     def do_GET(self):
-        if self.path.startswith("/to-ftp/"):
+        if self.path.startswith(("/to-ftp/", "/to-loopback/")):
+            where = "ftp://127.0.0.1/" if self.path.startswith("/to-ftp/") else f"https://127.0.0.1:{self.server.port}/"
             self.send_response(302)
-            self.send_header("Location", "ftp://127.0.0.1/" + self.path.rsplit("/", 1)[1])
+            self.send_header("Location", where + self.path.rsplit("/", 1)[1])
             self.end_headers()
             return
+        if self.path.startswith("/drip/"):
+            self.send_response(200)
+            self.send_header("Content-Length", "3600")
+            self.end_headers()
+            try:
+                for _ in range(3600):
+                    self.wfile.write(b"x")
+                    self.wfile.flush()
+                    time.sleep(1)  # the slowness itself, not a wait for anything
+            except OSError:  # the client gave up on it
+                return
         super().do_GET()
 
     def log_message(self, *args):
@@ -52,16 +71,18 @@ def web(tmp_path_factory):
     root = tmp_path_factory.mktemp("web")
     tls = tmp_path_factory.mktemp("tls")
     subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=127.0.0.1",
-         "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(tls / "key.pem"), "-out", str(tls / "cert.pem")],
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", f"/CN={WEB_ADDRESS}",
+         "-addext", f"subjectAltName=IP:{WEB_ADDRESS},IP:127.0.0.1,DNS:localhost", "-keyout", str(tls / "key.pem"),
+         "-out", str(tls / "cert.pem")],
         check=True, capture_output=True,
     )  # fmt: skip
-    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(QuietHandler, directory=str(root)))
+    server = ThreadingHTTPServer((WEB_ADDRESS, 0), partial(QuietHandler, directory=str(root)))
+    server.port = server.server_address[1]
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(tls / "cert.pem", tls / "key.pem")
     server.socket = context.wrap_socket(server.socket, server_side=True)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield root, f"https://127.0.0.1:{server.server_address[1]}", tls / "cert.pem"
+    yield root, f"https://{WEB_ADDRESS}:{server.port}", tls / "cert.pem"
     server.shutdown()
 
 
@@ -101,7 +122,8 @@ def run_augment(s3_env, web, tmp_path, results: dict, *args: str) -> tuple[int, 
     log.write_text("")
     env = s3_env | {"FAKE_GOOGLE_RESULTS": str(tmp_path / "results.json"), "FAKE_GOOGLE_LOG": str(log),
                     "SSL_CERT_FILE": str(cert)}  # fmt: skip
-    argv = [sys.executable, str(ROOT / "tests" / "fake_google.py"), *args, "--cache-dir", str(tmp_path / "cache")]
+    argv = [sys.executable, str(ROOT / "tests" / "fake_google.py"), *args, "--cache-dir", str(tmp_path / "cache"),
+            "--allow-network", WEB_ADDRESS]  # fmt: skip
     result = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     summary = json.loads(result.stdout.splitlines()[-1]) if result.returncode == 0 else None
     asked = [json.loads(line) for line in log.read_text().splitlines()]
@@ -136,7 +158,12 @@ def test_crafted_downloads_are_kept_or_rejected_for_the_right_reason(web, datase
     (root / "red").mkdir(exist_ok=True)
     for name, data in files.items():
         (root / "red" / name).write_bytes(data)
-    results = {"red circle flower": [f"{base}/red/{name}" for name in files] + [f"{base}/to-ftp/elsewhere.jpg"]}
+    port = base.rsplit(":", 1)[1]
+    # (the library picks only https:// results)
+    hostile = [f"{base}/to-ftp/elsewhere.jpg", f"{base}/to-loopback/redirected.jpg",
+               f"https://localhost:{port}/red/local.jpg", "https://169.254.169.254/latest/meta-data/iam.jpg",
+               "https://[::1]:9/v6.jpg", f"{base}/drip/slow.jpg"]  # fmt: skip
+    results = {"red circle flower": [f"{base}/red/{name}" for name in files] + hostile}
     url = parse_url(dataset)
     before = read_index(storage, url)
 
@@ -144,7 +171,7 @@ def test_crafted_downloads_are_kept_or_rejected_for_the_right_reason(web, datase
     temp.mkdir()
     code, summary, err, asked = run_augment(
         s3_env | {"TMPDIR": str(temp)}, web, tmp_path, results, dataset, "--classes", "red circle", "--suffix",
-        "flower", "--max-bytes", "200000"
+        "flower", "--max-bytes", "200000", "--download-seconds", "4"
     )  # fmt: skip
     assert code == 0, err
     assert not list(temp.iterdir()), "the downloads' temporary directory is removed"
@@ -163,6 +190,11 @@ def test_crafted_downloads_are_kept_or_rejected_for_the_right_reason(web, datase
         "bomb.png": "decompression-bomb",
         "noise.png": "too-large",
         "elsewhere.jpg": "not-http",
+        "redirected.jpg": "private-address",  # the first hop is admitted, the redirect is not
+        "local.jpg": "private-address",  # a name that resolves to loopback
+        "iam.jpg": "private-address",  # the cloud metadata service, refused before any connection
+        "v6.jpg": "private-address",
+        "slow.jpg": "too-slow",
     }
     assert reasons["reencoded-valid.jpg"][1].startswith("valid/")
     assert reasons["copy-train.jpg"][1].startswith("train/")
