@@ -42,7 +42,7 @@ from torch import nn
 from torch.distributed.algorithms.join import Join
 from torch.nn.parallel import DistributedDataParallel
 
-from training import checkpoint, plots
+from training import STARTED, checkpoint, plots
 from training.data import ImageEpochs, SplitStream, continue_epoch, gpu_decode_works, hash_seed
 from training.distributed import (
     LaunchError,
@@ -284,7 +284,25 @@ def resume_point(storage: Storage, output: S3Url, args, config: dict, classes: l
     return on_node_leader_first(world, "downloading the checkpoint", fetch)
 
 
+class Stopwatch:
+    """Where a rank's start-up time goes, from the process's first import to its first step."""
+
+    def __init__(self):
+        self.last, self.laps = STARTED, {}
+
+    def lap(self, name: str) -> None:
+        now = time.monotonic()
+        self.laps[name] = self.laps.get(name, 0.0) + now - self.last
+        self.last = now
+
+    def __str__(self) -> str:
+        parts = ", ".join(f"{name} {seconds:.1f}" for name, seconds in self.laps.items())
+        return f"ready in {self.last - STARTED:.1f} s ({parts})"
+
+
 def run(args: argparse.Namespace, preemption: Preemption) -> None:
+    startup = Stopwatch()
+    startup.lap("imports")
     world = World.from_env()
     if args.decode == "gpu" and world.device.type != "cuda":
         raise LaunchError(f"--decode gpu needs a GPU; this rank runs on {world.device.type} (use auto or cpu)")
@@ -306,11 +324,14 @@ def run(args: argparse.Namespace, preemption: Preemption) -> None:
     if world.device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick its fastest kernels
 
+    startup.lap("dataset")
     with process_group(world, timeout=timedelta(minutes=args.collective_timeout)):
+        startup.lap("rendezvous")
         device = world.device
         train = SplitStream(storage, data, index, train_splits, args.cache_dir)
         val = SplitStream(storage, data, index, [val_split], args.cache_dir)
         saved = resume_point(storage, output, args, config, class_names, train.fingerprint, world)
+        startup.lap("resume")
         # Backbone weights are only needed for a fresh run; a resumed one has them in its checkpoint.
         backbone = None
         if saved is None:
@@ -329,10 +350,6 @@ def run(args: argparse.Namespace, preemption: Preemption) -> None:
                 log(f"resuming {output} at epoch {state.epoch}, step {state.steps_done} "
                     f"(best val_acc {state.best_val_acc:.4f})")  # fmt: skip
                 print(json.dumps({"event": "resumed", "epoch": state.epoch, "step": state.steps_done}), flush=True)
-        if world.is_main:
-            batch = f"global batch {world.world_size * args.batch_size} ({args.batch_size} per rank)"
-            log(f"{world.world_size} process(es), {world.backend} on {device.type}, {batch}; training {args.data} "
-                f"into {output}")  # fmt: skip
         epochs = epoch_source(args, model, train, val, world, autocast)
         # Frozen BatchNorm statistics are identical everywhere, so only broadcast buffers that train.
         ddp = DistributedDataParallel(
@@ -346,6 +363,11 @@ def run(args: argparse.Namespace, preemption: Preemption) -> None:
         if world.is_main:
             events = args.cache_dir / "tensorboard" / hashlib.sha256(str(output).encode()).hexdigest()[:16]
             progress = Progress(storage, output, args.epochs, world.world_size * args.batch_size, events)
+            startup.lap("model")
+            batch = f"global batch {world.world_size * args.batch_size} ({args.batch_size} per rank)"
+            log(f"{world.world_size} process(es), {world.backend} on {device.type}, {batch}; training {args.data} "
+                f"into {output}")  # fmt: skip
+            log(str(startup))
         try:
             with preemption.deferred():
                 while state.epoch <= args.epochs:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import resource
 import signal
 import socket
 import subprocess
@@ -21,6 +22,7 @@ from pathlib import Path
 import pytest
 import yaml
 from support import ROOT, TestbedService, testbed
+from timeline import Timeline, table
 
 NODE = "petal-node"
 CHART_VALUES = yaml.safe_load((ROOT / "charts" / "petal" / "values.yaml").read_text())
@@ -94,6 +96,45 @@ def cluster(minio) -> Cluster:
     server = Cluster()
     yield server
     server.release()
+
+
+TIMINGS: list[tuple[str, float, dict[str, float]]] = []
+STARTUPS: list[dict[str, float]] = []
+
+
+def children_cpu() -> float:
+    """CPU seconds of the test's finished child processes (kubectl, helm, petal, host-side torchrun)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+@pytest.fixture(scope="session")
+def timeline(cluster) -> Timeline:
+    watching = Timeline(cluster.env["KUBECONFIG"])
+    yield watching
+    watching.close()
+
+
+@pytest.fixture(autouse=True)
+def phases(timeline, request):
+    """Every cluster test's wall time split into phases (timeline.py), for the table at the end."""
+    start, cpu = time.time(), children_cpu()
+    yield
+    end = time.time()
+    phases = timeline.breakdown(start, end) | {"test CPU": children_cpu() - cpu}
+    TIMINGS.append((request.node.name, end - start, phases))
+    STARTUPS.extend(timeline.startups(start, end))
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not TIMINGS:
+        return
+    terminalreporter.write_sep("=", "cluster tests: wall seconds by phase (tests/cluster/timeline.py)")
+    terminalreporter.write_line(table(TIMINGS))
+    if STARTUPS:
+        parts = sorted({key for startup in STARTUPS for key in startup})
+        means = ", ".join(f"{key} {sum(s.get(key, 0) for s in STARTUPS) / len(STARTUPS):.1f}" for key in parts)
+        terminalreporter.write_line(f"trainer start-up, mean of {len(STARTUPS)} containers (s): {means}")
 
 
 @pytest.fixture()
