@@ -11,6 +11,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+import yaml
 from conftest import PETAL_NAMESPACE, S3_SECRET
 from support import BUCKET_VALUES, ROOT, s3
 
@@ -85,13 +86,27 @@ def test_helm_install_resumes_after_a_worker_is_lost_mid_epoch(cluster, petal_im
         lost_uid = cluster.get("-n", PETAL_NAMESPACE, "pod", worker)["metadata"]["uid"]
         cluster.kubectl("-n", PETAL_NAMESPACE, "delete", "pod", worker, "--wait=false")
 
+        def recreated() -> bool:
+            found = cluster.kubectl("-n", PETAL_NAMESPACE, "get", "pod", worker, "-o", "jsonpath={.metadata.uid}",
+                                    check=False).stdout  # fmt: skip
+            return found not in ("", lost_uid)
+
+        cluster.wait_until(f"the operator to make {worker} anew", recreated, PETAL_NAMESPACE, timeout=300)
         cluster.wait(f"pytorchjob/{release}", "condition=Succeeded", PETAL_NAMESPACE, timeout=1200)
 
         log = cluster.logs(master, PETAL_NAMESPACE)
         resumed = re.search(r'\{"event": "resumed", "epoch": (\d+), "step": (\d+)\}', log)
         resumed_after = int(resumed[1]) - 1  # epochs finished before the loss
         assert resumed_after >= 2
-        assert cluster.get("-n", PETAL_NAMESPACE, "pod", worker)["metadata"]["uid"] != lost_uid
+
+        # A finished job keeps every pod (cleanPodPolicy None): each ends on its own, log and all.
+        def all_finished() -> list[dict] | None:
+            pods = cluster.get("-n", PETAL_NAMESPACE, "pods", "-l", f"training.kubeflow.org/job-name={release}")
+            phases = {p["metadata"]["name"]: p["status"]["phase"] for p in pods["items"]}
+            return pods["items"] if set(phases.values()) == {"Succeeded"} else None
+
+        pods = cluster.wait_until(f"every pod of {release} Succeeded", all_finished, PETAL_NAMESPACE, timeout=300)
+        assert len(pods) == 4 and lost_uid not in {p["metadata"]["uid"] for p in pods}
 
         records = [json.loads(line) for line in storage.read_bytes(parse_url(f"{output}/metrics.jsonl")).splitlines()]
         assert [r["epoch"] for r in records] == list(range(1, epochs + 1))
@@ -191,6 +206,68 @@ def test_a_job_the_cluster_refuses_exits_2_with_its_reason_and_leaves_nothing(cl
     )
     left = cluster.kubectl("-n", namespace, "get", "pytorchjobs,secrets", "-o", "name").stdout
     assert refused not in left, left
+
+
+def test_a_job_refused_after_its_dry_run_takes_back_everything_it_created(cluster, namespace):
+    """The dry run passes and the real create of the job is refused (an admission policy that lets only
+    dry runs through, as a policy that changed in between would): the ServiceAccount, NetworkPolicy
+    and Secret created before it are deleted, so the same submit succeeds once the policy is gone."""
+    name = f"rollback-{uuid.uuid4().hex[:5]}"
+    rules = [
+        {"apiGroups": ["kubeflow.org"], "apiVersions": ["*"], "operations": ["CREATE"], "resources": ["pytorchjobs"]}
+    ]
+    policy = {
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "ValidatingAdmissionPolicy",
+        "metadata": {"name": name},
+        "spec": {
+            "failurePolicy": "Fail",
+            "matchConstraints": {"resourceRules": rules},
+            "validations": [{"expression": "request.dryRun == true", "message": "only dry runs today"}],
+        },
+    }
+    binding = {
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "ValidatingAdmissionPolicyBinding",
+        "metadata": {"name": name},
+        "spec": {
+            "policyName": name,
+            "validationActions": ["Deny"],
+            "matchResources": {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": namespace}}},
+        },
+    }
+    cluster.apply(policy, binding, namespace=namespace)
+    probe = {"apiVersion": "kubeflow.org/v1", "kind": "PyTorchJob", "metadata": {"name": "probe"},
+             "spec": {"runPolicy": {"suspend": True}, "pytorchReplicaSpecs": {"Master": {"replicas": 1, "template": {
+                 "spec": {"containers": [{"name": "pytorch", "image": "petal:dev"}]}}}}}}  # fmt: skip
+
+    def policy_in_force() -> bool:
+        created = cluster.kubectl("-n", namespace, "create", "-f", "-", input=yaml.safe_dump(probe), check=False)
+        if created.returncode == 0:  # not yet: take the probe back and ask again
+            cluster.kubectl("-n", namespace, "delete", "pytorchjob", "probe", "--wait=true")
+            return False
+        return "only dry runs today" in created.stderr
+
+    everything = ["--name", name, "--replicas", "2", "--image", "petal:dev", "--namespace", namespace,
+                  "--set", "serviceAccount.create=true", "--set", "networkPolicy.enabled=true",
+                  "--set", "s3.createSecret=true", "--set", "s3.accessKey=a", "--set", "s3.secretKey=b",
+                  "--set", "resources.requests.cpu=64"]  # fmt: skip
+    try:
+        cluster.wait_until("the admission policy to be in force", policy_in_force, namespace, timeout=120)
+        refused = submit_here(cluster, *everything)
+        assert refused.returncode == 2, refused.stderr
+        assert f"the cluster refused PyTorchJob {namespace}/{name}" in refused.stderr
+        assert "only dry runs today" in refused.stderr
+        left = cluster.kubectl("-n", namespace, "get", "pytorchjobs,secrets,serviceaccounts,networkpolicies",
+                               "-o", "name").stdout  # fmt: skip
+        assert name not in left, left
+    finally:
+        cluster.kubectl("delete", "validatingadmissionpolicybinding,validatingadmissionpolicy", name, check=False)
+    cluster.wait_until("the admission policy to be gone", lambda: not policy_in_force(), namespace, timeout=120)
+    cluster.kubectl("-n", namespace, "delete", "pytorchjob", "probe", "--ignore-not-found", "--wait=true")
+    again = submit_here(cluster, *everything, "--timeout", "1")  # created in full this time; pods stay Pending
+    assert again.returncode == 1 and f"{name} did not succeed within --timeout 1s" in again.stderr, again.stderr
+    cluster.kubectl("-n", namespace, "delete", "pytorchjob", name, check=False)
 
 
 def test_a_job_that_succeeded_but_cannot_be_collected_exits_4_with_the_retry(

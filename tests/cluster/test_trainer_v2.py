@@ -169,8 +169,6 @@ def test_a_queue_that_fits_one_job_runs_two_one_after_the_other(cluster, petal_i
     names = [f"gang-{api[:5]}-{i}-{uuid.uuid4().hex[:4]}" for i in (1, 2)]
     label = "training.kubeflow.org/job-name" if api == "pytorchjob" else "jobset.sigs.k8s.io/jobset-name"
     queued = ["--api", api, "--queue", one_job_queue, "--epochs", "1"]
-    if api == "pytorchjob":  # keep every pod for the record: by default a finished job's running ones go
-        queued += ["--set", "runPolicy.cleanPodPolicy=None"]
     submits = [petal_submit(cluster, name, synthetic_dataset, tmp_path, *queued) for name in names]
     try:
         results = [finished(submit) for submit in submits]
