@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -23,6 +25,23 @@ def storage_from_env() -> Storage:
             '`scripts/testbed.sh minio up; eval "$(scripts/testbed.sh env)"` first'
         )
     return Storage.from_env()
+
+
+def in_workdir(prefix: str):
+    """A benchmark `fn(args, work)` run as `fn(args)`: in --workdir, kept, or else in a temporary
+    directory removed afterwards, whatever the benchmark's end."""
+
+    def wrap(fn: Callable[..., dict]) -> Callable[..., dict]:
+        @functools.wraps(fn)
+        def run(args) -> dict:
+            if args.workdir:
+                return fn(args, Path(args.workdir))
+            with tempfile.TemporaryDirectory(prefix=prefix) as work:
+                return fn(args, Path(work))
+
+        return run
+
+    return wrap
 
 
 def run_script(script: str, *args: str) -> str:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import shutil
 import statistics
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets import ImageFolder
 from torchvision.transforms import v2 as T
 
-from benchmarks.common import report, run_script, storage_from_env, timed
+from benchmarks.common import in_workdir, report, run_script, storage_from_env, timed
 from benchmarks.network import Latency
 from benchmarks.photos import make_photos
 from training.data import IMAGENET_MEAN, IMAGENET_STD, SplitLoader, SplitStream, decode_image, train_transform
@@ -69,9 +68,9 @@ def stored_images(stream: SplitStream) -> tuple[list[bytes], list[int]]:
     return [read_image_bytes(ref) for ref in refs], [ref.label for ref in refs]
 
 
-def run(args) -> dict:
+@in_workdir("petal-bench-data-")
+def run(args, work: Path) -> dict:
     storage = storage_from_env()
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="petal-bench-data-"))
     images = make_photos(work / "photos-v2", classes=8, per_class=max(1, args.images // 8))
     dataset = parse_url("s3://petal/bench/photo-shards")
     run_script("upload_dataset.py", str(images), str(dataset), "--min-shards", str(2 * args.workers))

@@ -36,6 +36,13 @@ class Latency:
         self.api, listen = free_port(), free_port()
         self.process = subprocess.Popen([server, "-host", "127.0.0.1", "-port", str(self.api)],
                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+        try:
+            return self._configure(listen)
+        except BaseException:  # a with-block whose __enter__ fails gets no __exit__: stop the server here
+            self.__exit__()
+            raise
+
+    def _configure(self, listen: int) -> str:
         deadline = time.monotonic() + 30
         while True:
             try:
@@ -60,4 +67,8 @@ class Latency:
 
     def __exit__(self, *exc) -> None:
         self.process.terminate()
-        self.process.wait(timeout=30)
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()

@@ -17,12 +17,11 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from statistics import mean, median, stdev
 
-from benchmarks.common import ROOT, make_images, report, run_script, storage_from_env
+from benchmarks.common import ROOT, in_workdir, make_images, report, run_script, storage_from_env
 from benchmarks.photos import make_photos
 from training.storage import parse_url
 
@@ -61,8 +60,9 @@ def train(output: str, args: list[str], nproc: int = 1, threads: int | None = No
     return [r for r in records if r["event"] == "epoch"], wall
 
 
-def feature_cache(args) -> dict:
-    prepare_dataset(Path(args.workdir or tempfile.mkdtemp(prefix="petal-bench-fc-")), per_class=args.per_class)
+@in_workdir("petal-bench-fc-")
+def feature_cache(args, work: Path) -> dict:
+    prepare_dataset(work, per_class=args.per_class)
     common = ["--image-size", "160", "--batch-size", "32", "--workers", "1", "--epochs", "12", "--freeze", "fc"]
     # A backbone that has learnt something, as ImageNet weights would have: a short full training.
     backbone = "s3://petal/bench/fc-backbone"
@@ -92,8 +92,9 @@ def feature_cache(args) -> dict:
     return report("feature_cache", rows, result, args.json)
 
 
-def ddp(args) -> dict:
-    prepare_dataset(Path(args.workdir or tempfile.mkdtemp(prefix="petal-bench-ddp-")), per_class=args.per_class)
+@in_workdir("petal-bench-ddp-")
+def ddp(args, work: Path) -> dict:
+    prepare_dataset(work, per_class=args.per_class)
     common = ["--image-size", "96", "--batch-size", "32", "--workers", "0", "--epochs", "3", "--freeze", "none",
               "--pretrained", "none"]  # fmt: skip
 
@@ -109,13 +110,13 @@ def ddp(args) -> dict:
     return report("ddp", rows, {"images_per_s": rate, "scaling": scaling, "goals": {"scaling": 1.7}}, args.json)
 
 
-def resized_accuracy(args) -> dict:
+@in_workdir("petal-bench-resized-")
+def resized_accuracy(args, work: Path) -> dict:
     """Accuracy of the same training on the stored-resized images (upload_dataset.py's default,
     short side 256) and on the originals (--short-side 0): same epochs and 224 px, paired by seed over
     --seeds seeds, since training from scratch on a few hundred images moves by points from one seed
     (or one byte of input) to the next. The task is realistic photographs, each class one half of one
     of them, so fine detail counts. Goal: the mean paired difference within 0.5 points."""
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="petal-bench-resized-"))
     images = make_photos(work / "halves", classes=14, per_class=40, halves=True)
     datasets = {"stored_256": "s3://petal/bench/halves-256", "original": "s3://petal/bench/halves-original"}
     run_script("upload_dataset.py", str(images), datasets["stored_256"], "--valid-fraction", "0.25")

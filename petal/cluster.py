@@ -207,8 +207,19 @@ class Cluster:
         if doc["kind"] in APIS:
             api = APIS[doc["kind"]]
             self.custom.delete_namespaced_custom_object(api.group, api.version, self.namespace, api.plural, name)
-        elif doc["kind"] == "Secret":
-            self.core.delete_namespaced_secret(name, self.namespace)
+        else:
+            _, delete = self._companions()[doc["kind"]]
+            delete(name, self.namespace)
+
+    def _companions(self) -> dict:
+        """What a release renders beside its job, by kind: (list, delete) calls of the API."""
+        networking = self.client.NetworkingV1Api()
+        return {
+            "Secret": (self.core.list_namespaced_secret, self.core.delete_namespaced_secret),
+            "NetworkPolicy": (networking.list_namespaced_network_policy, networking.delete_namespaced_network_policy),
+            "ServiceAccount": (self.core.list_namespaced_service_account,
+                               self.core.delete_namespaced_service_account),  # fmt: skip
+        }
 
     def _refusal(self, doc: dict, err) -> Exception:
         """The API's refusal as one line with the exit code it deserves."""
@@ -318,16 +329,11 @@ class Cluster:
         self.custom.delete_namespaced_custom_object(api.group, api.version, self.namespace, api.plural, name,
                                                     propagation_policy="Foreground")  # fmt: skip
         selector = f"{PETAL_SELECTOR},app.kubernetes.io/instance={name}"
-        networking = self.client.NetworkingV1Api()
-        for kind, lister, deleter in (
-            ("secret", self.core.list_namespaced_secret, self.core.delete_namespaced_secret),
-            ("networkpolicy", networking.list_namespaced_network_policy, networking.delete_namespaced_network_policy),
-            ("serviceaccount", self.core.list_namespaced_service_account, self.core.delete_namespaced_service_account),
-        ):
+        for kind, (lister, deleter) in self._companions().items():
             for item in lister(self.namespace, label_selector=selector).items:
                 try:
                     deleter(item.metadata.name, self.namespace)
-                    gone.append(f"{kind}/{item.metadata.name}")
+                    gone.append(f"{kind.lower()}/{item.metadata.name}")
                 except ApiException as err:
                     if err.status != 404:
                         raise

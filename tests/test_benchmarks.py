@@ -3,18 +3,25 @@
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 
 import pytest
 from support import ROOT
 
+from benchmarks import network
+
 
 def test_the_data_benchmark_reports_every_contender_and_ratio(s3_env, tmp_path):
     argv = [sys.executable, "-m", "benchmarks", "data", "--json", str(tmp_path / "data.json"), "--images", "32",
-            "--rounds", "2", "--workers", "1", "--workdir", str(tmp_path)]  # fmt: skip
-    result = subprocess.run(argv, cwd=ROOT, env=s3_env, capture_output=True, text=True, timeout=600)
+            "--rounds", "2", "--workers", "1"]  # fmt: skip
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    result = subprocess.run(argv, cwd=ROOT, env=s3_env | {"TMPDIR": str(scratch)}, capture_output=True, text=True,
+                            timeout=600)  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
+    assert not list(scratch.iterdir()), "its scratch directory is removed"
     figures = json.loads((tmp_path / "data.json").read_text())
     assert set(figures["images_per_s"]) == {"shards", "imagefolder", "per_object_get", "decode_limit",
                                             "shards_at_5ms", "per_object_get_at_5ms"}  # fmt: skip
@@ -25,6 +32,19 @@ def test_the_data_benchmark_reports_every_contender_and_ratio(s3_env, tmp_path):
     assert figures["get_ms"]["at_5ms"] >= figures["get_ms"]["loopback"] + 10
     assert figures["decode_ms_per_image"]["stored"] < figures["decode_ms_per_image"]["original"]
     assert "shards_vs_imagefolder" in result.stdout
+
+
+def test_a_latency_proxy_that_cannot_be_set_up_stops_its_server(monkeypatch, s3_env):
+    """Its listening port taken: setting the proxy up fails inside __enter__, which gets no __exit__."""
+    monkeypatch.setenv("PATH", s3_env["PATH"])
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        ports = iter([network.free_port(), taken.getsockname()[1]])  # the API's port, then the proxy's
+        monkeypatch.setattr(network, "free_port", lambda: next(ports))
+        latency = network.Latency(s3_env["S3_ENDPOINT_URL"], milliseconds=5)
+        with pytest.raises(OSError):  # the API's refusal (an HTTPError)
+            with latency:
+                pass
+    assert latency.process.poll() is not None, "toxiproxy-server is still running"
 
 
 @pytest.mark.slow

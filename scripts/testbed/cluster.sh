@@ -36,7 +36,7 @@ chart_endpoint_part() {  # chart_endpoint_part service|namespace|port
 start() {
   local name=$1 dir; dir=$(cluster_dir); shift
   nohup "$@" > "$dir/$name.log" 2>&1 < /dev/null &
-  echo "$! $name" >> "$dir/pids"
+  echo "$! $name $(start_time $!)" >> "$dir/pids"
 }
 
 make_certs() {
@@ -260,9 +260,12 @@ stop_pods() {
     # shellcheck disable=SC2086
     [ -z "$containers" ] || "${ctr_k8s[@]}" containers rm $containers >/dev/null 2>&1 || true
   fi
-  local shim_pid
+  local shim_pid pid
   for shim_pid in "$(cluster_dir)"/containerd/state/io.containerd.runtime.v2.task/*/*/shim.pid; do
-    [ -f "$shim_pid" ] && stop_pid "$(cat "$shim_pid")"
+    [ -f "$shim_pid" ] || continue
+    pid=$(cat "$shim_pid")
+    # containerd records no start time: a shim is known by its name (what a recycled PID is not)
+    [[ "$(cat "/proc/$pid/comm" 2>/dev/null)" == containerd-shim* ]] && stop_pid "$pid" "$(start_time "$pid")"
   done
   # The CRI plugin's per-sandbox files (hostname, resolv.conf) belong to this cluster's pods only.
   rm -rf "$(image_store)/root/io.containerd.grpc.v1.cri/sandboxes" "$(image_store)/root/io.containerd.grpc.v1.cri/containers"
@@ -272,9 +275,9 @@ cluster_down() {
   local dir; dir=$(cluster_dir)
   if [ -f "$dir/pids" ]; then
     # Reverse start order; containerd (started first) goes last, once it has stopped the pods.
-    tac "$dir/pids" | while read -r pid name; do
-      [ "$name" = containerd ] && kill -0 "$pid" 2>/dev/null && stop_pods
-      stop_pid "$pid"
+    tac "$dir/pids" | while read -r pid name start; do
+      [ "$name" = containerd ] && same_process "$pid" "$start" && stop_pods
+      stop_pid "$pid" "$start"
     done
   fi
   if [ -d "$dir" ]; then
@@ -289,8 +292,8 @@ cluster_down() {
 cluster_status() {
   local dir; dir=$(cluster_dir)
   [ -f "$dir/pids" ] || { echo "cluster: down"; return 1; }
-  while read -r pid name; do
-    printf '%-28s %s (pid %s, log %s)\n' "$name" "$(kill -0 "$pid" 2>/dev/null && echo running || echo STOPPED)" "$pid" "$dir/$name.log"
+  while read -r pid name start; do
+    printf '%-28s %s (pid %s, log %s)\n' "$name" "$(same_process "$pid" "$start" && echo running || echo STOPPED)" "$pid" "$dir/$name.log"
   done < "$dir/pids"
   echo "kube-apiserver https://127.0.0.1:6443, DNS $DNS_IP, pods $POD_CIDR (gateway $POD_GATEWAY), kubeconfig $dir/kubeconfig"
   echo "pods reach the test bed's MinIO (when it runs) at $(chart_default s3.endpoint) with Secret $(chart_endpoint_part namespace)/$(chart_default s3.existingSecret)"

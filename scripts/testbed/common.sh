@@ -61,13 +61,21 @@ PY
 }
 
 free_port() { "$PYTHON" -c 'import socket; s=socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])'; }
-pid_alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
 
-# stop_pid PID: SIGTERM, then waits until it is gone (SIGKILL after 30 s).
+# A process is recorded as "PID START": its start time (clock ticks after boot, /proc/PID/stat's 22nd
+# field) tells it from a later process that was given the same PID, so nothing else is ever signalled.
+start_time() { [ -r "/proc/$1/stat" ] && sed 's/^.*) //' "/proc/$1/stat" 2>/dev/null | cut -d' ' -f20; }
+process_id() { echo "$1 $(start_time "$1")"; }
+same_process() { [ -n "$1" ] && [ -n "${2:-}" ] && [ "$(start_time "$1")" = "$2" ]; }
+pid_alive() { [ -f "$1" ] && same_process $(cat "$1"); }
+
+# stop_pid PID START: SIGTERM, then waits until it is gone (SIGKILL after 30 s); a PID whose process
+# is no longer the one recorded (it ended, and the PID went to another) is left alone.
 stop_pid() {
-  local pid=$1 waited=0
+  local pid=$1 start=${2:-} waited=0
+  same_process "$pid" "$start" || return 0
   kill "$pid" 2>/dev/null || return 0
-  while kill -0 "$pid" 2>/dev/null; do
+  while same_process "$pid" "$start"; do
     if [ $waited -ge 300 ]; then kill -9 "$pid" 2>/dev/null || true; fi
     sleep 0.1
     waited=$((waited + 1))

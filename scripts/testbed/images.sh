@@ -11,7 +11,7 @@ docker_up() {
   local dir="$CACHE/dockerd"
   mkdir -p "$dir"
   nohup dockerd --storage-driver=overlay2 > "$dir/log" 2>&1 < /dev/null &
-  echo $! > "$dir/pid"
+  process_id $! > "$dir/pid"
   wait_for "dockerd" 60 "$dir/log" docker info
 }
 

@@ -4,6 +4,7 @@
 
 minio_state() { echo "$STATE/minio"; }
 minio_running() { pid_alive "$(minio_state)/pid"; }
+minio_pid() { cut -d' ' -f1 "$(minio_state)/pid"; }
 minio_port() { cat "$(minio_state)/port"; }
 minio_access_key() { sed -n 1p "$(minio_state)/credentials"; }
 minio_secret_key() { sed -n 2p "$(minio_state)/credentials"; }
@@ -12,7 +13,7 @@ minio_up() {
   local dir; dir=$(minio_state)
   mkdir -p "$dir/data"
   [ -x "$(minio_bin)" ] || die "minio is not built: run scripts/testbed.sh install minio"
-  if minio_running; then say "minio already running (pid $(cat "$dir/pid"), port $(minio_port))"; return; fi
+  if minio_running; then say "minio already running (pid $(minio_pid), port $(minio_port))"; return; fi
   if [ ! -f "$dir/credentials" ]; then
     (umask 077; printf '%s\n%s\n' "petal-$(head -c4 /dev/urandom | od -An -tx1 | tr -d ' \n')" \
       "$(head -c24 /dev/urandom | od -An -tx1 | tr -d ' \n')" > "$dir/credentials")
@@ -22,21 +23,22 @@ minio_up() {
   MINIO_ROOT_USER=$(minio_access_key) MINIO_ROOT_PASSWORD=$(minio_secret_key) \
     MINIO_BROWSER=off nohup "$(minio_bin)" server --quiet --address ":$port" "$dir/data" \
     > "$dir/log" 2>&1 < /dev/null &
-  echo $! > "$dir/pid"
+  process_id $! > "$dir/pid"
   local deadline=$((SECONDS + 60))
   until curl -fsS "http://127.0.0.1:$port/minio/health/ready" >/dev/null 2>&1; do
     if ! minio_running; then tail -n 20 "$dir/log" >&2; die "minio exited during start-up (log: $dir/log)"; fi
     if [ $SECONDS -ge $deadline ]; then tail -n 20 "$dir/log" >&2; die "minio not ready after 60s (log: $dir/log)"; fi
     sleep 0.2
   done
-  say "minio ready on http://127.0.0.1:$port (pid $(cat "$dir/pid"), data $dir/data)"
+  say "minio ready on http://127.0.0.1:$port (pid $(minio_pid), data $dir/data)"
 }
 
 minio_down() {
   local dir; dir=$(minio_state)
   if minio_running; then
-    local pid; pid=$(cat "$dir/pid")
-    stop_pid "$pid"
+    local pid; pid=$(minio_pid)
+    # shellcheck disable=SC2046  # "PID START"
+    stop_pid $(cat "$dir/pid")
     say "minio stopped (pid $pid)"
   else
     say "minio is not running"
@@ -46,7 +48,7 @@ minio_down() {
 
 minio_status() {
   if minio_running; then
-    echo "minio: running, pid $(cat "$(minio_state)/pid"), http://127.0.0.1:$(minio_port), log $(minio_state)/log"
+    echo "minio: running, pid $(minio_pid), http://127.0.0.1:$(minio_port), log $(minio_state)/log"
   else
     echo "minio: stopped"
     return 1
