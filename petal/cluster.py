@@ -217,8 +217,10 @@ class Cluster:
         return {
             "Secret": (self.core.list_namespaced_secret, self.core.delete_namespaced_secret),
             "NetworkPolicy": (networking.list_namespaced_network_policy, networking.delete_namespaced_network_policy),
-            "ServiceAccount": (self.core.list_namespaced_service_account,
-                               self.core.delete_namespaced_service_account),  # fmt: skip
+            "ServiceAccount": (
+                self.core.list_namespaced_service_account,
+                self.core.delete_namespaced_service_account,
+            ),  # fmt: skip
         }
 
     def _refusal(self, doc: dict, err) -> Exception:
