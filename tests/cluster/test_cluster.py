@@ -149,11 +149,12 @@ def test_a_minimal_pytorchjob_all_reduces_over_gloo_and_succeeds(cluster, namesp
 
 def test_the_operator_recreates_a_deleted_worker_pod(cluster, namespace, petal_image):
     # Both ranks all-reduce once, then hold until released, so the worker can be deleted mid-run.
-    hold = ALL_REDUCE + textwrap.dedent("""
+    release = textwrap.dedent("""
         import os, time
         while not os.path.exists("/tmp/release"):
             time.sleep(0.2)
-    """) + LEAVE
+    """)
+    hold = ALL_REDUCE + release + LEAVE
     cluster.apply(pytorchjob("hold", petal_image, hold), namespace=namespace)
     cluster.wait_for_log("hold-worker-0", r"rank 1 of 2: sum 3", namespace, timeout=400)
     first_uid = cluster.get("-n", namespace, "pod", "hold-worker-0")["metadata"]["uid"]
