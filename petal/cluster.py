@@ -344,7 +344,8 @@ class Cluster:
 
 class PendingReporter:
     """Says why a job waits: Kueue not admitting it (its Workload's reason), or pods staying Pending
-    (the scheduler's or kubelet's reasons from their events). Each reason once."""
+    (the scheduler's reasons from their events at once, the kubelet's after PENDING_GRACE_SECONDS).
+    Each reason once."""
 
     def __init__(self, cluster: Cluster, name: str):
         self.cluster, self.name = cluster, name
@@ -365,10 +366,12 @@ class PendingReporter:
             return
         for pod in self.cluster.pods(job):
             created = pod.metadata.creation_timestamp.timestamp()
-            if pod.status.phase != "Pending" or now - created < PENDING_GRACE_SECONDS:
+            if pod.status.phase != "Pending":
                 continue
+            # The scheduler's refusal is said at once; other warnings (a slow image pull, say) after a grace.
             for reason in pod_event_lines(self.cluster, pod.metadata.name, warnings_only=True):
-                self.say(f"{pod.metadata.name} Pending for {now - created:.0f}s: {reason}")
+                if reason.startswith("FailedScheduling:") or now - created >= PENDING_GRACE_SECONDS:
+                    self.say(f"{pod.metadata.name} Pending for {now - created:.0f}s: {reason}")
 
 
 def suspended(job: dict) -> bool:

@@ -252,6 +252,10 @@ def submit(args: argparse.Namespace) -> int:
     return 0
 
 
+# How often the wait asks after the job (and the progress bar and the pending reporter are fed).
+POLL_SECONDS = 2
+
+
 def wait(api, namespace: str, name: str, timeout: int, callbacks: list) -> None:
     """Until the job succeeds (TimeoutError past timeout, RuntimeError once it failed), by each API's
     own SDK: kubeflow-training's TrainingClient for a PyTorchJob, kubeflow's TrainerClient for a TrainJob."""
@@ -265,11 +269,11 @@ def wait(api, namespace: str, name: str, timeout: int, callbacks: list) -> None:
         from kubeflow.trainer import TrainerClient
 
         trainer = TrainerClient(KubernetesBackendConfig(namespace=namespace))
-        trainer.wait_for_job_status(name, status={api.succeeded}, timeout=timeout, polling_interval=min(5, timeout / 2),
-                                    callbacks=[every])  # fmt: skip
+        trainer.wait_for_job_status(name, status={api.succeeded}, timeout=timeout,
+                                    polling_interval=min(POLL_SECONDS, timeout / 2), callbacks=[every])  # fmt: skip
         return
     from kubeflow.training import TrainingClient
 
     training = TrainingClient(job_kind=api.kind, namespace=namespace)
     training.wait_for_job_conditions(name, namespace, expected_conditions={api.succeeded}, wait_timeout=timeout,
-                                     polling_interval=5, callback=every)  # fmt: skip
+                                     polling_interval=POLL_SECONDS, callback=every)  # fmt: skip

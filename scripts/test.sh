@@ -9,17 +9,20 @@
 #                              minutes (after each edit; under 2 minutes warm)
 #
 # PETAL_SKIP_CLUSTER=1 leaves out the cluster and tests/cluster (for CI without root, where a kind
-# cluster stands in: see .github/workflows/ci.yml).
+# cluster stands in: see .github/workflows/ci.yml). The tests run on PETAL_TEST_WORKERS pytest-xdist
+# workers (default 2): the cluster tests one after the other on one of them, the rest beside them.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
 quick=0
 if [ "${1:-}" = --quick ]; then quick=1; shift; fi
+services=(minio)
 if [ $quick = 1 ] || [ "${PETAL_SKIP_CLUSTER:-0}" = 1 ]; then
   scripts/testbed.sh install all
   set -- --ignore=tests/cluster "$@"
   [ $quick = 0 ] || set -- -m "not slow" "$@"
 else
+  services+=(cluster)
   # The cluster's builds are mostly CPU (Go), the Python env and the image mostly downloads: side by side.
   (scripts/testbed.sh install cluster && scripts/testbed.sh build-image petal:dev) &
   cluster_build=$!
@@ -31,4 +34,19 @@ ruff check .
 ruff format --check .
 hadolint Dockerfile
 actionlint
-exec python -m pytest "$@"
+
+# The services up before the workers start (they would race to start them), down after only if this
+# run started them: the demo's stay as they are.
+started=()
+stop_started() {
+  for service in "${started[@]}"; do scripts/testbed.sh "$service" down; done
+}
+trap stop_started EXIT
+for service in "${services[@]}"; do
+  if ! scripts/testbed.sh "$service" status >/dev/null 2>&1; then
+    scripts/testbed.sh "$service" up
+    started+=("$service")
+  fi
+done
+eval "$(scripts/testbed.sh env)"
+python -m pytest -n "${PETAL_TEST_WORKERS:-2}" --dist loadgroup "$@"

@@ -6,10 +6,11 @@
 #
 #   scripts/testbed.sh install [python|minio|helm|lint-tools|toxiproxy|all]   build what is missing (idempotent)
 #   scripts/testbed.sh install cluster              Debian packages; Kubernetes, CoreDNS, training-operator, Kubeflow
-#                                                   Trainer v2, JobSet, Kueue; base images (root)
+#                                                   Trainer v2, JobSet, Kueue, the image registry; base images (root)
 #   scripts/testbed.sh cluster up|down|status       a one-node cluster from those programs
 #   scripts/testbed.sh build-image [IMAGE]          the Dockerfile on the local base (default petal:dev), loaded if a cluster is up
-#   scripts/testbed.sh load-image IMAGE             a local Docker image into the cluster (skipped if already there)
+#   scripts/testbed.sh load-image IMAGE             a local Docker image into the cluster (skipped if already there),
+#                                                   through the test bed's registry: only changed layers travel
 #   scripts/testbed.sh minio up|down|status         a MinIO on a free port, data in the state dir; a running
 #                                                   cluster's pods reach it at the chart's s3.endpoint
 #   scripts/testbed.sh status                       what runs, on which ports, where the logs are
@@ -50,6 +51,7 @@ status() {
   minio_status || code=1
   echo "python env: $(venv_dir) $([ -f "$(venv_dir)/.complete" ] && echo installed || echo missing)"
   docker_status
+  registry_status
   cluster_status || code=1
   return $code
 }

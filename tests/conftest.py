@@ -3,11 +3,13 @@ uses, started only if it is not running) and a synthetic dataset in it."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
 
 import pytest
+import timeline as measured
 from minio.deleteobjects import DeleteObject
 from support import SMALL_TRAINING, TestbedService, run_script, s3, trainer, wait_ok
 
@@ -19,11 +21,6 @@ class MinioServer(TestbedService):
         super().__init__("minio")
         self.env = {k: v for k, v in self.env.items() if k.startswith(("S3_", "AWS_"))}
         self.port = int(self.env["S3_ENDPOINT_URL"].rsplit(":", 1)[1])
-
-    def restart(self) -> None:
-        """Same port, same data: what a pod restart of MinIO looks like to its clients."""
-        self.down()
-        self.up()
 
 
 @pytest.fixture(scope="session")
@@ -99,9 +96,36 @@ def reference_run(s3_env, synthetic_dataset, storage):
     return output, proc
 
 
+def pytest_collection_modifyitems(items):
+    """The cluster tests run one after the other, on one pytest-xdist worker (they share one node, whose
+    taints and capacity some of them change); the others spread over the remaining workers beside them."""
+    for item in items:
+        if "tests/cluster/" in str(item.path):
+            item.add_marker(pytest.mark.xdist_group("cluster"))
+
+
+def pytest_testnodedown(node, error):
+    """A pytest-xdist worker's cluster timings (tests/timeline.py), for the report at the end."""
+    if "timings" in getattr(node, "workeroutput", {}):
+        reported = json.loads(node.workeroutput["timings"])
+        measured.TIMINGS.extend(tuple(row) for row in reported["timings"])
+        measured.STARTUPS.extend(reported["startups"])
+
+
+def pytest_terminal_summary(terminalreporter):
+    lines = measured.summary()
+    if lines:
+        terminalreporter.write_sep("=", "cluster tests: wall seconds by phase (tests/timeline.py)")
+        for line in lines:
+            terminalreporter.write_line(line)
+
+
 def pytest_sessionfinish(session, exitstatus):
     """Under CI, a skipped test fails the run: whatever a test needs is built here, so a skip means
     something is missing that should not be."""
+    if hasattr(session.config, "workeroutput"):  # a pytest-xdist worker: its measurements go to the controller
+        session.config.workeroutput["timings"] = json.dumps({"timings": measured.TIMINGS,
+                                                             "startups": measured.STARTUPS})  # fmt: skip
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
     if os.environ.get("CI") and exitstatus == 0 and reporter and reporter.stats.get("skipped"):
         reporter.write_line("CI: skipped tests are failures here (see the skip reasons above)", red=True)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
 import re
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -168,48 +170,86 @@ def run_script(env: dict, script: str, *args: str, timeout: float = 300) -> subp
     )
 
 
-class StallingProxy:
-    """A TCP proxy in front of MinIO that forwards everything until a client request matches
-    `pattern`; from then on that connection's bytes are held, as if the network froze mid-request.
-    `matched` is set at that moment, so a test can kill the client in the middle of an upload."""
+UNAVAILABLE = b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
 
-    def __init__(self, upstream_port: int, pattern: bytes):
+
+class FaultyProxy:
+    """A TCP proxy in front of MinIO that forwards everything until a client request matches `pattern`;
+    that request then meets the fault: "stall" holds it (nothing more reaches MinIO on that connection,
+    as if the network froze mid-request), "503" answers it with 503 Service Unavailable, ("delay", s)
+    forwards it `s` seconds late. `matched` is set at the first match, so a test can act right then
+    (kill the client in the middle of an upload, say); `hits` counts the matches.
+
+    `down()` is storage going away — MinIO restarting, say, as its clients see it: every connection
+    reset, new ones refused — until `up()`, on the same port, without touching the MinIO that other
+    tests (run side by side) share. `host="0.0.0.0"` serves pods too, through the node's address."""
+
+    def __init__(self, upstream_port: int, pattern: bytes | None = None, fault="stall", host: str = "127.0.0.1"):
         self.upstream_port = upstream_port
-        self.pattern = re.compile(pattern)
+        self.pattern = re.compile(pattern) if pattern else None
+        self.fault = fault
         self.matched = threading.Event()
-        self.server = socket.create_server(("127.0.0.1", 0))
-        self.port = self.server.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True).start()
+        self.hits = 0
+        self.host, self.port = host, 0
+        self.open: set[socket.socket] = set()
+        self.up()
 
-    def _accept(self) -> None:
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def up(self) -> None:
+        self.server = socket.create_server((self.host, self.port))  # SO_REUSEADDR: the same port again
+        self.port = self.server.getsockname()[1]
+        threading.Thread(target=self._accept, args=(self.server,), daemon=True).start()
+
+    def down(self) -> None:
+        with contextlib.suppress(OSError):
+            self.server.shutdown(socket.SHUT_RDWR)  # wakes the accept() under way, which holds the port
+        self.server.close()
+        for connection in list(self.open):
+            with contextlib.suppress(OSError):
+                connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # a reset
+                connection.close()
+
+    def _accept(self, server: socket.socket) -> None:
         while True:
             try:
-                client, _ = self.server.accept()
+                client, _ = server.accept()
             except OSError:
                 return
             upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
+            self.open |= {client, upstream}
             threading.Thread(target=self._pipe, args=(client, upstream, True), daemon=True).start()
             threading.Thread(target=self._pipe, args=(upstream, client, False), daemon=True).start()
 
     def _pipe(self, src: socket.socket, dst: socket.socket, inspect: bool) -> None:
         recent = b""
+        held = False
         try:
             while data := src.recv(65536):
-                if inspect:
-                    if self.pattern.search(recent + data):  # `recent` catches a match split across reads
-                        self.matched.set()
+                if inspect and self.pattern and self.pattern.search(recent + data):  # `recent`: split matches
+                    self.hits += 1
+                    self.matched.set()
+                    if self.fault == "stall":
+                        held = True
                         return  # hold the request: nothing more reaches MinIO on this connection
-                    recent = data[-1024:]
+                    if self.fault == "503":
+                        src.sendall(UNAVAILABLE)
+                        return
+                    time.sleep(self.fault[1])  # ("delay", seconds): the slowness itself, not a wait for anything
+                recent = data[-1024:] if inspect else b""
                 dst.sendall(data)
         except OSError:
             pass
         finally:
-            if not (inspect and self.matched.is_set()):
+            if not held:
                 for s in (src, dst):
                     s.close()
+                    self.open.discard(s)
 
     def close(self) -> None:
-        self.server.close()
+        self.down()
 
 
 def testbed(*args: str, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess:

@@ -33,6 +33,7 @@ helm_plugins() { echo "$CACHE/helm-plugins-$HELM_UNITTEST_VERSION"; }
 kubeconform_bin() { echo "$CACHE/kubeconform-$KUBECONFORM_VERSION/bin/kubeconform"; }
 actionlint_bin() { echo "$CACHE/actionlint-$ACTIONLINT_VERSION/bin/actionlint"; }
 toxiproxy_bin() { echo "$CACHE/toxiproxy-$TOXIPROXY_VERSION/bin/toxiproxy-server"; }
+registry_bin() { echo "$CACHE/registry-$REGISTRY_VERSION/bin/registry"; }
 schema_dir() { echo "$CACHE/schemas-training-operator-$TRAINING_OPERATOR_VERSION-trainer-$KUBEFLOW_TRAINER_VERSION"; }
 kube_dir() { echo "$CACHE/kubernetes-$KUBERNETES_VERSION"; }
 kbin() { echo "$(kube_dir)/bin/$1"; }
@@ -72,10 +73,10 @@ pid_alive() { [ -f "$1" ] && same_process $(cat "$1"); }
 # stop_pid PID START: SIGTERM, then waits until it is gone (SIGKILL after 30 s); a PID whose process
 # is no longer the one recorded (it ended, and the PID went to another) is left alone.
 stop_pid() {
-  local pid=$1 start=${2:-} waited=0
-  same_process "$pid" "$start" || return 0
+  local pid=$1 started=${2:-} waited=0
+  same_process "$pid" "$started" || return 0
   kill "$pid" 2>/dev/null || return 0
-  while same_process "$pid" "$start"; do
+  while same_process "$pid" "$started"; do
     if [ $waited -ge 300 ]; then kill -9 "$pid" 2>/dev/null || true; fi
     sleep 0.1
     waited=$((waited + 1))

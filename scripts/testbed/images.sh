@@ -78,10 +78,38 @@ containerd_name() {
   fi
 }
 
+# The registry the cluster's containerd pulls the test bed's images from, on loopback (Docker treats
+# 127.0.0.0/8 as an insecure registry by default). Like dockerd, it serves every state dir and
+# outlives clusters: its store is a cache of layers already sent.
+registry_dir() { echo "$CACHE/registry"; }
+registry_port() { cat "$(registry_dir)/port"; }
+registry_up() {
+  local dir; dir=$(registry_dir)
+  if pid_alive "$dir/pid" && curl -fsS "http://127.0.0.1:$(registry_port)/v2/" >/dev/null 2>&1; then return; fi
+  [ -x "$(registry_bin)" ] || die "the registry is not built: run scripts/testbed.sh install cluster"
+  mkdir -p "$dir/store"
+  local port; port=$(cat "$dir/port" 2>/dev/null || free_port)
+  echo "$port" > "$dir/port"
+  printf 'version: 0.1\nlog: {level: warn}\nstorage: {filesystem: {rootdirectory: %s}, delete: {enabled: true}}\nhttp: {addr: "127.0.0.1:%s"}\n' \
+    "$dir/store" "$port" > "$dir/config.yml"
+  nohup "$(registry_bin)" serve "$dir/config.yml" > "$dir/log" 2>&1 < /dev/null &
+  process_id $! > "$dir/pid"
+  wait_for "the image registry" 30 "$dir/log" curl -fsS "http://127.0.0.1:$port/v2/"
+}
+
+registry_status() {
+  if pid_alive "$(registry_dir)/pid"; then
+    echo "image registry: running, http://127.0.0.1:$(registry_port), log $(registry_dir)/log"
+  else
+    echo "image registry: stopped (started by the next load-image)"
+  fi
+}
+
 # load_image IMAGE: into the running cluster's containerd, unless that exact image (Docker image ID)
-# is already there.
+# is already there. Through the registry: docker push sends only the layers it has not sent before,
+# and containerd pulls only the layers it lacks, so a code change ships one small layer.
 load_image() {
-  local image=$1 socket id marker
+  local image=$1 socket id marker ref
   socket=$(containerd_socket)
   [ -S "$socket" ] || die "the cluster is not up (scripts/testbed.sh cluster up)"
   id=$(docker image inspect -f '{{.Id}}' "$image" 2>/dev/null) || die "no local Docker image $image"
@@ -91,8 +119,14 @@ load_image() {
     say "$image ($id) is already in the cluster's image store"
     return
   fi
-  say "loading $image into the cluster's containerd"
-  docker save "$image" | ctr -a "$socket" -n k8s.io images import - >/dev/null
+  registry_up
+  ref="127.0.0.1:$(registry_port)/$(containerd_name "$image" | cut -d/ -f2-)"
+  say "loading $image into the cluster's containerd through $ref"
+  docker tag "$image" "$ref"
+  docker push -q "$ref" >/dev/null
+  docker rmi "$ref" >/dev/null  # the tag only: the image stays
+  ctr -a "$socket" -n k8s.io images pull --plain-http "$ref" >/dev/null
+  ctr -a "$socket" -n k8s.io images tag --force "$ref" "$(containerd_name "$image")" >/dev/null
   mkdir -p "$(dirname "$marker")"
   echo "$id" > "$marker"
 }

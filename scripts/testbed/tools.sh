@@ -87,6 +87,12 @@ install_toxiproxy() {
   mv "$bin/server" "$(toxiproxy_bin)"
 }
 
+install_registry() {
+  if [ -x "$(registry_bin)" ]; then say "registry $REGISTRY_VERSION is already built"; return; fi
+  say "building the distribution registry $REGISTRY_VERSION"
+  GOBIN="$(dirname "$(registry_bin)")" go install "github.com/distribution/distribution/v3/cmd/registry@$REGISTRY_VERSION"
+}
+
 KUBE_COMMANDS="kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy kubectl"
 CLUSTER_APT="docker.io containerd runc containernetworking-plugins etcd-server mmdebstrap iptables iproute2 openssl"
 
@@ -138,7 +144,8 @@ install_trainer_programs() {
 }
 
 # Everything the cluster runs as host programs: Debian's container runtime, etcd and CNI plugins;
-# Kubernetes, CoreDNS and the training-operator built from their Go modules.
+# Kubernetes, CoreDNS, the training-operator, Trainer v2, JobSet, Kueue and the image registry built
+# from their Go modules.
 install_cluster_programs() {
   local missing=""
   for package in $CLUSTER_APT; do dpkg -s "$package" >/dev/null 2>&1 || missing="$missing $package"; done
@@ -155,6 +162,7 @@ install_cluster_programs() {
     GOBIN="$(dirname "$(coredns_bin)")" go install "github.com/coredns/coredns@$COREDNS_VERSION"
   fi
   install_trainer_programs
+  install_registry
   if [ -x "$(operator_bin)" ]; then say "training-operator $TRAINING_OPERATOR_VERSION is already built"; else
     say "building training-operator $TRAINING_OPERATOR_VERSION"
     GOBIN="$(dirname "$(operator_bin)")" go install "github.com/kubeflow/training-operator/cmd/training-operator.v1@$TRAINING_OPERATOR_VERSION"

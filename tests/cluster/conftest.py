@@ -20,9 +20,10 @@ import uuid
 from pathlib import Path
 
 import pytest
+import timeline as measured
 import yaml
-from support import ROOT, TestbedService, testbed
-from timeline import Timeline, table
+from support import ROOT, FaultyProxy, TestbedService, testbed
+from timeline import Timeline
 
 NODE = "petal-node"
 CHART_VALUES = yaml.safe_load((ROOT / "charts" / "petal" / "values.yaml").read_text())
@@ -98,10 +99,6 @@ def cluster(minio) -> Cluster:
     server.release()
 
 
-TIMINGS: list[tuple[str, float, dict[str, float]]] = []
-STARTUPS: list[dict[str, float]] = []
-
-
 def children_cpu() -> float:
     """CPU seconds of the test's finished child processes (kubectl, helm, petal, host-side torchrun)."""
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -117,24 +114,13 @@ def timeline(cluster) -> Timeline:
 
 @pytest.fixture(autouse=True)
 def phases(timeline, request):
-    """Every cluster test's wall time split into phases (timeline.py), for the table at the end."""
+    """Every cluster test's wall time split into phases (tests/timeline.py), for the table at the end."""
     start, cpu = time.time(), children_cpu()
     yield
     end = time.time()
     phases = timeline.breakdown(start, end) | {"test CPU": children_cpu() - cpu}
-    TIMINGS.append((request.node.name, end - start, phases))
-    STARTUPS.extend(timeline.startups(start, end))
-
-
-def pytest_terminal_summary(terminalreporter):
-    if not TIMINGS:
-        return
-    terminalreporter.write_sep("=", "cluster tests: wall seconds by phase (tests/cluster/timeline.py)")
-    terminalreporter.write_line(table(TIMINGS))
-    if STARTUPS:
-        parts = sorted({key for startup in STARTUPS for key in startup})
-        means = ", ".join(f"{key} {sum(s.get(key, 0) for s in STARTUPS) / len(STARTUPS):.1f}" for key in parts)
-        terminalreporter.write_line(f"trainer start-up, mean of {len(STARTUPS)} containers (s): {means}")
+    measured.TIMINGS.append((request.node.name, end - start, phases))
+    measured.STARTUPS.extend(timeline.startups(start, end))
 
 
 @pytest.fixture()
@@ -201,3 +187,23 @@ def apiserver_without_crds(cluster, tmp_path) -> dict:
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=60)
+
+
+@pytest.fixture()
+def storage_outage(cluster, minio):
+    """The test bed's MinIO behind a proxy of this test's own, published to pods as a Service (as the
+    test bed publishes MinIO): (the proxy, its endpoint for pods). The proxy's down() is MinIO going
+    away as the pods see it, while the MinIO other tests share stays up."""
+    proxy = FaultyProxy(minio.port, host="0.0.0.0")
+    name = f"storage-{uuid.uuid4().hex[:6]}"
+    node_ip = cluster.get("node", NODE)["status"]["addresses"][0]["address"]
+    cluster.apply({"apiVersion": "v1", "kind": "Service", "metadata": {"name": name},
+                   "spec": {"ports": [{"port": proxy.port, "targetPort": proxy.port}]}},
+                  {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+                   "metadata": {"name": f"{name}-host", "labels": {"kubernetes.io/service-name": name}},
+                   "addressType": "IPv4", "ports": [{"port": proxy.port}], "endpoints": [{"addresses": [node_ip]}]},
+                  namespace=PETAL_NAMESPACE)  # fmt: skip
+    yield proxy, f"http://{name}.{PETAL_NAMESPACE}.svc.cluster.local:{proxy.port}"
+    proxy.close()
+    cluster.kubectl("-n", PETAL_NAMESPACE, "delete", "service", name, check=False)
+    cluster.kubectl("-n", PETAL_NAMESPACE, "delete", "endpointslice", f"{name}-host", check=False)

@@ -14,8 +14,11 @@ node 0; for plain pods, every pod), the most advanced phase winning where pods o
     outside pods     the rest: rendering and submitting, host-side work, waiting after the job, teardown
     test CPU         CPU seconds the test's own child processes used (kubectl, helm, petal, host torchrun)
 
-`scripts/test.sh` prints the table at the end of a run that used the cluster (the test bed's docs
-hold a measured one).
+`scripts/test.sh` prints the table at the end of a run that used the cluster (tests/conftest.py, from
+every pytest-xdist worker's TIMINGS; the test bed's docs hold a measured one).
+
+The same watch is what tests wait on: `wait_for` re-checks a condition at each pod event or log line
+(no polling, no kubectl per check), and every container instance's log is kept, a deleted pod's too.
 """
 
 from __future__ import annotations
@@ -26,6 +29,9 @@ import time
 from dataclasses import dataclass, field
 
 PHASES = ("scheduling", "pod start", "trainer start", "training", "restart")
+# This process's measurements: (test, wall seconds, seconds by phase), and the trainers' start-ups.
+TIMINGS: list[tuple[str, float, dict[str, float]]] = []
+STARTUPS: list[dict[str, float]] = []
 READY = re.compile(r"petal: \d+ process\(es\)")
 STARTUP = re.compile(r"petal: ready in ([\d.]+) s \((.*)\)")
 RANK_ZERO = (
@@ -36,17 +42,19 @@ RANK_ZERO = (
 
 @dataclass
 class Instance:
-    """One run of a pod's main container."""
+    """One run of a pod's main container, and its log."""
 
     started: float
     ended: float | None = None
     ready: float | None = None
     exit_code: int | None = None
     startup: dict[str, float] = field(default_factory=dict)
+    lines: list[str] = field(default_factory=list)
 
 
 @dataclass
 class PodRecord:
+    uid: str
     namespace: str
     name: str
     chain: str  # pods that stand for the same rank across recreations share it
@@ -63,13 +71,14 @@ class PodRecord:
 
     def intervals(self) -> list[tuple[float, float, str]]:
         spans = []
-        runs = [self.instances[k] for k in sorted(self.instances)]
+        runs = [self.instances[k] for k in sorted(self.instances) if self.instances[k].started is not None]
         first_start = runs[0].started if runs else self.gone
         if self.scheduled is not None:
             spans.append((self.created, self.scheduled, "scheduling"))
             if first_start is not None:
                 spans.append((self.scheduled, first_start, "pod start"))
-        for run, following in zip(runs, [*runs[1:], None], strict=True):
+        for i, run in enumerate(runs):
+            following = runs[i + 1] if i + 1 < len(runs) else None
             end = run.ended or self.gone or time.time()
             if run.ready is not None:
                 spans += [(run.started, run.ready, "trainer start"), (run.ready, end, "training")]
@@ -92,7 +101,8 @@ class Timeline:
 
         self.api = client.CoreV1Api(config.new_client_from_config(config_file=kubeconfig))
         self.pods: dict[str, PodRecord] = {}
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()  # a probe (under wait_for) may call the readers below, which take it too
+        self.changed = threading.Condition(self.lock)  # notified at every pod event and log line
         self.stopped = threading.Event()
         self.streams: set[tuple[str, int]] = set()
         threading.Thread(target=self._watch, daemon=True).start()
@@ -119,8 +129,9 @@ class Timeline:
                 job = labels.get("training.kubeflow.org/job-name") or labels.get("jobset.sigs.k8s.io/jobset-name")
                 rank = next((f"{key}={value}" for key, value in RANK_ZERO if labels.get(key) == value), None)
                 chain = f"{meta.namespace}/{job}/{rank}" if job and rank else f"{meta.namespace}/{meta.name}"
-                record = self.pods[meta.uid] = PodRecord(meta.namespace, meta.name, chain, bool(rank) or not job,
-                                                         _seconds(meta.creation_timestamp))  # fmt: skip
+                created = _seconds(meta.creation_timestamp)
+                record = PodRecord(meta.uid, meta.namespace, meta.name, chain, bool(rank) or not job, created)
+                self.pods[meta.uid] = record
             for condition in status.conditions or []:
                 if condition.type == "PodScheduled" and condition.status == "True":
                     record.scheduled = _seconds(condition.last_transition_time)
@@ -137,6 +148,7 @@ class Timeline:
                         run.ended, run.exit_code = _seconds(state.terminated.finished_at), state.terminated.exit_code
             if kind == "DELETED" or meta.deletion_timestamp:
                 record.gone = record.gone or time.time()
+            self.changed.notify_all()
 
     def _follow(self, namespace: str, name: str, container: str, uid: str, count: int) -> None:
         """The instance's log as it is written, noting when the trainer says it is ready."""
@@ -148,25 +160,62 @@ class Timeline:
             try:
                 response = self.api.read_namespaced_pod_log(name, namespace, container=container, follow=True,
                                                             _preload_content=False)  # fmt: skip
-                for line in response.stream():
-                    text = line.decode(errors="replace")
+                pending = b""
+                for chunk in response.stream():
+                    *complete, pending = (pending + chunk).split(b"\n")
                     with self.lock:
-                        run = self.pods[uid].instances[count]
-                        if run.ready is None and READY.search(text):
-                            run.ready = time.time()
-                        for seconds, parts in STARTUP.findall(text):
-                            run.startup = {"total": float(seconds)} | {
-                                key: float(value) for key, value in re.findall(r"([a-z ]+) ([\d.]+)", parts)
-                            }
+                        self._logged(self.pods[uid].instances[count], [c.decode(errors="replace") for c in complete])
+                with self.lock:
+                    self._logged(self.pods[uid].instances[count], [pending.decode(errors="replace")] if pending else [])
             except Exception:  # noqa: BLE001 — a pod gone before its log could be read: no ready time
                 return
 
         threading.Thread(target=stream, daemon=True).start()
 
+    def _logged(self, run: Instance, lines: list[str]) -> None:
+        for text in lines:
+            run.lines.append(text)
+            if run.ready is None and READY.search(text):
+                run.ready = time.time()
+            for seconds, parts in STARTUP.findall(text):
+                run.startup = {"total": float(seconds)} | {
+                    key: float(value) for key, value in re.findall(r"([a-z ]+) ([\d.]+)", parts)
+                }
+        self.changed.notify_all()
+
+    def wait_for(self, what: str, probe, timeout: float):
+        """probe()'s first truthy answer, asked again at every pod event and log line (AssertionError
+        naming `what` after `timeout` seconds). probe runs under the lock: it reads, never waits."""
+        deadline = time.monotonic() + timeout
+        with self.changed:
+            while not (found := probe()):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AssertionError(f"still waiting for {what} after {timeout:.0f}s")
+                self.changed.wait(min(left, 5))  # and every 5 s: a probe may look at the clock
+            return found
+
+    def named(self, namespace: str, name: str) -> list[PodRecord]:
+        """Every pod that had this name, oldest first (a pod made anew for a rank keeps its name)."""
+        with self.lock:
+            return sorted((p for p in self.pods.values() if (p.namespace, p.name) == (namespace, name)),
+                          key=lambda p: p.created)  # fmt: skip
+
+    def runs(self, namespace: str, name: str) -> list[tuple[PodRecord, Instance]]:
+        """Every container instance of the pods of that name, in the order they started."""
+        with self.lock:
+            return [(pod, pod.instances[k]) for pod in self.named(namespace, name) for k in sorted(pod.instances)]
+
+    def log(self, namespace: str, name: str) -> list[str]:
+        """The log of the newest instance of the newest pod of that name ([] while there is none)."""
+        with self.lock:
+            runs = self.runs(namespace, name)
+            return list(runs[-1][1].lines) if runs else []
+
     def breakdown(self, start: float, end: float) -> dict[str, float]:
         """Seconds of [start, end] in each phase, along the rank-0 pods created in that window."""
         with self.lock:
-            pods = sorted((p for p in self.pods.values() if p.rank_zero and start <= p.created <= end),
+            pods = sorted((p for p in self.pods.values() if p.rank_zero and p.created and start <= p.created <= end),
                           key=lambda p: p.created)  # fmt: skip
             spans = [span for pod in pods for span in pod.intervals()]
             for pod in pods:  # a pod made anew for its rank: the time from the old one's end is a restart
@@ -186,7 +235,7 @@ class Timeline:
         """The trainer's own start-up breakdowns ("ready in" lines) of the containers started in the window."""
         with self.lock:
             return [run.startup for pod in self.pods.values() for run in pod.instances.values()
-                    if run.startup and start <= run.started <= end]  # fmt: skip
+                    if run.startup and run.started is not None and start <= run.started <= end]  # fmt: skip
 
     def close(self) -> None:
         self.stopped.set()
@@ -201,3 +250,15 @@ def table(rows: list[tuple[str, float, dict[str, float]]]) -> str:
     total = [sum(phases[c] for _, _, phases in rows) for c in columns]
     lines.append(f"| all | {sum(wall for _, wall, _ in rows):.0f} | " + " | ".join(f"{t:.0f}" for t in total) + " |")
     return "\n".join(lines)
+
+
+def summary() -> list[str]:
+    """The end-of-run report: the table, and the trainers' mean start-up by part."""
+    if not TIMINGS:
+        return []
+    lines = [table(TIMINGS)]
+    if STARTUPS:
+        parts = sorted({key for startup in STARTUPS for key in startup})
+        means = ", ".join(f"{key} {sum(s.get(key, 0) for s in STARTUPS) / len(STARTUPS):.1f}" for key in parts)
+        lines.append(f"trainer start-up, mean of {len(STARTUPS)} containers (s): {means}")
+    return lines
