@@ -1,9 +1,10 @@
 # The image every PyTorchJob pod runs: ENTRYPOINT `python -m training` (see `--help`).
 #   docker build -t petal:0.1.0 .
 #   docker build --build-arg BASE_IMAGE=petal-base:bookworm -t petal:dev .   # the local test bed's base
-# The base must provide python with pip; the pinned default brings torch and CUDA. HOME is the
+# The base must provide python with pip; the pinned default brings torch and CUDA (torch 2.12 or later
+# lets the launcher give its ranks the pod's grace period after SIGTERM: training/launch.py). HOME is the
 # writable cache (an emptyDir in pods): torch hub weights and matplotlib's config land there.
-ARG BASE_IMAGE=pytorch/pytorch:2.9.0-cuda12.8-cudnn9-runtime
+ARG BASE_IMAGE=pytorch/pytorch:2.13.0-cuda13.0-cudnn9-runtime
 FROM ${BASE_IMAGE}
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -34,7 +35,8 @@ COPY scripts/predict.py scripts/collect_run.py scripts/versions.env scripts/
 COPY manifests/trainer-runtime.yaml manifests/
 RUN pip install --no-deps --force-reinstall . \
     && mkdir -p /cache \
-    && chown 1000:1000 /cache
+    && chown 10001:10001 /cache
 
-USER 1000:1000
+# A UID no host account has (the chart's runAsUser matches it).
+USER 10001:10001
 ENTRYPOINT ["python", "-m", "training"]

@@ -30,6 +30,7 @@ from petal.cluster import (
     suspended,
 )
 from training import artifacts
+from training.shards import DatasetError
 from training.storage import Storage, StorageError, parse_url
 
 RUNS = Path("runs")  # in the working directory, as every message says: never in the installed package
@@ -261,7 +262,7 @@ def collect_job(cluster: Cluster, name: str, dest: Path | None) -> dict:
     dest = dest or RUNS / name
     try:
         return collect(job, dest)
-    except (StorageError, OSError, ValueError, KeyError) as err:  # the job's work is safe in storage either way
+    except (StorageError, DatasetError, OSError, ValueError, KeyError) as err:  # its work is safe in storage anyway
         raise NotCollected(f"{name} succeeded but its results could not be collected ({err}); they are in "
                            f"{job_output(job)}: petal collect {name} {dest}") from None  # fmt: skip
 

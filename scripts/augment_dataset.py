@@ -58,6 +58,7 @@ from training.shards import (
     read_image_bytes,
     read_index,
     read_shard_table,
+    safe_name,
     shard_count,
     shard_entry,
     write_index,
@@ -277,7 +278,8 @@ def load_known(storage: Storage, dataset: S3Url, index: dict, cache_dir: Path) -
     known = Known()
     shards = [(split, shard) for split, info in index["splits"].items() for shard in info["shards"]]
     for split, shard in tqdm(shards, desc="hashing the dataset's images", unit="shard"):
-        for ref in read_shard_table(fetch_shard(storage, dataset, shard, cache_dir)):
+        local = fetch_shard(storage, dataset, shard, cache_dir)
+        for ref in read_shard_table(local, len(index["classes"]), str(dataset.join(shard["name"]))):
             data = read_image_bytes(ref)
             image, _ = decode(data)
             known.add(data, image.convert("RGB"), f"{split}/{ref.key}", ref.source)
@@ -311,21 +313,22 @@ class RelevanceCheck:
 
     def __init__(self, storage: Storage, location: str, class_names: list[str], top_k: int):
         from training import checkpoint
-        from training.data import eval_transform
         from training.model import load_checkpoint_model
 
         state = checkpoint.load(storage, location)
         if state["classes"] != class_names:
             raise AugmentError(f"--relevance {location} was trained on other classes than this dataset")
         self.model = load_checkpoint_model(state)
-        self.transform = eval_transform(state["config"]["image_size"])
+        self.image_size = state["config"]["image_size"]
         self.top_k = top_k
 
     def rank_ok(self, image: Image.Image, label: int) -> bool:
         import torch
 
+        from training.views import model_input
+
         with torch.no_grad():
-            logits = self.model(self.transform(image)[None])[0]
+            logits = self.model(model_input(image, self.image_size))[0]
         return label in logits.topk(min(self.top_k, len(logits))).indices.tolist()
 
 
@@ -392,6 +395,8 @@ def augment(storage: Storage, dataset: S3Url, args) -> dict:
         else None
     )
 
+    for i in labels:  # each class's downloads go into a directory named by its id
+        safe_name(index["classes"][i]["id"], f"{dataset}/index.json names class id")
     known = load_known(storage, dataset, index, args.cache_dir)
     with tempfile.TemporaryDirectory(prefix="petal-augment-") as workdir:
         downloads = search_and_download([index["classes"][i] for i in labels], args, Path(workdir))

@@ -19,9 +19,9 @@ import torch
 from PIL import UnidentifiedImageError
 
 from training import checkpoint
-from training.data import decode_image, eval_transform
 from training.model import load_checkpoint_model
 from training.storage import Storage, StorageError
+from training.views import decode_image, model_input
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,12 +41,12 @@ def main(argv: list[str] | None = None) -> int:
         if not {"model", "config", "classes"} <= set(state):
             raise checkpoint.CheckpointError(f"{args.checkpoint} is a torch file but not a petal checkpoint")
         model = load_checkpoint_model(state)
-        transform = eval_transform(state["config"]["image_size"])
         classes = state["classes"]
         k = min(args.top_k, len(classes))
         for path in args.images:
             try:
-                batch = transform(decode_image(path.read_bytes(), state["config"]["image_size"]))[None]
+                size = state["config"]["image_size"]
+                batch = model_input(decode_image(path.read_bytes(), size), size)
             except (OSError, UnidentifiedImageError) as err:
                 raise ValueError(f"{path} is not a readable image ({err})") from None
             with torch.no_grad():

@@ -10,9 +10,10 @@ Layouts it understands (class names from an optional SRC/cat_to_name.json, else 
                its train / valid / test splits
   imagefolder  SRC/<class>/*.jpg: a deterministic --valid-fraction of each class becomes `valid`
 
-Images whose shorter side is over --short-side (default 256) are stored re-encoded at that short side
-(what training at the default 224 px needs; decoding a 500 px original costs about four times as
-much), the others as they are; the index records it per split. The local files are never changed.
+Images whose shorter side is over --short-side (default 256) are stored re-encoded as JPEG at that
+short side (what training at the default 224 px needs; decoding a 500 px original costs about four
+times as much), and every image is stored as an RGB JPEG that nvJPEG reads (--decode gpu); the index
+records the short side per split. --short-side 0 stores the files as they are. The local files are never changed.
 Images that do not decode are reported (count and paths) and left out. Re-running uploads nothing
 already stored (shard names carry their content hash); index.json is written last, so an
 interrupted upload never leaves a dataset that looks complete. Storage settings come from the
@@ -28,6 +29,7 @@ import json
 import random
 import re
 import sys
+import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from io import BytesIO
@@ -114,32 +116,36 @@ def class_names(src: Path, class_ids: list[str]) -> list[dict]:
     return [{"id": c, "name": names.get(c, c)} for c in class_ids]
 
 
-def decoded_format(path: Path) -> str | None:
-    """The image's file extension by content, or None where it does not decode completely."""
+def prepared(path: Path, short_side: int) -> tuple[bytes, str] | None:
+    """The bytes to store and their extension, from one decode of the file; None where it does not
+    decode completely. With a `short_side`, every image is stored as an RGB JPEG that nvJPEG reads
+    (--decode gpu decodes a batch in one call; a PNG, WebP, TIFF or CMYK JPEG would send it to PIL
+    one image at a time), re-encoded at that short side when larger: training crops --image-size
+    pixels (224) from an image scaled to that short side anyway. A plain JPEG small enough is stored
+    as it is. Without (0), files are stored as they are. The same input always gives the same bytes,
+    so a re-run still finds its shards stored."""
+    data = path.read_bytes()
     try:
-        with Image.open(path) as image:
+        with Image.open(BytesIO(data)) as image:
             image.load()
-            return {"JPEG": "jpg", "MPO": "jpg"}.get(image.format, (image.format or "").lower()) or None
+            fmt = {"JPEG": "jpg", "MPO": "jpg"}.get(image.format, (image.format or "").lower())
+            if not fmt:
+                return None
+            if not short_side:
+                return data, fmt
+            small = min(image.size) <= short_side
+            if small and fmt == "jpg" and image.mode in ("RGB", "L"):
+                return data, fmt
+            rgb = image.convert("RGB")
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError):
         return None
-
-
-def stored_image(path: Path, fmt: str, short_side: int) -> tuple[bytes, str]:
-    """The bytes to store: the file as it is, or — when its shorter side is over `short_side` — the
-    image re-encoded as a JPEG of that short side. Training crops --image-size pixels (224) from an
-    image scaled to that short side anyway, so decoding a 500 px original only to shrink it is waste;
-    the same input always gives the same bytes, so a re-run still finds its shards stored."""
-    data = path.read_bytes()
-    if not short_side:
-        return data, fmt
-    with Image.open(BytesIO(data)) as image:
-        if min(image.size) <= short_side:
-            return data, fmt
-        scale = short_side / min(image.size)
-        size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
-        resized = image.convert("RGB").resize(size, Image.Resampling.LANCZOS)
+    if not small:
+        scale = short_side / min(rgb.size)
+        rgb = rgb.resize(
+            (max(1, round(rgb.width * scale)), max(1, round(rgb.height * scale))), Image.Resampling.LANCZOS
+        )
     buffer = BytesIO()
-    resized.save(buffer, "JPEG", quality=STORED_QUALITY)
+    rgb.save(buffer, "JPEG", quality=STORED_QUALITY)
     return buffer.getvalue(), "jpg"
 
 
@@ -169,39 +175,40 @@ def upload(
     )
     storage.ensure_bucket(dest)
 
-    everything = [i for images in splits.values() for i in images]
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        checked = pool.map(lambda i: decoded_format(i.path), everything)
-        progress = tqdm(checked, total=len(everything), desc="checking images", unit="img")
-        formats = dict(zip(everything, progress, strict=True))
-    rejected = sorted(str(i.path) for i, fmt in formats.items() if fmt is None)
-
     index = {"format": FORMAT, "classes": class_names(src, class_ids), "splits": {}}
     uploaded = skipped = 0
+    rejected: list[str] = []
     for split, images in splits.items():
-        good = [i for i in images if formats[i] is not None]
-        random.Random(f"petal/{split}").shuffle(good)  # mixes classes inside shards, the same every run
-        total_bytes = sum(i.path.stat().st_size for i in good)
-        count = shard_count(total_bytes, len(good), min_shards, max_shard_mb << 20)
-        entries = []
-        for number in tqdm(range(count), desc=f"uploading {split}", unit="shard"):
-            chunk = good[len(good) * number // count : len(good) * (number + 1) // count]
-            with ThreadPoolExecutor(max_workers=4) as pool:
-                stored = list(pool.map(lambda i: stored_image(i.path, formats[i], short_side), chunk))
-            samples = [
-                Sample(f"{split}-{len(good) * number // count + j:06d}", data, fmt, label_of[i.class_id],
-                       str(i.path.relative_to(src)))
-                for j, (i, (data, fmt)) in enumerate(zip(chunk, stored, strict=True))
-            ]  # fmt: skip
-            data = build_shard(samples)
-            entry = shard_entry(split, number, data, len(samples))
-            url = dest.join(entry["name"])
-            if storage.size(url) == entry["bytes"]:
-                skipped += 1
-            else:
-                storage.write_bytes(url, data, "application/x-tar")
-                uploaded += 1
-            entries.append(entry)
+        # Each image decoded once, what is stored kept aside, so shards are sized by what they hold.
+        with tempfile.TemporaryDirectory(prefix="petal-upload-") as spool, ThreadPoolExecutor(max_workers=8) as pool:
+            ready = tqdm(pool.map(lambda i: prepared(i.path, short_side), images), total=len(images),
+                         desc=f"preparing {split}", unit="img")  # fmt: skip
+            good: list[tuple[LocalImage, Path, str]] = []
+            for n, (image, result) in enumerate(zip(images, ready, strict=True)):
+                if result is None:
+                    rejected.append(str(image.path))
+                    continue
+                stored = Path(spool) / f"{n:08d}"
+                stored.write_bytes(result[0])
+                good.append((image, stored, result[1]))
+            random.Random(f"petal/{split}").shuffle(good)  # mixes classes inside shards, the same every run
+            total_bytes = sum(stored.stat().st_size for _, stored, _ in good)
+            count = shard_count(total_bytes, len(good), min_shards, max_shard_mb << 20)
+            entries = []
+            for number in tqdm(range(count), desc=f"uploading {split}", unit="shard"):
+                first, end = len(good) * number // count, len(good) * (number + 1) // count
+                samples = [Sample(f"{split}-{first + j:06d}", stored.read_bytes(), fmt, label_of[image.class_id],
+                                  str(image.path.relative_to(src)))
+                           for j, (image, stored, fmt) in enumerate(good[first:end])]  # fmt: skip
+                data = build_shard(samples)
+                entry = shard_entry(split, number, data, len(samples))
+                url = dest.join(entry["name"])
+                if storage.size(url) == entry["bytes"]:
+                    skipped += 1
+                else:
+                    storage.write_bytes(url, data, "application/x-tar")
+                    uploaded += 1
+                entries.append(entry)
         index["splits"][split] = {"samples": len(good), "shards": entries,
                                   **({"short_side": short_side} if short_side else {})}  # fmt: skip
     write_index(storage, dest, index)

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from training.data import SplitLoader, SplitStream, train_transform
+from training.data import SplitLoader, SplitStream
 from training.distributed import World
 from training.shards import read_index
 from training.storage import Storage, parse_url
@@ -17,7 +17,7 @@ world = World.from_env()
 storage = Storage.from_env()
 stream = SplitStream(storage, dataset, read_index(storage, dataset), ["train"], cache_dir)
 seen = {}
-batches = SplitLoader(stream, train_transform(32), seed=7, augment=True, batch_size=5, workers=2, pin_memory=False)
+batches = SplitLoader(stream, 32, seed=7, augment=True, batch_size=5, workers=2, pin_memory=False)
 for epoch in (1, 2):
     numbers = stream.assignment(7, epoch, world.world_size, shuffle=True)[world.rank]
     seen[epoch] = [key for _, _, keys in batches.for_epoch(epoch, numbers) for key in keys]

@@ -221,7 +221,7 @@ def test_crafted_downloads_are_kept_or_rejected_for_the_right_reason(web, datase
 
     # Safe to re-run: the same search finds nothing new to store.
     code, again, err, _ = run_augment(s3_env, web, tmp_path, results, dataset, "--classes", "1", "--suffix", "flower",
-                                      "--max-bytes", "200000")  # fmt: skip
+                                      "--max-bytes", "200000", "--download-seconds", "4")  # fmt: skip
     assert code == 0, err
     assert again["kept"] == 0 and again["classes"]["red circle"]["duplicate-url"] == 5  # the kept ones
     assert read_index(storage, url) == after

@@ -122,32 +122,62 @@ def test_a_resume_trains_each_sample_of_the_interrupted_epoch_exactly_once(stret
         assert left == [ids[skipped:] for ids in before]
 
 
-def test_batches_decoded_by_the_gpu_path_are_the_views_of_their_samples():
-    """--decode gpu's batch pipeline, run on the CPU device (nvJPEG itself needs a GPU): JPEGs decoded
-    in one call, anything else one by one; the eval view equals the CPU path's up to resampling."""
+def encoded_image(image, fmt: str) -> bytes:
     import io
 
+    buffer = io.BytesIO()
+    image.save(buffer, fmt)
+    return buffer.getvalue()
+
+
+def test_batches_decoded_by_the_gpu_path_are_the_views_of_their_samples():
+    """--decode gpu's batch pipeline, run on the CPU device (nvJPEG itself needs a GPU): a batch is one
+    buffer; JPEGs decoded in one call, anything else one by one; the eval view equals the CPU path's
+    up to resampling."""
     import torch
     from PIL import Image
 
-    from training.data import DecodeOnGpu, decode_image, encoded_batch, eval_transform
+    from training.views import DecodeOnGpu, decode_image, encoded_batch, normalize, pixels, view
 
-    def encoded(colour, fmt):
-        buffer = io.BytesIO()
-        Image.new("RGB", (300, 240), colour).save(buffer, fmt)
-        return buffer.getvalue()
-
-    blobs = [encoded((200, 30, 30), "JPEG"), encoded((30, 200, 30), "PNG")]
-    batch = encoded_batch([(torch.frombuffer(bytearray(b), dtype=torch.uint8), i, f"key{i}", 3)
-                           for i, b in enumerate(blobs)])  # fmt: skip
+    blobs = [encoded_image(Image.new("RGB", (300, 240), (200, 30, 30)), "JPEG"),
+             encoded_image(Image.new("RGB", (300, 240), (30, 200, 30)), "PNG")]  # fmt: skip
+    batch = encoded_batch([(b, i, f"key{i}", 3) for i, b in enumerate(blobs)])
+    (buffer, ends), *_ = batch
+    assert buffer.dtype == torch.uint8 and buffer.numel() == sum(map(len, blobs)) and ends.tolist()[-1] == len(buffer)
     ((images, labels, keys),) = list(DecodeOnGpu([batch], 64, torch.device("cpu"), seed=0, augment=False))
     assert images.shape == (2, 3, 64, 64) and labels.tolist() == [0, 1] and keys == ["key0", "key1"]
-    on_cpu = torch.stack([eval_transform(64)(decode_image(b)) for b in blobs])
+    on_cpu = normalize(torch.stack([pixels(view(decode_image(b), 64, None)) for b in blobs]))
     torch.testing.assert_close(images, on_cpu, atol=0.05, rtol=0)  # flat colours: resamplers agree
     augmented = list(DecodeOnGpu([batch], 64, torch.device("cpu"), seed=0, augment=True))[0][0]
     again = list(DecodeOnGpu([batch], 64, torch.device("cpu"), seed=0, augment=True))[0][0]
-    assert torch.equal(augmented, again), "augmentation is seeded per (seed, epoch, sample)"
-    next_epoch = encoded_batch([(torch.frombuffer(bytearray(b), dtype=torch.uint8), i, f"key{i}", 4)
-                                for i, b in enumerate(blobs)])  # fmt: skip
+    assert torch.equal(augmented, again), "augmentation is drawn per (seed, epoch, sample)"
+    next_epoch = encoded_batch([(b, i, f"key{i}", 4) for i, b in enumerate(blobs)])
     other = list(DecodeOnGpu([next_epoch], 64, torch.device("cpu"), seed=0, augment=True))[0][0]
     assert not torch.equal(augmented, other), "another epoch draws other rotations"
+
+
+def test_the_gpu_path_makes_the_cpu_paths_training_view_of_an_asymmetric_image():
+    """The same (seed, epoch, key) through both paths — PIL in a DataLoader worker, torchvision on a
+    decoded tensor (on the CPU device here) — gives the same rotated, cropped view; the opposite
+    rotation, or none, would be far from it."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from training.views import DecodeOnGpu, decode_image, encoded_batch, normalize, pixels, rotation, view
+
+    y, x = np.mgrid[0:240, 0:360]
+    asymmetric = np.stack([x * 255 // 360, y * 255 // 240, ((x > 250) & (y < 80)) * 255], axis=-1).astype(np.uint8)
+    jpeg = encoded_image(Image.fromarray(asymmetric), "JPEG")
+    angle = rotation(5, 2, "key0")
+    assert abs(angle) > 5, "a rotation worth telling apart"
+    ((gpu_path, _, _),) = list(DecodeOnGpu([encoded_batch([(jpeg, 0, "key0", 2)])], 64, torch.device("cpu"),
+                                           seed=5, augment=True))  # fmt: skip
+
+    def cpu_path(angle):
+        return normalize(pixels(view(decode_image(jpeg, 64), 64, angle))[None])
+
+    distance = (gpu_path - cpu_path(angle)).abs().mean()
+    assert distance < 0.1, distance
+    assert (gpu_path - cpu_path(-angle)).abs().mean() > 3 * distance
+    assert (gpu_path - cpu_path(None)).abs().mean() > 3 * distance

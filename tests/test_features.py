@@ -12,11 +12,12 @@ from support import SMALL_TRAINING, run_script, s3, trainer, wait_ok
 from torch import nn
 
 from training import checkpoint
-from training.data import SplitStream
+from training.data import ImageEpochs, SplitStream
 from training.features import FeatureCache, ViewSamples, backbone_of, view_for
 from training.model import build_model, freeze
 from training.shards import read_index
 from training.storage import parse_url
+from training.views import normalize
 
 IMAGE_SIZE = 48
 
@@ -52,11 +53,32 @@ def test_cached_features_are_what_the_full_model_computes_for_that_view(model_an
     items = [(ref, view) for ref in refs[:6] for view in (0, 1, 2)]
     features = make_cache(backbone_of(model)).features(items)
     views = ViewSamples(items, IMAGE_SIZE, seed=3)
-    images = torch.stack([views[i] for i in range(len(items))])
+    images = normalize(torch.stack([views[i] for i in range(len(items))]))
     with torch.no_grad():
         torch.testing.assert_close(model.fc(features), model(images), atol=1e-5, rtol=1e-4)
     assert not torch.equal(views[0], views[1]), "an augmented view differs from the eval view"
     assert torch.equal(views[1], ViewSamples(items, IMAGE_SIZE, seed=3)[1]), "a view is the same image every time"
+
+
+def test_the_cache_serves_what_the_no_feature_cache_path_feeds_the_model(storage, synthetic_dataset, tmp_path):
+    """The eval view's cached features against the backbone run on the batches of the trainer's own
+    --no-feature-cache path (ImageEpochs: its loader, decode and transforms), sample for sample."""
+    torch.manual_seed(0)
+    model = build_model("resnet18", 5, None).eval()
+    url = parse_url(synthetic_dataset)
+    index = read_index(storage, url)
+    train, val = (SplitStream(storage, url, index, [split], tmp_path / "shards") for split in ("train", "valid"))
+    recompute = ImageEpochs(model, train, val, image_size=IMAGE_SIZE, seed=3, rank=0, world_size=1, batch_size=8,
+                            workers=0, device=torch.device("cpu"))  # fmt: skip
+    try:
+        images, labels, keys = next(iter(recompute.val_loader(epoch=1)))
+    finally:
+        recompute.close()
+    refs = {ref.key: ref for ref in val.epoch_refs(seed=3, epoch=0, rank=0, world_size=1, shuffle=False)}
+    features = make_cache(backbone_of(model)).features([(refs[key], 0) for key in keys])
+    assert labels.tolist() == [refs[key].label for key in keys]
+    with torch.no_grad():
+        torch.testing.assert_close(model.fc(features), model(images), atol=1e-5, rtol=1e-4)
 
 
 def test_head_trained_from_cached_features_equals_head_trained_from_recomputed_ones(model_and_refs):

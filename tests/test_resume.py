@@ -13,7 +13,7 @@ import pytest
 import torch
 from minio.credentials import StaticProvider
 from minio.minioadmin import MinioAdmin
-from support import SMALL_TRAINING, Watched, free_port, s3, trainer, wait_ok
+from support import SMALL_TRAINING, FaultyProxy, Watched, free_port, s3, trainer, wait_ok
 
 from training import checkpoint
 from training.storage import parse_url
@@ -203,3 +203,56 @@ def test_every_rank_resumes_from_rank_zeros_choice(minio, s3_env, synthetic_data
     assert resumed_event(ranks[0]) == {"event": "resumed", "epoch": 3, "step": 0}
     assert [r["epoch"] for r in epochs_of(ranks[0])] == [3]
     assert any(path.suffix == ".pt" for path in (tmp_path / "pod1" / "checkpoints").rglob("*"))
+
+
+def test_an_outage_while_rank_zero_chooses_the_checkpoint_is_retried_everywhere(minio, s3_env, synthetic_dataset,
+                                                                                  run_dir):  # fmt: skip
+    """Reading `latest` answers 503 for as long as storage calls are retried: every rank exits 201 (an
+    outage, retried by restartPolicy ExitCode), not 5 (a refusal, final) — rank 0's failure keeps its kind."""
+    out = parse_url(run_dir)
+    proxy = FaultyProxy(minio.port, rf"GET /{out.bucket}/{out.key}/latest ".encode(), fault="503")
+    env = s3_env | {"S3_ENDPOINT_URL": proxy.endpoint, "PETAL_S3_RETRY_SECONDS": "2"}
+    proc = trainer(env, ["--data", synthetic_dataset, "--output", run_dir, *SMALL_TRAINING])
+    try:
+        assert proc.wait(180) == 201, "\n".join(proc.stderr[-10:])
+    finally:
+        proxy.close()
+    assert proxy.hits > 1  # retried, then given up
+    assert sum("still failing after 2s of retries (exit 201)" in line for line in proc.stderr) == 2  # both ranks
+
+
+def test_sigterm_in_the_last_steps_of_an_uneven_epoch_stops_within_a_step(s3_env, synthetic_dataset, run_dir, storage):
+    """100 samples over 3 ranks at batch size 1: 34, 33 and 33 steps. SIGTERM during step 33 — where two
+    ranks have no sample left — still stops every rank within a step, at a step checkpoint; it does not
+    train on, evaluate and write the epoch's checkpoint first."""
+    args = ["--data", synthetic_dataset, "--output", run_dir, "--train-splits", "valid", *SMALL_TRAINING,
+            "--epochs", "1", "--batch-size", "1", "--image-size", "64", "--checkpoint-every", "0"]  # fmt: skip
+    proc = trainer(s3_env, args, nproc=3)
+    proc.wait_for_line(r"epoch 1/1 step 33/34", timeout=600)
+    proc.proc.send_signal(signal.SIGTERM)  # torchrun forwards it to every rank
+    assert proc.wait(120) == 143, "\n".join(proc.stderr[-10:])
+    stopped = latest(storage, run_dir)
+    assert stopped in ("checkpoints/epoch-0001-step-000033.pt", "checkpoints/epoch-0001-step-000034.pt"), stopped
+    assert not storage.exists(parse_url(run_dir).join("metrics.jsonl"))  # the epoch was not evaluated
+
+
+def test_the_launcher_gives_its_ranks_the_pods_grace_period_to_save(minio, s3_env, synthetic_dataset, run_dir,
+                                                                     storage):  # fmt: skip
+    """Under training.launch (torchrun: every TrainJob pod, nprocPerNode > 1) a checkpoint that takes
+    40 s to upload still lands after SIGTERM: the launcher waits as long as the pod's grace period
+    allows (PETAL_TERMINATION_GRACE_SECONDS, less a margin), not torchrun's 30 s."""
+    out = parse_url(run_dir)
+    # A single PUT, or the first part of a multipart upload (a resnet18 with Adam is ~130 MB).
+    pattern = rf"PUT /{out.bucket}/{out.key}/checkpoints/epoch-0001-step-\d+\.pt(\?partNumber=1&| )"
+    proxy = FaultyProxy(minio.port, pattern.encode(), fault=("delay", 40))
+    env = s3_env | {"S3_ENDPOINT_URL": proxy.endpoint, "PETAL_TERMINATION_GRACE_SECONDS": "90"}
+    proc = Watched(launched("--data", synthetic_dataset, "--output", run_dir, *SMALL_TRAINING,
+                            "--checkpoint-every", "0"), env)  # fmt: skip
+    try:
+        proc.wait_for_line(r"epoch 1/4 step 2/", timeout=300)
+        proc.proc.send_signal(signal.SIGTERM)
+        assert proc.wait(150) == 143, "\n".join(proc.stderr[-10:])
+    finally:
+        proxy.close()
+    assert proxy.hits == 1
+    assert latest(storage, run_dir).startswith("checkpoints/epoch-0001-step-")

@@ -14,7 +14,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import torch
-from support import SMALL_TRAINING, StallingProxy, Watched, run_script, s3, trainer, wait_ok
+from support import SMALL_TRAINING, FaultyProxy, Watched, run_script, s3, trainer, wait_ok
 
 from training import checkpoint
 from training.storage import parse_url
@@ -77,9 +77,9 @@ def test_kill_during_checkpoint_upload_never_leaves_latest_on_a_torn_object(
     minio, s3_env, synthetic_dataset, run_dir, storage
 ):
     out = parse_url(run_dir)
-    proxy = StallingProxy(minio.port, rf"PUT /{out.bucket}/{out.key}/checkpoints/epoch-0002\.pt".encode())
+    proxy = FaultyProxy(minio.port, rf"PUT /{out.bucket}/{out.key}/checkpoints/epoch-0002\.pt".encode())
     args = ["--data", synthetic_dataset, "--output", run_dir, *SMALL_TRAINING]
-    proc = trainer(s3_env | {"S3_ENDPOINT_URL": f"http://127.0.0.1:{proxy.port}"}, args)
+    proc = trainer(s3_env | {"S3_ENDPOINT_URL": proxy.endpoint}, args)
     assert proxy.matched.wait(600), "the epoch-2 checkpoint upload never started:\n" + "\n".join(proc.stderr[-20:])
     os.kill(proc.rank_pid(0), signal.SIGKILL)  # rank 0 is the writer, caught mid-upload
     assert proc.wait(120) != 0
@@ -98,14 +98,17 @@ def test_kill_during_checkpoint_upload_never_leaves_latest_on_a_torn_object(
 
 @pytest.mark.slow
 def test_training_rides_out_a_minio_restart(minio, s3_env, synthetic_dataset, run_dir):
-    proc = trainer(s3_env, ["--data", synthetic_dataset, "--output", run_dir, *SMALL_TRAINING])
+    storage = FaultyProxy(minio.port)  # MinIO as this run sees it: going away and coming back
+    proc = trainer(s3_env | {"S3_ENDPOINT_URL": storage.endpoint},
+                   ["--data", synthetic_dataset, "--output", run_dir, *SMALL_TRAINING])  # fmt: skip
     try:
         proc.wait_for_line(r'"event": "epoch", "epoch": 1,', timeout=600)
-        minio.down()
+        storage.down()
         proc.wait_for_line(r"retrying in", timeout=300)
     finally:
-        minio.up()
+        storage.up()
     wait_ok(proc)
+    storage.close()
     assert json.loads(proc.stdout[-1])["event"] == "done"
     assert [r["epoch"] for r in proc.json_lines() if r["event"] == "epoch"] == [1, 2, 3, 4]
 
@@ -149,25 +152,22 @@ def one_line_failure(env: dict, *args: str, timeout: float = 90) -> str:
         ({"AWS_SECRET_ACCESS_KEY": "not-the-secret-123"}, [], "SignatureDoesNotMatch"),
         ({"AWS_ACCESS_KEY_ID": "nobody"}, [], "InvalidAccessKeyId"),
         ({}, ["--output", "s3://no-such-bucket/run"], "bucket 'no-such-bucket' does not exist"),
-        ({}, ["--data", s3("datasets/absent")], f"no dataset at {s3('datasets/absent')}"),
+        ({}, ["--data", "{s3}/datasets/absent"], "no dataset at {s3}/datasets/absent"),
         ({}, ["--arch", "resnet9"], "invalid choice: 'resnet9'"),
         ({}, ["--freeze", "layer2"], "invalid choice: 'layer2'"),
         ({}, ["--data", "/local/path"], "'/local/path' is not an object-storage URL"),
         ({}, ["--epochs", "0"], "'0' must be >= 1"),
-        (
-            {},
-            ["--pretrained", s3("weights/absent.pt")],
-            f"--pretrained {s3('weights/absent.pt')} does not exist",
-        ),
+        ({}, ["--pretrained", "{s3}/weights/absent.pt"], "--pretrained {s3}/weights/absent.pt does not exist"),
         ({}, ["--pretrained", "imagenet-v9"], "'imagenet-v9' is not imagenet, none or s3://BUCKET/KEY"),
         ({}, ["--decode", "gpu"], "--decode gpu needs a GPU; this rank runs on cpu"),
     ],
 )
 def test_bad_input_gets_one_line_naming_the_problem(s3_env, synthetic_dataset, run_dir, change, args, expected):
+    """(`{s3}` stands for the session's bucket: a test's name must be the same on every pytest-xdist worker.)"""
     env = s3_env | change
     base = ["--data", synthetic_dataset, "--output", run_dir, "--arch", "resnet18", "--pretrained", "none"]
-    line = one_line_failure(env, *base, *args)
-    assert expected in line
+    line = one_line_failure(env, *base, *(arg.format(s3=s3("").rstrip("/")) for arg in args))
+    assert expected.format(s3=s3("").rstrip("/")) in line
 
 
 @pytest.fixture(scope="module")

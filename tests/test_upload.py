@@ -10,9 +10,10 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from scipy.io import savemat
-from support import BUCKET, ROOT, StallingProxy, Watched, run_script, s3
+from support import BUCKET, ROOT, FaultyProxy, Watched, run_script, s3
 
 from training.shards import fetch_shard, read_index, read_shard_table
 from training.storage import parse_url
@@ -106,14 +107,14 @@ def test_an_imagefolder_tree_gets_a_stable_validation_split(s3_env, synthetic_di
 
 
 def test_an_interrupted_upload_leaves_no_index_and_a_rerun_completes_it(minio, s3_env, storage, synthetic_dir):
-    proxy = StallingProxy(minio.port, f"PUT /{BUCKET}/datasets/interrupted/shards/valid-".encode())
+    proxy = FaultyProxy(minio.port, f"PUT /{BUCKET}/datasets/interrupted/shards/valid-".encode())
     argv = [
         sys.executable,
         str(ROOT / "scripts" / "upload_dataset.py"),
         str(synthetic_dir),
         s3("datasets/interrupted"),
     ]
-    proc = Watched(argv, s3_env | {"S3_ENDPOINT_URL": f"http://127.0.0.1:{proxy.port}"})
+    proc = Watched(argv, s3_env | {"S3_ENDPOINT_URL": proxy.endpoint})
     assert proxy.matched.wait(120), "\n".join(proc.stderr[-10:])
     os.killpg(proc.proc.pid, signal.SIGKILL)
     proc.wait(30)
@@ -145,3 +146,39 @@ def test_bad_arguments_get_one_line_and_write_nothing(s3_env, storage, synthetic
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and expected in result.stderr
     assert not storage.exists(parse_url(s3("x/index.json")))
+
+
+def test_every_image_is_stored_as_a_jpeg_nvjpeg_reads_and_shards_are_sized_by_what_they_hold(s3_env, storage,
+                                                                                             tmp_path):  # fmt: skip
+    """PNG, WebP, TIFF and CMYK JPEG become RGB JPEGs (--decode gpu decodes a batch at once), a small plain
+    JPEG stays byte for byte; 10 noisy 1 MB originals stored at 256 px fill one 1 MB shard, not eleven."""
+    import torchvision
+
+    rng = np.random.default_rng(3)
+    src = tmp_path / "mixed" / "train"  # the seed layout: every image trains
+    for label, (name, fmt, mode, size) in enumerate([("a.png", "PNG", "RGBA", (300, 200)), ("b.webp", "WEBP", "RGB",
+            (200, 300)), ("c.tiff", "TIFF", "RGB", (120, 90)), ("d.jpg", "JPEG", "CMYK", (100, 100)),
+            ("e.jpg", "JPEG", "RGB", (90, 120))]):  # fmt: skip
+        (src / str(label % 2)).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).convert(mode).save(
+            src / str(label % 2) / name, fmt
+        )
+    for n in range(10):  # ~1 MB each as PNG
+        noise = rng.integers(0, 255, (600, 600, 3), dtype=np.uint8)
+        Image.fromarray(noise).save(src / str(n % 2) / f"noise-{n:02d}.png", "PNG")
+    originals = {str(p.relative_to(src.parent)): p.read_bytes() for p in src.rglob("*.*")}
+    assert sum(len(b) for b in originals.values()) > 10 << 20
+
+    result = run_script(s3_env, "upload_dataset.py", str(src.parent), s3("datasets/mixed"), "--min-shards", "1",
+                        "--max-shard-mb", "1")  # fmt: skip
+    summary = uploaded(result)
+    url = parse_url(s3("datasets/mixed"))
+    shards = read_index(storage, url)["splits"]["train"]["shards"]
+    assert summary["splits"]["train"] == 15 and len(shards) == 1, shards
+    refs = [ref for shard in shards for ref in read_shard_table(fetch_shard(storage, url, shard, tmp_path / "c"))]
+    for ref in refs:
+        data = ref.shard.read_bytes()[ref.offset : ref.offset + ref.size]
+        pixels = torchvision.io.decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8))  # nvJPEG's format
+        assert pixels.shape[0] == 3 and min(pixels.shape[1:]) <= 256, ref.source
+        if ref.source.endswith("e.jpg"):
+            assert data == originals[ref.source]  # a plain small JPEG is stored as it is

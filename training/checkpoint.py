@@ -65,15 +65,31 @@ def save(storage: Storage, output: S3Url, state: dict, name: str, is_best: bool,
     data = serialize(state)
     digest = hashlib.sha256(data).hexdigest()
     storage.write_bytes(output.join(name), data)
-    storage.write_bytes(output.join(f"{name[:-3]}.sha256"), digest.encode(), "text/plain")
+    storage.write_bytes(output.join(sidecar(name)), digest.encode(), "text/plain")
     if is_best:
         storage.write_bytes(output.join(BEST), data)
     pointer = {"checkpoint": name, "sha256": digest, "bytes": len(data)}
     storage.write_bytes(output.join(LATEST), json.dumps(pointer).encode(), content_type="application/json")
-    kept = sorted(kept_checkpoints(storage, output), key=position)
-    for old in kept[:-keep]:
-        storage.delete(output.join(old))
-        storage.delete(output.join(f"{old[:-3]}.sha256"))
+    prune(storage, output, keep, name)
+
+
+def sidecar(name: str) -> str:
+    return f"{name[:-3]}.sha256"
+
+
+def prune(storage: Storage, output: S3Url, keep: int, current: str) -> None:
+    """Keeps `current` (what `latest` names) and the newest intact checkpoints before it, `keep` in all.
+    Removes the rest: older ones, those past `current` (a timeline abandoned when the run resumed from
+    an earlier one), and the debris of writes cut short (a .pt without its .sha256, or the reverse)."""
+    prefix = len(output.key) + 1 if output.key else 0
+    listed = {url.key[prefix:] for url in storage.list(output.join("checkpoints"))}
+    intact = sorted((n for n in listed if NAME.match(n) and sidecar(n) in listed), key=position)
+    before = [name for name in intact if position(name) < position(current)]
+    kept = {current, *before[max(0, len(before) - (keep - 1)) :]}
+    for name in sorted(listed):
+        owner = name if NAME.match(name) else name.removesuffix(".sha256") + ".pt"  # a .sha256 goes with its .pt
+        if NAME.match(owner) and owner not in kept:
+            storage.delete(output.join(name))
 
 
 def kept_checkpoints(storage: Storage, output: S3Url) -> list[str]:
@@ -82,9 +98,21 @@ def kept_checkpoints(storage: Storage, output: S3Url) -> list[str]:
     return [name for name in names if NAME.match(name)]
 
 
-def choose(storage: Storage, output: S3Url, directory: Path, log: Callable[[str], None]) -> dict | None:
+def held_results(storage: Storage, output: S3Url) -> list[str]:
+    """What of a run's results the run directory holds: a fresh one, or one whose only checkpoint write
+    was cut short, holds none."""
+    found = [name for name in (LATEST, BEST, "metrics.jsonl") if storage.exists(output.join(name))]
+    listed = set(kept_checkpoints(storage, output))
+    complete = [name for name in listed if storage.exists(output.join(sidecar(name)))]
+    return found + ([f"{len(complete)} checkpoint(s)"] if complete else [])
+
+
+def choose(storage: Storage, output: S3Url, directory: Path, log: Callable[[str], None],
+           overwrite_unresumable: bool = False) -> dict | None:  # fmt: skip
     """The checkpoint to resume from — {"checkpoint": name, "sha256": ...}, already downloaded and
-    verified into `directory` — or None for a fresh run directory."""
+    verified into `directory` — or None for a fresh run directory. A run directory that holds a run's
+    results but no intact checkpoint is a CheckpointError (its results would be overwritten by a run
+    from scratch) unless `overwrite_unresumable`."""
     problem = None
     try:
         pointer = json.loads(storage.read_bytes(output.join(LATEST)))
@@ -101,15 +129,20 @@ def choose(storage: Storage, output: S3Url, directory: Path, log: Callable[[str]
     except (ValueError, KeyError, TypeError) as err:
         problem = f"{output.join(LATEST)} is unreadable ({type(err).__name__}: {err})"
     for name in sorted(kept_checkpoints(storage, output), key=position, reverse=True):
-        sidecar = output.join(f"{name[:-3]}.sha256")
-        digest = storage.read_bytes(sidecar).decode().strip() if storage.exists(sidecar) else ""
+        digest_url = output.join(sidecar(name))
+        digest = storage.read_bytes(digest_url).decode().strip() if storage.exists(digest_url) else ""
         chosen = {"checkpoint": name, "sha256": digest}
         if digest and fetch(storage, output, chosen, directory):
             log(f"{problem}; resuming from the newest intact checkpoint, {name}")
             return chosen
         log(f"{name} has no .sha256 or fails it; skipped")
-    if problem:
-        log(f"{problem}, and no kept checkpoint is intact; starting afresh")
+    results = held_results(storage, output)
+    if results and not overwrite_unresumable:
+        raise CheckpointError(f"{output} holds a run ({', '.join(results)}) but no intact checkpoint to resume "
+                              f"from{f' ({problem})' if problem else ''}; --overwrite-unresumable trains afresh "
+                              "there, replacing its results, or use a new --output")  # fmt: skip
+    if problem or results:
+        log(f"{problem or f'{output} holds no intact checkpoint'}; starting afresh")
     return None
 
 

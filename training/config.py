@@ -108,11 +108,18 @@ def build_parser() -> OneLineParser:
     p.add_argument("--collective-timeout", type=AtLeast(float, 0.1), default=10.0,
                    help="minutes a collective may wait for the other ranks before this rank gives up "
                         "(exit 202, retried by restartPolicy ExitCode)")  # fmt: skip
+    p.add_argument("--overwrite-unresumable", action=argparse.BooleanOptionalAction, default=False,
+                   help="an --output holding a run's results (metrics.jsonl, best.pt, checkpoints) but no intact "
+                        "checkpoint is refused (exit 4) rather than overwritten; with this, training starts afresh "
+                        "there and replaces them")  # fmt: skip
     p.add_argument("--keep-checkpoints", type=AtLeast(int, 1), default=3,
                    help="checkpoints kept in the run directory (best.pt is kept apart)")  # fmt: skip
     p.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default="auto",
                    help="mixed precision on CUDA (auto: bf16 on GPUs that have it natively, compute "
                         "capability 8.0+; else fp16 with a GradScaler); ignored on CPU")  # fmt: skip
+    p.add_argument("--sync-batchnorm", choices=("auto", "on", "off"), default="auto",
+                   help="BatchNorm statistics over every rank's batch at once (SyncBatchNorm, GPUs only); auto: "
+                        "where BatchNorm trains (--freeze layer4 or none) on more than one GPU rank")  # fmt: skip
     p.add_argument("--decode", choices=("auto", "cpu", "gpu"), default="auto",
                    help="where training images are decoded: gpu: nvJPEG on the rank's GPU, batch by batch "
                         "(the DataLoader workers only read bytes); cpu: PIL in the workers; auto: gpu where it "

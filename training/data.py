@@ -6,7 +6,7 @@ every shard's sample count). How an epoch is cut across ranks: the shards are pu
 is a function of (seed, epoch) — the index order for evaluation — and the concatenated samples are
 cut into `world_size` contiguous ranges whose lengths differ by at most one; each rank shuffles its
 own range with (seed, epoch, rank). Every sample is seen exactly once per epoch across ranks, with no
-padding; the one-sample difference is absorbed by DDP's `Join` in the training loop.
+repeated sample; a rank one batch short takes its last step on an empty batch (train_one_epoch).
 
 A resume in the middle of an epoch (`continue_epoch`) continues that cut: with the same world size
 every rank keeps exactly the samples it had left, in order, so the run is the uninterrupted one;
@@ -25,78 +25,39 @@ import random
 import signal
 from bisect import bisect_right
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from functools import cache
-from io import BytesIO
 from itertools import accumulate
 from pathlib import Path
 
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
-from torchvision.transforms import v2 as T
 
 from training.shards import SampleRef, fetch_shard, read_image_bytes, read_shard_table, shard_path
 from training.storage import S3Url, Storage
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-# Which version of the decode + views below a feature cache was computed with: raise it whenever
-# they change what a view's pixels are (2: resize before rotation, JPEG draft decode).
-VIEWS_VERSION = 2
-
-
-def eval_transform(image_size: int) -> T.Compose:
-    """Deterministic: resize the short side, centre-crop, normalise (the seed's validation view). The
-    geometry is done by PIL, on 8-bit pixels, before anything becomes a float tensor."""
-    return T.Compose([T.Resize(image_size), T.CenterCrop(image_size), *_to_normalised_tensor()])
-
-
-def train_transform(image_size: int) -> T.Compose:
-    """The seed's training view: the eval view with a random rotation of up to 20 degrees, done after
-    the resize (on image_size² pixels, not on the full image: the same view for a fraction of the work)."""
-    return T.Compose([T.Resize(image_size), T.RandomRotation(20), T.CenterCrop(image_size), *_to_normalised_tensor()])
-
-
-def _to_normalised_tensor() -> list:
-    return [T.PILToTensor(), T.ToDtype(torch.float32, scale=True), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
-
-
-def decode_image(data: bytes, draft_side: int | None = None) -> Image.Image:
-    """An RGB image. With `draft_side`, a JPEG larger than needed is decoded at a reduced scale (1/2,
-    1/4, 1/8: PIL's draft, done in the decoder) while both sides stay at least `draft_side`, which is
-    all a transform to that size uses."""
-    with Image.open(BytesIO(data)) as image:
-        if draft_side and image.format == "JPEG":
-            image.draft("RGB", (draft_side, draft_side))
-        return image.convert("RGB")
+from training.views import DecodeOnGpu, OnDevice, decode_image, encoded_batch, pixels, rotation, view
 
 
 class SplitSamples(Dataset):
     """Every sample of a split by its number, read from the shards' local copies; items are
-    (epoch, number). Augmentation draws from an RNG seeded by (seed, epoch, sample), whichever
-    process decodes it, so the worker that happens to get a sample does not matter."""
+    (epoch, number), answered with the sample's view as uint8 pixels (training.views) — or, with
+    `encoded` (--decode gpu: the rank decodes), with its bytes as stored."""
 
-    def __init__(self, stream: SplitStream, transform: T.Compose | None, *, seed: int, augment: bool,
-                 draft_side: int | None = None):  # fmt: skip
-        self.paths = [shard_path(stream.dataset, shard, stream.cache_dir) for shard in stream.shards]
-        self.starts = list(accumulate(stream.sizes, initial=0))
-        self.transform, self.seed, self.augment, self.draft_side = transform, seed, augment, draft_side
+    def __init__(self, stream: SplitStream, image_size: int, *, seed: int, augment: bool, encoded: bool = False):
+        self.tables = stream.tables
+        self.image_size, self.seed, self.augment, self.encoded = image_size, seed, augment, encoded
 
     def __len__(self) -> int:
-        return self.starts[-1]
+        return self.tables.starts[-1]
 
-    def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, int, str]:
+    def __getitem__(self, item: tuple[int, int]) -> tuple:
         epoch, number = item
-        shard = bisect_right(self.starts, number) - 1
-        ref = _table(self.paths[shard])[number - self.starts[shard]]
-        if self.transform is None:  # --decode gpu: the rank decodes; a worker only reads the bytes
-            return torch.frombuffer(bytearray(read_image_bytes(ref)), dtype=torch.uint8), ref.label, ref.key, epoch
-        image = decode_image(read_image_bytes(ref), self.draft_side)
-        if not self.augment:
-            return self.transform(image), ref.label, ref.key
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(hash_seed(self.seed, epoch, ref.key))
-            return self.transform(image), ref.label, ref.key
+        ref = self.tables.ref(number)
+        if self.encoded:
+            return read_image_bytes(ref), ref.label, ref.key, epoch
+        angle = rotation(self.seed, epoch, ref.key) if self.augment else None
+        image = decode_image(read_image_bytes(ref), self.image_size)
+        return pixels(view(image, self.image_size, angle)), ref.label, ref.key
 
 
 class EpochSampler(Sampler):
@@ -153,8 +114,28 @@ def continue_epoch(assignment: list[list[int]], stretches: list[dict], world_siz
 
 
 @cache
-def _table(path: Path) -> list[SampleRef]:
-    return read_shard_table(path)
+def _table(path: Path, classes: int, what: str) -> list[SampleRef]:
+    return read_shard_table(path, classes, what)
+
+
+@dataclass(frozen=True)
+class ShardTables:
+    """Where each numbered sample of a split lies once its shard's local copy exists: numbers run across
+    the shards in index order. Small and picklable, so DataLoader workers get it with the dataset."""
+
+    paths: tuple[Path, ...]
+    urls: tuple[str, ...]  # the shards' own names, for a DatasetError about one of them
+    starts: tuple[int, ...]  # the first number of each shard, then the total
+    classes: int
+
+    def locate(self, number: int) -> tuple[int, int]:
+        """(shard, place in it) of a sample number."""
+        shard = bisect_right(self.starts, number) - 1
+        return shard, number - self.starts[shard]
+
+    def ref(self, number: int) -> SampleRef:
+        shard, place = self.locate(number)
+        return _table(self.paths[shard], self.classes, self.urls[shard])[place]
 
 
 class SplitStream:
@@ -171,28 +152,36 @@ class SplitStream:
         self.samples = sum(self.sizes)
         # Sample numbers mean the same only while the shards are the same: checkpoints record this.
         self.fingerprint = hashlib.sha256("\n".join(s["sha256"] for s in self.shards).encode()).hexdigest()[:16]
+        self.tables = ShardTables(tuple(shard_path(dataset, shard, cache_dir) for shard in self.shards),
+                                  tuple(str(dataset.join(shard["name"])) for shard in self.shards),
+                                  tuple(accumulate(self.sizes, initial=0)), len(index["classes"]))  # fmt: skip
 
     def assignment(self, seed: int, epoch: int, world_size: int, *, shuffle: bool, cut_epoch: int | None = None):
         return epoch_assignment(self.sizes, seed, epoch, world_size, shuffle=shuffle, cut_epoch=cut_epoch)
 
-    def refs(self, numbers: list[int]) -> list[SampleRef]:
-        """Where each numbered sample lies, downloading (and verifying) the shards it needs."""
-        starts = list(accumulate(self.sizes, initial=0))
-        located = [(bisect_right(starts, n) - 1, n) for n in numbers]
-        needed = sorted({shard for shard, _ in located})
+    def fetch(self, numbers: list[int]) -> None:
+        """Downloads (and verifies) the shards these numbered samples lie in."""
+        needed = sorted({self.tables.locate(n)[0] for n in numbers})
         with ThreadPoolExecutor(max_workers=8) as pool:
-            paths = dict(zip(needed, pool.map(lambda i: self._local(self.shards[i]), needed), strict=True))
-        return [_table(paths[shard])[n - starts[shard]] for shard, n in located]
+            list(pool.map(lambda i: self._local(self.shards[i]), needed))
+
+    def refs(self, numbers: list[int]) -> list[SampleRef]:
+        """Where each numbered sample lies, its shard downloaded and verified."""
+        self.fetch(numbers)
+        return [self.tables.ref(n) for n in numbers]
 
     def epoch_refs(self, seed: int, epoch: int, rank: int, world_size: int, shuffle: bool) -> list[SampleRef]:
         """This rank's samples of an epoch begun and finished by `world_size` ranks."""
         return self.refs(self.assignment(seed, epoch, world_size, shuffle=shuffle)[rank])
 
     def _local(self, shard: dict) -> Path:
-        """The shard's verified local copy; hashing it once per process, not once per epoch."""
+        """The shard's verified local copy, its table read (a malformed shard is a DatasetError here, in
+        the rank, before a DataLoader worker meets it); hashing it once per process, not once per epoch."""
         path = self._verified.get(shard["name"])
         if path is None or not path.exists():  # a cache directory can be cleared under a running process
-            path = self._verified[shard["name"]] = fetch_shard(self.storage, self.dataset, shard, self.cache_dir)
+            path = fetch_shard(self.storage, self.dataset, shard, self.cache_dir)
+            _table(path, self.tables.classes, str(self.dataset.join(shard["name"])))
+            self._verified[shard["name"]] = path
         return path
 
 
@@ -200,13 +189,13 @@ class SplitLoader:
     """A DataLoader over one split whose workers live for the whole run (starting them is not free:
     imports, forks, prefetch); each epoch only says which samples, in which order (`for_epoch`)."""
 
-    def __init__(self, stream: SplitStream, transform: T.Compose | None, *, seed: int, augment: bool, batch_size: int,
-                 workers: int, pin_memory: bool, draft_side: int | None = None):  # fmt: skip
+    def __init__(self, stream: SplitStream, image_size: int, *, seed: int, augment: bool, batch_size: int,
+                 workers: int, pin_memory: bool, encoded: bool = False):  # fmt: skip
         self.stream = stream
         self.sampler = EpochSampler()
         self.loader = DataLoader(
-            SplitSamples(stream, transform, seed=seed, augment=augment, draft_side=draft_side),
-            collate_fn=None if transform is not None else encoded_batch,
+            SplitSamples(stream, image_size, seed=seed, augment=augment, encoded=encoded),
+            collate_fn=encoded_batch if encoded else None,
             batch_size=batch_size,
             sampler=self.sampler,
             num_workers=workers,
@@ -217,7 +206,7 @@ class SplitLoader:
         )
 
     def for_epoch(self, epoch: int, numbers: list[int]) -> DataLoader:
-        self.stream.refs(numbers)  # their shards downloaded and verified before any worker reads them
+        self.stream.fetch(numbers)  # their shards downloaded and verified before any worker reads them
         self.sampler.epoch, self.sampler.numbers = epoch, numbers
         return self.loader
 
@@ -227,73 +216,6 @@ class SplitLoader:
         iterator, self.loader._iterator = self.loader._iterator, None
         if iterator is not None:
             iterator._shutdown_workers()
-
-
-def encoded_batch(items: list) -> tuple:
-    """A batch of still-encoded images: they differ in length, so they stay a list."""
-    blobs, labels, keys, epochs = zip(*items, strict=True)
-    return list(blobs), torch.tensor(labels), list(keys), list(epochs)
-
-
-def gpu_transform(image_size: int, augment: bool) -> T.Compose:
-    """The train or eval view on a decoded CUDA tensor (the same steps as on a PIL image, on the GPU)."""
-    rotate = [T.RandomRotation(20)] if augment else []
-    return T.Compose([T.Resize(image_size, antialias=True), *rotate, T.CenterCrop(image_size),
-                      T.ToDtype(torch.float32, scale=True), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])  # fmt: skip
-
-
-class DecodeOnGpu:
-    """--decode gpu: each batch's JPEGs decoded by nvJPEG on the rank's GPU in one call
-    (torchvision.io.decode_jpeg), then resized, rotated and cropped there, so that decoding stops
-    needing a score of CPU cores per GPU. Augmentation is seeded per (seed, epoch, sample) as on the
-    CPU path. Anything that is not a JPEG is decoded on the CPU and moved over."""
-
-    def __init__(self, loader: DataLoader, image_size: int, device: torch.device, *, seed: int, augment: bool):
-        self.loader, self.device, self.seed, self.augment = loader, device, seed, augment
-        self.transform = gpu_transform(image_size, augment)
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    def __iter__(self):
-        from torchvision.io import ImageReadMode, decode_jpeg
-
-        for blobs, labels, keys, epochs in self.loader:
-            try:
-                images = decode_jpeg(blobs, mode=ImageReadMode.RGB, device=self.device)
-            except RuntimeError:  # a PNG, GIF, ... among them: one by one, those on the CPU
-                images = [self._decode_one(blob, decode_jpeg, ImageReadMode.RGB) for blob in blobs]
-            views = []
-            for image, key, epoch in zip(images, keys, epochs, strict=True):
-                if not self.augment:
-                    views.append(self.transform(image))
-                    continue
-                with torch.random.fork_rng(devices=[]):
-                    torch.manual_seed(hash_seed(self.seed, epoch, key))
-                    views.append(self.transform(image))
-            yield torch.stack(views), labels, keys
-
-    def _decode_one(self, blob: torch.Tensor, decode_jpeg, mode) -> torch.Tensor:
-        try:
-            return decode_jpeg(blob, mode=mode, device=self.device)
-        except RuntimeError:
-            pixels = T.functional.pil_to_tensor(decode_image(blob.numpy().tobytes()))
-            return pixels.to(self.device, non_blocking=True)
-
-
-def gpu_decode_works(device: torch.device) -> bool:
-    """Whether nvJPEG decodes here: --decode auto's test."""
-    if device.type != "cuda":
-        return False
-    from torchvision.io import decode_jpeg
-
-    buffer = BytesIO()
-    Image.new("RGB", (16, 16)).save(buffer, "JPEG")
-    try:
-        decode_jpeg(torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8), device=device)
-    except RuntimeError:
-        return False
-    return True
 
 
 def ignore_sigterm(_worker_id: int) -> None:
@@ -308,20 +230,23 @@ def hash_seed(*parts: int) -> int:
 
 
 class ImageEpochs:
-    """Each epoch decodes and transforms its images afresh: the whole model runs on every batch."""
+    """Each epoch decodes and views its images afresh: the whole model runs on every batch. Batches
+    come out on `device`, normalised; with `decode_on_device` (--decode gpu) the workers only read
+    the bytes and nvJPEG decodes them there."""
 
     def __init__(self, model, train: SplitStream, val: SplitStream, *, image_size: int, seed: int, rank: int,
-                 world_size: int, batch_size: int, workers: int, pin_memory: bool,
-                 decode_on: torch.device | None = None):  # fmt: skip
+                 world_size: int, batch_size: int, workers: int, device: torch.device,
+                 decode_on_device: bool = False):  # fmt: skip
         self.trained = self.evaluated = model
+        self.sample_shape = (3, image_size, image_size)  # of one image as the model takes it
         self.train, self.val = train, val
         self.samples = train.samples
         self.seed, self.rank, self.world_size = seed, rank, world_size
-        self.image_size, self.decode_on = image_size, decode_on
-        common = dict(seed=seed, batch_size=batch_size, workers=workers, pin_memory=pin_memory, draft_side=image_size)
-        on_cpu = decode_on is None
-        self.train_batches = SplitLoader(train, train_transform(image_size) if on_cpu else None, augment=True, **common)
-        self.val_batches = SplitLoader(val, eval_transform(image_size) if on_cpu else None, augment=False, **common)
+        self.image_size, self.device, self.decode_on_device = image_size, device, decode_on_device
+        common = dict(seed=seed, batch_size=batch_size, workers=workers, pin_memory=device.type == "cuda",
+                      encoded=decode_on_device)  # fmt: skip
+        self.train_batches = SplitLoader(train, image_size, augment=True, **common)
+        self.val_batches = SplitLoader(val, image_size, augment=False, **common)
 
     def assignment(self, epoch: int, world_size: int) -> list[list[int]]:
         return self.train.assignment(self.seed, epoch, world_size, shuffle=True)
@@ -334,9 +259,9 @@ class ImageEpochs:
         return self._on_device(self.val_batches.for_epoch(epoch, numbers), augment=False)
 
     def _on_device(self, loader: DataLoader, augment: bool):
-        if self.decode_on is None:
-            return loader
-        return DecodeOnGpu(loader, self.image_size, self.decode_on, seed=self.seed, augment=augment)
+        if self.decode_on_device:
+            return DecodeOnGpu(loader, self.image_size, self.device, seed=self.seed, augment=augment)
+        return OnDevice(loader, self.device)
 
     def close(self) -> None:
         self.train_batches.close()

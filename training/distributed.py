@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -65,6 +65,48 @@ class World:
         return cls(rank, world_size, local_rank, device)
 
 
+@dataclass(frozen=True)
+class Precision:
+    """What a rank computes in: `dtype` under autocast on CUDA, or None for fp32 (whose convolutions
+    cuDNN runs in TF32 on Ampere and later by default); a GradScaler only for fp16."""
+
+    device_type: str
+    dtype: torch.dtype | None
+
+    @property
+    def name(self) -> str:
+        return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(self.dtype, "fp32")
+
+    @property
+    def scaled(self) -> bool:
+        return self.dtype == torch.float16
+
+    def autocast(self):
+        return torch.autocast(self.device_type, dtype=self.dtype) if self.dtype else nullcontext()
+
+
+def sync_batchnorm(choice: str, trains_batchnorm: bool, world: World) -> bool:
+    """--sync-batchnorm: whether BatchNorm statistics are computed over every rank's batch at once.
+    `auto`: where BatchNorm trains (--freeze layer4 or none), on more than one rank, on GPUs — a rank's
+    own batch is then a sliver of the global one. SyncBatchNorm runs on CUDA only."""
+    if choice == "off":
+        return False
+    if choice == "on" and world.device.type != "cuda":
+        raise LaunchError(f"--sync-batchnorm on needs GPUs (SyncBatchNorm runs on CUDA); this rank runs on "
+                          f"{world.device.type}")  # fmt: skip
+    return choice == "on" or (trains_batchnorm and world.world_size > 1 and world.device.type == "cuda")
+
+
+def precision_for(device: torch.device, amp: str) -> Precision:
+    """--amp on this device. `auto` takes bf16 only where the GPU computes it natively (compute
+    capability 8.0: A100, H100, L4, ...) and fp16 elsewhere on CUDA; `is_bf16_supported()` also counts
+    emulation, which makes T4 and V100 slower than fp32. On the CPU: fp32."""
+    if device.type != "cuda" or amp == "off":
+        return Precision(device.type, None)
+    native_bf16 = torch.cuda.get_device_capability(device) >= (8, 0)
+    return Precision("cuda", torch.bfloat16 if amp == "bf16" or (amp == "auto" and native_bf16) else torch.float16)
+
+
 _control: dist.ProcessGroup | None = None
 
 
@@ -74,6 +116,10 @@ def process_group(world: World, timeout: timedelta = timedelta(minutes=30)) -> I
     global _control
     if world.device.type == "cuda":
         torch.cuda.set_device(world.device)
+    if world.backend == "nccl":
+        # A collective that fails or outlives the timeout: NCCL's watchdog aborts the communicators, then
+        # the process (SIGABRT, exit 134, which restartPolicy ExitCode retries), rather than leaving it hung.
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
     if world.world_size == 1:
         dist.init_process_group(world.backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
     else:
@@ -101,13 +147,12 @@ def all_reduce_sum(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def sync_buffers(module: torch.nn.Module, world: World) -> None:
-    """Every rank gets the last rank's buffers (BatchNorm statistics). Under `Join`, DDP's forward
-    broadcasts them from the highest rank still training, so while every rank trains this is exactly
-    what the next forward does: doing it first makes a checkpoint (and evaluation) hold the buffers the
-    run goes on with, whichever rank writes it."""
+    """Every rank gets rank 0's buffers (BatchNorm statistics): what DDP's next forward does (it
+    broadcasts them from rank 0), done first, so that a checkpoint and the evaluation hold the buffers
+    the run goes on with, whichever rank writes it."""
     with torch.no_grad():
         for buffer in module.buffers():
-            dist.broadcast(buffer, src=world.world_size - 1)
+            dist.broadcast(buffer, src=0)
 
 
 def any_rank(flag: bool) -> bool:

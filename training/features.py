@@ -22,16 +22,10 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from training.data import (
-    VIEWS_VERSION,
-    SplitStream,
-    decode_image,
-    eval_transform,
-    hash_seed,
-    ignore_sigterm,
-    train_transform,
-)
+from training.data import SplitStream, ignore_sigterm
 from training.shards import SampleRef, read_image_bytes
+from training.views import VIEWS_VERSION, decode_image, normalize, pixels, rotation
+from training.views import view as view_of
 
 
 def backbone_of(model: nn.Module) -> nn.Module:
@@ -40,25 +34,20 @@ def backbone_of(model: nn.Module) -> nn.Module:
 
 
 class ViewSamples(Dataset):
-    """(sample, view) pairs decoded and transformed into that exact view."""
+    """(sample, view) pairs, each as that exact view's uint8 pixels: view 0 the evaluation view, view v
+    rotated by the angle (seed, sample, v) draws."""
 
     def __init__(self, items: list[tuple[SampleRef, int]], image_size: int, seed: int):
         self.items = items
         self.seed, self.image_size = seed, image_size
-        self.eval_view = eval_transform(image_size)
-        self.train_view = train_transform(image_size)
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        ref, view = self.items[i]
+        ref, number = self.items[i]
         image = decode_image(read_image_bytes(ref), self.image_size)
-        if view == 0:
-            return self.eval_view(image)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(hash_seed(self.seed, ref.key, view))
-            return self.train_view(image)
+        return pixels(view_of(image, self.image_size, rotation(self.seed, ref.key, number) if number else None))
 
 
 def cache_key(backbone: nn.Module, **depends_on) -> str:
@@ -77,12 +66,13 @@ def view_for(seed: int, epoch: int, key: str, views: int) -> int:
 class FeatureCache:
     """Backbone features by (sample key, view), in memory and optionally in a directory. On disk they
     live under a subdirectory named by a digest of everything they depend on — the dataset's shards,
-    the backbone's weights (so its architecture too), the image size and the seed the views are drawn
-    with — so a reused directory never serves features of something else."""
+    the backbone's weights (so its architecture too), the image size, the seed the views are drawn
+    with, and the device and precision they are computed in (bf16 features are not fp32's) — so a
+    reused directory never serves features of something else."""
 
     def __init__(self, backbone: nn.Module, device: torch.device, image_size: int, seed: int, *,
                  batch_size: int, workers: int, autocast, width: int, directory: Path | None = None,
-                 dataset: str = "") -> None:  # fmt: skip
+                 dataset: str = "", precision: str = "fp32") -> None:  # fmt: skip
         self.backbone = backbone.eval()
         self.device = device
         self.image_size = image_size
@@ -92,7 +82,12 @@ class FeatureCache:
         self.autocast = autocast
         self.width = width
         self.directory = directory and directory / cache_key(
-            backbone, dataset=dataset, image_size=image_size, seed=seed, views=VIEWS_VERSION
+            backbone,
+            dataset=dataset,
+            image_size=image_size,
+            seed=seed,
+            views=VIEWS_VERSION,
+            computed=f"{device.type}/{precision}",
         )
         self.memory: dict[tuple[str, int], torch.Tensor] = {}
 
@@ -111,7 +106,7 @@ class FeatureCache:
                             worker_init_fn=ignore_sigterm)  # fmt: skip
         done = 0
         for images in loader:
-            images = images.to(self.device, non_blocking=True)
+            images = normalize(images.to(self.device, non_blocking=True))
             if self.device.type == "cuda":
                 images = images.contiguous(memory_format=torch.channels_last)
             with self.autocast():
@@ -151,6 +146,7 @@ class FeatureEpochs:
     def __init__(self, model, train: SplitStream, val: SplitStream, *, cache: FeatureCache, views: int, seed: int,
                  rank: int, world_size: int, batch_size: int):  # fmt: skip
         self.trained = self.evaluated = model.fc
+        self.sample_shape = (model.fc.in_features,)  # of one cached feature vector
         self.train, self.cache, self.views = train, cache, views
         self.samples = train.samples
         self.seed, self.batch_size = seed, batch_size

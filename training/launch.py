@@ -1,4 +1,5 @@
-"""torchrun, keeping the trainer's exit codes: what a pod with several processes runs.
+"""torchrun, keeping the trainer's exit codes: what a pod with several processes runs (every TrainJob
+pod, and a PyTorchJob's with nprocPerNode other than 1).
 
     python -m training.launch --nproc-per-node 2 -m training --data s3://… --output s3://…
 
@@ -7,18 +8,30 @@ operators set), but where torchrun exits 1 for any failed worker, this exits wit
 worker's own code (128 + N for a worker killed by signal N) and with 128 + N when the launcher itself
 is stopped by signal N. A PyTorchJob's restartPolicy ExitCode then tells a preempted or lost rank
 (retried) from a bad argument or a missing dataset (not retried), as it does with one process per pod.
+
+After SIGTERM torchrun gives its workers 30 s before it kills them, whatever the pod's grace period:
+too short to write a large checkpoint. Given the pod's terminationGracePeriodSeconds in
+PETAL_TERMINATION_GRACE_SECONDS (the chart sets it), this gives them that long less GRACE_MARGIN
+(through TORCH_ELASTIC_SHUTDOWN_TIMEOUT, which torch 2.12 and later read, unless it is set already).
 """
 
 from __future__ import annotations
 
+import os
 import sys
 
 from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.run import get_args_parser, run
 
+# Seconds of the pod's grace period kept for the launcher itself to see its workers out and exit.
+GRACE_MARGIN = 10
+
 
 def main(argv: list[str] | None = None) -> int:
+    grace = os.environ.get("PETAL_TERMINATION_GRACE_SECONDS")
+    if grace and grace.isdigit():
+        os.environ.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(max(int(grace) - GRACE_MARGIN, 1)))
     args = get_args_parser().parse_args(argv)
     try:
         run(args)

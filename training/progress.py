@@ -9,19 +9,78 @@
 
 `petal status`, `petal list` and `submit --follow` read progress.json; `petal collect` fetches the
 event files, so `tensorboard --logdir runs` shows every collected run.
+
+Both go up from a thread of their own (`Uploads`): a slow or failing storage call there never holds
+the other ranks at the next all-reduce, and never ends the run — it is logged, and the next upload
+tries again. Every way out (done, SIGTERM, a failure) flushes them, so progress.json ends in the
+run's real final state ("done", "stopped" or "failed") with every TensorBoard scalar uploaded.
 """
 
 from __future__ import annotations
 
 import json
+import sys
+import threading
 import time
 from pathlib import Path
 
 from training import plots
-from training.storage import S3Url, Storage
+from training.storage import S3Url, Storage, StorageError
 
 PROGRESS_SECONDS = 10.0
 EVENTS_SECONDS = 60.0
+# How long the last uploads may take on the way out: within a pod's grace period after SIGTERM.
+FLUSH_SECONDS = 30.0
+
+
+class Uploads:
+    """The latest progress record and, when due, the event files, uploaded by a background thread."""
+
+    def __init__(self, storage: Storage, output: S3Url, events_dir: Path):
+        self.storage, self.output, self.events_dir = storage, output, events_dir
+        self.record: bytes | None = None
+        self.events = False
+        self.closing = False
+        self.failing: str | None = None  # what last failed, said once until an upload works again
+        self.changed = threading.Condition()
+        self.thread = threading.Thread(target=self._run, name="petal-uploads", daemon=True)
+        self.thread.start()
+
+    def submit(self, record: bytes, events: bool) -> None:
+        with self.changed:
+            self.record, self.events = record, self.events or events
+            self.changed.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self.changed:
+                self.changed.wait_for(lambda: self.record is not None or self.events or self.closing)
+                record, events, self.record, self.events = self.record, self.events, None, False
+                if record is None and not events:
+                    return  # closing, and nothing left to send
+            try:
+                if record is not None:
+                    self.storage.write_bytes(self.output.join("progress.json"), record, "application/json")
+                if events:
+                    for path in sorted(self.events_dir.iterdir()):
+                        self.storage.upload(path, self.output.join("tensorboard", path.name))
+                self.failing = None
+            except (StorageError, OSError) as err:
+                if self.failing != str(err):
+                    self.failing = str(err)
+                    print(f"petal: progress not uploaded ({err}); training goes on", file=sys.stderr, flush=True)
+                if events:
+                    with self.changed:
+                        self.events = True  # the files are owed still
+
+    def close(self, timeout: float = FLUSH_SECONDS) -> None:
+        """Sends what is pending and ends the thread, waiting at most `timeout` seconds."""
+        with self.changed:
+            self.closing = True
+            self.changed.notify()
+        self.thread.join(timeout)
+        if self.thread.is_alive():
+            print(f"petal: the last progress uploads did not finish within {timeout:.0f}s", file=sys.stderr, flush=True)
 
 
 class Progress:
@@ -31,6 +90,7 @@ class Progress:
         self.storage, self.output, self.epochs, self.global_batch = storage, output, epochs, global_batch
         self.events_dir = events_dir
         self.writer = SummaryWriter(log_dir=str(events_dir))
+        self.uploads = Uploads(storage, output, events_dir)
         self.last_write = self.last_upload = 0.0
         self.last_step_time, self.last_step = time.monotonic(), None
         self.seconds_per_step: float | None = None
@@ -83,16 +143,17 @@ class Progress:
         self.publish(time.monotonic())
 
     def publish(self, now: float) -> None:
-        record = json.dumps(self.record | {"updated": time.time()}).encode()
-        self.storage.write_bytes(self.output.join("progress.json"), record, "application/json")
-        self.last_write = now
-        if now - self.last_upload >= EVENTS_SECONDS:
-            self.writer.flush()
-            for path in sorted(self.events_dir.iterdir()):
-                self.storage.upload(path, self.output.join("tensorboard", path.name))
+        events = now - self.last_upload >= EVENTS_SECONDS
+        if events:
+            self.writer.flush()  # to the local file, which the upload thread then sends
             self.last_upload = now
+        self.uploads.submit(json.dumps(self.record | {"updated": time.time()}).encode(), events)
+        self.last_write = now
 
-    def close(self) -> None:
+    def close(self, outcome: str) -> None:
+        """The run's end — "done", "stopped" (SIGTERM) or "failed" — recorded, and everything uploaded."""
+        self.record = self.record | {"state": outcome, "eta_seconds": None if outcome != "done" else 0}
+        self.writer.close()
         self.last_upload = 0.0
         self.publish(time.monotonic())
-        self.writer.close()
+        self.uploads.close()

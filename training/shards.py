@@ -27,7 +27,7 @@ import math
 import tarfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
 from training.storage import S3Url, Storage, StorageError, sha256_file
 
@@ -62,7 +62,20 @@ class SampleRef:
     size: int
 
 
+def safe_name(name, what: str) -> str:
+    """A name read from storage (a shard's name, a tar member, an object key's last part), as a relative
+    path that stays inside the directory it is joined to: anything absolute, with a drive, a `..`
+    component, a backslash or a NUL is a DatasetError naming it, before it touches the file system."""
+    if (not isinstance(name, str) or not name.strip("/.") or "\0" in name or "\\" in name
+            or PurePosixPath(name).is_absolute() or PureWindowsPath(name).drive
+            or ".." in PurePosixPath(name).parts):  # fmt: skip
+        raise DatasetError(f"{what} {name!r} is not a relative name inside its directory (no absolute path, "
+                           "drive, '..', backslash or NUL)")  # fmt: skip
+    return name
+
+
 def read_index(storage: Storage, dataset: S3Url) -> dict:
+    """The dataset's index, checked for what petal reads of it: a DatasetError names what is wrong."""
     url = dataset.join(INDEX_NAME)
     try:
         index = json.loads(storage.read_bytes(url))
@@ -72,9 +85,38 @@ def read_index(storage: Storage, dataset: S3Url) -> dict:
         raise DatasetError(
             f"no dataset at {dataset}: {url} does not exist (upload one with scripts/upload_dataset.py)"
         ) from None
-    if index.get("format") != FORMAT:
-        raise DatasetError(f"{url} has format {index.get('format')!r}; this petal reads {FORMAT!r}")
+    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
+        raise DatasetError(f"{url} is not JSON ({err})") from None
+    if not isinstance(index, dict) or index.get("format") != FORMAT:
+        found = index.get("format") if isinstance(index, dict) else type(index).__name__
+        raise DatasetError(f"{url} has format {found!r}; this petal reads {FORMAT!r}")
+    check_index(index, str(url))
     return index
+
+
+def check_index(index: dict, where: str) -> None:
+    """Every key petal reads, of the type it reads it as: the first one missing or wrong is named."""
+
+    def need(value, kind, path: str):
+        if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+            raise DatasetError(f"{where}: {path} is missing or not {KIND_NAMES[kind]}")
+        return value
+
+    classes = need(index.get("classes"), list, "classes")
+    for i, cls in enumerate(classes):
+        need(need(cls, dict, f"classes[{i}]").get("name"), str, f"classes[{i}].name")
+        need(cls.get("id"), str, f"classes[{i}].id")
+    for split, info in need(index.get("splits"), dict, "splits").items():
+        need(need(info, dict, f"splits.{split}").get("samples"), int, f"splits.{split}.samples")
+        for i, shard in enumerate(need(info.get("shards"), list, f"splits.{split}.shards")):
+            path = f"splits.{split}.shards[{i}]"
+            need(shard, dict, path)
+            safe_name(need(shard.get("name"), str, f"{path}.name"), f"{where} names shard")
+            for key, kind in (("samples", int), ("bytes", int), ("sha256", str)):
+                need(shard.get(key), kind, f"{path}.{key}")
+
+
+KIND_NAMES = {list: "a list", dict: "an object", str: "a string", int: "a whole number", bool: "true or false"}
 
 
 def write_index(storage: Storage, dataset: S3Url, index: dict) -> None:
@@ -124,8 +166,8 @@ def shard_entry(split: str, number: int, data: bytes, samples: int) -> dict:
 
 
 def shard_path(dataset: S3Url, shard: dict, cache_dir: Path) -> Path:
-    """Where a shard's local copy lives in a cache directory."""
-    return cache_dir / dataset.bucket / dataset.key / shard["name"]
+    """Where a shard's local copy lives in a cache directory (its name checked: it comes from storage)."""
+    return cache_dir / dataset.bucket / dataset.key / safe_name(shard["name"], f"{dataset}/{INDEX_NAME} names shard")
 
 
 def fetch_shard(storage: Storage, dataset: S3Url, shard: dict, cache_dir: Path) -> Path:
@@ -143,21 +185,38 @@ def fetch_shard(storage: Storage, dataset: S3Url, shard: dict, cache_dir: Path) 
     return path
 
 
-def read_shard_table(path: Path) -> list[SampleRef]:
-    """The samples of a local shard, in stored order, with the byte range of each image."""
+def read_shard_table(path: Path, classes: int | None = None, what: str | None = None) -> list[SampleRef]:
+    """The samples of a local shard, in stored order, with the byte range of each image; a shard that
+    is not what upload_dataset.py writes (an image without its .json or the reverse, a label outside
+    the `classes`, a member that is not a plain file or has an unsafe name) is a DatasetError naming
+    the shard (`what`, default its path) and the sample."""
+    what = what or str(path)
     images: dict[str, tarfile.TarInfo] = {}
     meta: dict[str, dict] = {}
-    with tarfile.open(path, mode="r:") as tar:
-        for member in tar:
-            key, _, ext = member.name.rpartition(".")
-            if ext == "json":
-                meta[key] = json.loads(tar.extractfile(member).read())
-            else:
-                images[key] = member
-    return [
-        SampleRef(key, meta[key]["label"], meta[key]["source"], path, m.offset_data, m.size)
-        for key, m in images.items()
-    ]
+    try:
+        with tarfile.open(path, mode="r:") as tar:
+            for member in tar:
+                safe_name(member.name, f"{what} has a member named")
+                if not member.isfile():
+                    raise DatasetError(f"{what}: member {member.name!r} is not a plain file")
+                key, _, ext = member.name.rpartition(".")
+                if ext == "json":
+                    meta[key] = json.loads(tar.extractfile(member).read())
+                else:
+                    images[key] = member
+    except (tarfile.TarError, ValueError) as err:  # not a tar; a .json that is not JSON
+        raise DatasetError(f"{what} is not a petal shard ({type(err).__name__}: {err})") from None
+    for key in sorted(images.keys() ^ meta.keys()):
+        raise DatasetError(f"{what}: sample {key!r} has " + ("an image but no .json" if key in images
+                                                              else "a .json but no image"))  # fmt: skip
+    refs = []
+    for key, member in images.items():
+        label = meta[key].get("label") if isinstance(meta[key], dict) else None
+        if not isinstance(label, int) or isinstance(label, bool) or not 0 <= label < (classes or label + 1):
+            limit = f", outside the {classes} classes" if classes is not None and isinstance(label, int) else ""
+            raise DatasetError(f"{what}: sample {key!r} has label {label!r}{limit}")
+        refs.append(SampleRef(key, label, str(meta[key].get("source", "")), path, member.offset_data, member.size))
+    return refs
 
 
 def read_image_bytes(ref: SampleRef) -> bytes:

@@ -8,9 +8,11 @@ Configured the way S3 tools are, from the environment:
 Credentials come the way the AWS tools find them, first found wins: AWS_ACCESS_KEY_ID +
 AWS_SECRET_ACCESS_KEY (+ AWS_SESSION_TOKEN for temporary ones: assumed roles, SSO, STS); the shared
 credentials file (AWS_SHARED_CREDENTIALS_FILE, default ~/.aws/credentials; AWS_PROFILE); then the
-platform's identity — web identity (IRSA: AWS_WEB_IDENTITY_TOKEN_FILE + AWS_ROLE_ARN), the container
-endpoint (EKS Pod Identity, ECS) or the instance profile (EC2 metadata). Temporary credentials are
-refreshed before they expire. Further settings:
+platform's identity — web identity (IRSA: AWS_WEB_IDENTITY_TOKEN_FILE + AWS_ROLE_ARN, STS at
+AWS_ENDPOINT_URL_STS if set), the container endpoint (EKS Pod Identity, ECS) or the instance profile
+(EC2 metadata, at AWS_EC2_METADATA_SERVICE_ENDPOINT if set). Temporary credentials are refreshed
+before they expire; a platform identity that is configured (or answered once) and then fails for a
+while is retried like any storage outage. Further settings:
 
     AWS_CA_BUNDLE          optional CA bundle for a private TLS endpoint
     S3_TLS_VERIFY          "false" turns certificate checks off (development only)
@@ -37,20 +39,6 @@ from pathlib import Path
 from typing import TypeVar
 from urllib.parse import urlparse
 
-import certifi
-import urllib3
-from minio import Minio
-from minio.credentials import (
-    AWSConfigProvider,
-    ChainedProvider,
-    Credentials,
-    EnvAWSProvider,
-    IamAwsProvider,
-    Provider,
-    StaticProvider,
-)
-from minio.error import MinioException, S3Error, ServerError
-
 T = TypeVar("T")
 
 # S3 error codes that say "try again later" rather than "you asked for something wrong".
@@ -71,6 +59,9 @@ class StorageError(Exception):
         super().__init__(message)
         self.code = code  # the S3 error code, where the server gave one
         self.transient = transient  # still failing after the whole retry window: a restart may help
+
+    def __reduce__(self):  # pickled whole (rank 0 hands its failure to every rank), code and class kept
+        return type(self), (str(self), self.code, self.transient)
 
 
 BUCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
@@ -107,9 +98,14 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _is_transient(err: Exception) -> bool:
+def is_transient(err: Exception) -> bool:
     """Worth retrying: the service may come back (refused, reset, timed out, 5xx). Not: a wrong key or
     secret, a certificate that does not verify, a host name that does not resolve."""
+    import urllib3
+    from minio.error import S3Error, ServerError
+
+    if isinstance(err, IdentityUnavailable):
+        return err.transient
     if isinstance(err, ServerError):
         return err.status_code >= 500
     if isinstance(err, S3Error):
@@ -121,7 +117,10 @@ def _is_transient(err: Exception) -> bool:
     return isinstance(err, (urllib3.exceptions.HTTPError, ConnectionError, TimeoutError))
 
 
-def _describe(err: Exception) -> str:
+def describe_error(err: Exception) -> str:
+    import urllib3
+    from minio.error import S3Error
+
     if isinstance(err, S3Error):
         return f"{err.code}: {err.message}"
     if isinstance(err, urllib3.exceptions.MaxRetryError) and err.reason is not None:
@@ -129,37 +128,14 @@ def _describe(err: Exception) -> str:
     return f"{type(err).__name__}: {err}".splitlines()[0]
 
 
-class PlatformIdentity(Provider):
-    """The platform's identity, if this process has one: web identity (IRSA), the container endpoint
-    (EKS Pod Identity, ECS), else the instance profile (EC2 metadata, asked with short timeouts so a
-    laptop without one finds out in seconds). Any failure means "not here" to the chain."""
+class IdentityUnavailable(OSError):
+    """The platform identity this process has (configured, or found answering) failed to give
+    credentials: a storage outage like any other, transient when it says so (a 5xx, a timeout, a
+    refused connection), so Storage retries it for PETAL_S3_RETRY_SECONDS."""
 
-    def __init__(self):
-        quick = urllib3.PoolManager(timeout=urllib3.Timeout(connect=1, read=5), retries=urllib3.Retry(total=1))
-        self._provider = IamAwsProvider(http_client=quick)
-
-    def retrieve(self) -> Credentials:
-        try:
-            return self._provider.retrieve()
-        except Exception as err:  # urllib3, JSON and STS errors alike: the chain treats ValueError as "next"
-            raise ValueError(f"no platform identity ({type(err).__name__})") from None
-
-
-class CredentialChain(ChainedProvider):
-    """AWS's order: the environment (with AWS_SESSION_TOKEN), the shared credentials file, the platform.
-    Finding none is a StorageError saying where credentials can come from."""
-
-    def __init__(self):
-        super().__init__([EnvAWSProvider(), AWSConfigProvider(), PlatformIdentity()])
-
-    def retrieve(self) -> Credentials:
-        try:
-            return super().retrieve()
-        except ValueError:
-            raise StorageError(
-                "no storage credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (+ AWS_SESSION_TOKEN), "
-                "AWS_PROFILE / ~/.aws/credentials, or run with an IAM role (IRSA, EKS Pod Identity, instance profile)"
-            ) from None
+    def __init__(self, message: str, transient: bool):
+        super().__init__(message)
+        self.transient = transient
 
 
 class Storage:
@@ -169,7 +145,7 @@ class Storage:
         access_key: str | None = None,
         secret_key: str | None = None,
         region: str | None = None,
-        credentials: Provider | None = None,
+        credentials=None,
         ca_bundle: str | None = None,
         tls_verify: bool = True,
         retry_seconds: float = 300.0,
@@ -178,6 +154,8 @@ class Storage:
         if parsed.scheme not in ("http", "https") or not parsed.netloc:
             raise StorageError(f"S3_ENDPOINT_URL {endpoint_url!r} is not http(s)://HOST[:PORT]")
         if credentials is None and access_key and secret_key:
+            from minio.credentials import StaticProvider
+
             credentials = StaticProvider(access_key, secret_key)
         self.endpoint_url = endpoint_url
         self.credentials = credentials
@@ -193,6 +171,10 @@ class Storage:
         self._connect()
 
     def _connect(self) -> None:
+        import certifi
+        import urllib3
+        from minio import Minio
+
         # Our own retry loop owns backoff; urllib3 must not hide failures behind its own.
         http = urllib3.PoolManager(
             timeout=urllib3.Timeout(connect=5, read=120),
@@ -206,6 +188,8 @@ class Storage:
 
     @classmethod
     def from_env(cls) -> Storage:
+        from training.credentials import CredentialChain
+
         env = os.environ
         return cls(
             endpoint_url=env.get("S3_ENDPOINT_URL", "https://s3.amazonaws.com"),
@@ -218,6 +202,9 @@ class Storage:
 
     def _call(self, what: str, fn: Callable[[], T]) -> T:
         """Runs one storage operation, retrying transient failures with capped exponential backoff."""
+        import urllib3
+        from minio.error import MinioException, S3Error
+
         if os.getpid() != self._pid:
             # A forked child (a DataLoader worker) must not share its parent's pooled sockets: two
             # processes reading one connection get each other's bytes.
@@ -229,16 +216,16 @@ class Storage:
             try:
                 return fn()
             except (MinioException, urllib3.exceptions.HTTPError, OSError) as err:
-                transient = _is_transient(err)
+                transient = is_transient(err)
                 if not transient or time.monotonic() + delay > deadline:
                     raise StorageError(
-                        f"{what}: {_describe(err)} (endpoint {self.endpoint_url})"
+                        f"{what}: {describe_error(err)} (endpoint {self.endpoint_url})"
                         + (f"; still failing after {self.retry_seconds:.0f}s of retries" if transient else ""),
                         code=err.code if isinstance(err, S3Error) else None,
                         transient=transient,
                     ) from None
                 print(
-                    f"petal: {what}: {_describe(err)}; retrying in {delay:.1f}s (attempt {attempt})",
+                    f"petal: {what}: {describe_error(err)}; retrying in {delay:.1f}s (attempt {attempt})",
                     file=sys.stderr,
                     flush=True,
                 )
@@ -273,11 +260,23 @@ class Storage:
         )
 
     def download(self, url: S3Url, path: Path) -> None:
-        """Downloads to `path` through a temporary name, so `path` is either absent or whole."""
+        """Downloads to `path` through a temporary name of its own, so `path` is either absent or whole
+        and a failed download leaves nothing behind (minio's fget_object leaves its `.part.minio`)."""
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+
+        def get() -> None:
+            response = self.client.get_object(url.bucket, url.key)
+            try:
+                with open(partial, "wb") as f:
+                    for chunk in response.stream(1 << 20):
+                        f.write(chunk)
+            finally:
+                response.close()
+                response.release_conn()
+
         try:
-            self._call(f"downloading {url}", lambda: self.client.fget_object(url.bucket, url.key, str(partial)))
+            self._call(f"downloading {url}", get)
             os.replace(partial, path)
         finally:
             partial.unlink(missing_ok=True)
@@ -290,6 +289,8 @@ class Storage:
 
     def size(self, url: S3Url) -> int | None:
         """The object's size, or None where there is no such object."""
+
+        from minio.error import S3Error
 
         def stat() -> int | None:
             try:

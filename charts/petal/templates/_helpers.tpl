@@ -27,8 +27,13 @@ app.kubernetes.io/name: petal
 app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end -}}
 
+{{/* The image by digest where one is given (what runs is then exactly what was tested), else by tag. */}}
 {{- define "petal.image" -}}
+{{- if .Values.image.digest -}}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest -}}
+{{- else -}}
 {{- printf "%s:%s" .Values.image.repository (.Values.image.tag | default .Chart.AppVersion) -}}
+{{- end -}}
 {{- end -}}
 
 {{/* The Secret the pods take storage credentials from; empty: none, the pods' own identity. */}}
@@ -151,34 +156,80 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end }}
 {{- end -}}
 
-{{/* The training container's environment: storage, then the node-local cache. */}}
+{{/* CPU threads per training process: its share of the pod's CPU request (at least one). torch
+     otherwise starts a thread per core of the node, and several ranks on a node oversubscribe it. */}}
+{{- define "petal.threadsPerProcess" -}}
+{{- $processes := int (include "petal.processCount" .) -}}
+{{- $cpu := toString (.Values.resources.requests.cpu | default (mul $processes .Values.perProcess.cpu)) -}}
+{{- $millicores := hasSuffix "m" $cpu | ternary (trimSuffix "m" $cpu | int) (mulf (float64 $cpu) 1000 | int) -}}
+{{- max 1 (div $millicores (mul 1000 $processes)) -}}
+{{- end -}}
+
+{{/* The training container's environment: storage, then the node-local cache, the threads per
+     process, then the pod's grace period, which the launcher gives its ranks to save after SIGTERM
+     (training/launch.py). A queued TrainJob has its runtime's grace period, and the runtime says so itself. */}}
 {{- define "petal.containerEnv" -}}
 {{ include "petal.env" . | trim }}
 - name: PETAL_CACHE_DIR
   value: /cache
+- name: OMP_NUM_THREADS
+  value: {{ include "petal.threadsPerProcess" . | quote }}
+{{- if not (and (eq .Values.api "TrainJob") .Values.queue) }}
+- name: PETAL_TERMINATION_GRACE_SECONDS
+  value: {{ .Values.terminationGracePeriodSeconds | quote }}
+{{- end }}
+{{- with .Values.nccl.debug }}
+- name: NCCL_DEBUG
+  value: {{ . | quote }}
+{{- end }}
+{{- with .Values.nccl.socketIfname }}
+- name: NCCL_SOCKET_IFNAME
+  value: {{ . | quote }}
+{{- end }}
 {{- end -}}
 
-{{/* Requests sized for the pod's processes (perProcess), unless resources.requests says otherwise. */}}
+{{/* The container's securityContext, with IPC_LOCK added where RDMA devices are asked for. */}}
+{{- define "petal.securityContext" -}}
+{{- $context := deepCopy .Values.securityContext }}
+{{- if .Values.nccl.rdmaResources }}
+{{- $capabilities := $context.capabilities | default dict }}
+{{- $_ := set $capabilities "add" (append ($capabilities.add | default list) "IPC_LOCK" | uniq) }}
+{{- $_ := set $context "capabilities" $capabilities }}
+{{- end }}
+{{- toYaml $context }}
+{{- end -}}
+
+{{/* Requests sized for the pod's processes (perProcess), unless resources.requests says otherwise; a
+     memory limit equal to the memory request unless resources.limits names one (null: none), so a
+     pod out of memory is a clean, retried 137 and not a node under pressure. */}}
 {{- define "petal.resources" -}}
 {{- $processes := int (include "petal.processCount" .) -}}
+{{- $memory := .Values.resources.requests.memory | default (printf "%dGi" (mul $processes .Values.perProcess.memoryGiB)) -}}
 requests:
   {{- if .Values.resources.requests }}
   {{- toYaml .Values.resources.requests | nindent 2 }}
   {{- else }}
   cpu: {{ mul $processes .Values.perProcess.cpu | quote }}
-  memory: {{ printf "%dGi" (mul $processes .Values.perProcess.memoryGiB) }}
+  memory: {{ $memory }}
   {{- end }}
   {{- if not (hasKey .Values.resources.requests "ephemeral-storage") }}
   ephemeral-storage: {{ .Values.cacheSize }}
   {{- end }}
-{{- if or .Values.resources.limits .Values.gpusPerReplica }}
+{{- $limits := omit .Values.resources.limits "memory" }}
+{{- if not (hasKey .Values.resources.limits "memory") }}
+{{- $_ := set $limits "memory" $memory }}
+{{- else if not (kindIs "invalid" .Values.resources.limits.memory) }}
+{{- $_ := set $limits "memory" .Values.resources.limits.memory }}
+{{- end }}
+{{- if .Values.gpusPerReplica }}
+{{- $_ := set $limits "nvidia.com/gpu" .Values.gpusPerReplica }}
+{{- end }}
+{{- range $name, $count := .Values.nccl.rdmaResources }}
+{{- $_ := set $limits $name $count }}
+{{- end }}
+{{- with $limits }}
 limits:
-  {{- with .Values.resources.limits }}
   {{- toYaml . | nindent 2 }}
-  {{- end }}
-  {{- if .Values.gpusPerReplica }}
-  nvidia.com/gpu: {{ .Values.gpusPerReplica }}
-  {{- end }}
 {{- end }}
 {{- end -}}
 
@@ -220,30 +271,77 @@ limits:
 {{- with $tolerations }}{{ toYaml . }}{{ end }}
 {{- end -}}
 
+{{/* The pod's metadata, for both kinds. */}}
+{{- define "petal.podMetadata" -}}
+labels:
+  {{- include "petal.podLabels" . | nindent 2 }}
+{{- with .Values.podAnnotations }}
+annotations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end -}}
+
+{{/* Every pod setting but the containers, the same for both kinds (a PyTorchJob's pod template, a
+     TrainJob's runtime patch): a setting added here reaches both. Trainer v2.3's runtime patches
+     carry a subset of a pod spec; what they lack is the runtime's (petal's sets no API token) or
+     refused for a TrainJob with the reason (trainjob.yaml). petal's pods never call the Kubernetes
+     API, so no API token is mounted, whichever ServiceAccount they run as (IRSA's and Pod
+     Identity's tokens are mounted apart). A queued TrainJob keeps its runtime's grace period: Kueue
+     (v0.19) rewrites it through Trainer v2.2's API, which lacks the field. */}}
+{{- define "petal.podSpec" -}}
+{{- $pytorchjob := eq .Values.api "PyTorchJob" -}}
+{{- if not (and (not $pytorchjob) .Values.queue) }}
+terminationGracePeriodSeconds: {{ .Values.terminationGracePeriodSeconds }}
+{{- end }}
+{{- with (include "petal.serviceAccountName" .) }}
+serviceAccountName: {{ . }}
+{{- end }}
+{{- if $pytorchjob }}
+automountServiceAccountToken: false
+{{- with .Values.priorityClassName }}
+priorityClassName: {{ . }}
+{{- end }}
+{{- if .Values.nccl.hostNetwork }}
+hostNetwork: true
+dnsPolicy: ClusterFirstWithHostNet
+{{- end }}
+{{- end }}
+{{- with .Values.imagePullSecrets }}
+imagePullSecrets:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+securityContext:
+  {{- toYaml .Values.podSecurityContext | nindent 2 }}
+volumes:
+  {{- include "petal.volumes" . | nindent 2 }}
+{{- with .Values.nodeSelector }}
+nodeSelector:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with (include "petal.tolerations" .) }}
+tolerations:
+  {{- . | nindent 2 }}
+{{- end }}
+{{- with .Values.affinity }}
+affinity:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end -}}
+
+{{/* The training container's settings that live in the pod spec for both kinds (a TrainJob takes its
+     image, command, arguments, environment and resources in spec.trainer). */}}
+{{- define "petal.containerSpec" -}}
+securityContext:
+  {{- include "petal.securityContext" . | nindent 2 }}
+volumeMounts:
+  {{- include "petal.volumeMounts" . | nindent 2 }}
+{{- end -}}
+
 {{- define "petal.podTemplate" -}}
 metadata:
-  labels:
-    {{- include "petal.podLabels" . | nindent 4 }}
-  {{- with .Values.podAnnotations }}
-  annotations:
-    {{- toYaml . | nindent 4 }}
-  {{- end }}
+  {{- include "petal.podMetadata" . | nindent 2 }}
 spec:
-  terminationGracePeriodSeconds: {{ .Values.terminationGracePeriodSeconds }}
-  {{- with (include "petal.serviceAccountName" .) }}
-  serviceAccountName: {{ . }}
-  {{- else }}
-  automountServiceAccountToken: false
-  {{- end }}
-  {{- with .Values.priorityClassName }}
-  priorityClassName: {{ . }}
-  {{- end }}
-  {{- with .Values.imagePullSecrets }}
-  imagePullSecrets:
-    {{- toYaml . | nindent 4 }}
-  {{- end }}
-  securityContext:
-    {{- toYaml .Values.podSecurityContext | nindent 4 }}
+  {{- include "petal.podSpec" . | nindent 2 }}
   containers:
     - name: pytorch  # the name the operator requires
       image: {{ include "petal.image" . }}
@@ -262,22 +360,5 @@ spec:
       {{- end }}
       resources:
         {{- include "petal.resources" . | nindent 8 }}
-      securityContext:
-        {{- toYaml .Values.securityContext | nindent 8 }}
-      volumeMounts:
-        {{- include "petal.volumeMounts" . | nindent 8 }}
-  volumes:
-    {{- include "petal.volumes" . | nindent 4 }}
-  {{- with .Values.nodeSelector }}
-  nodeSelector:
-    {{- toYaml . | nindent 4 }}
-  {{- end }}
-  {{- with (include "petal.tolerations" .) }}
-  tolerations:
-    {{- . | nindent 4 }}
-  {{- end }}
-  {{- with .Values.affinity }}
-  affinity:
-    {{- toYaml . | nindent 4 }}
-  {{- end }}
+      {{- include "petal.containerSpec" . | nindent 6 }}
 {{- end -}}

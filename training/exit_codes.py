@@ -1,0 +1,75 @@
+"""What a run's end means for a restart: the exit codes (a PyTorchJob's restartPolicy ExitCode retries
+128-255; petal's TrainJob runtime the same) and SIGTERM's handling.
+
+    0    done                                      134  SIGABRT: NCCL's watchdog, a collective failed
+    1    an unexpected error (a bug; traceback)    137  SIGKILL (OOM killer, node lost)
+    2    bad arguments or launch environment       143  SIGTERM: stopped after writing a checkpoint
+    3    dataset missing or malformed              200  another rank was lost (collective failed)
+    4    checkpoint incompatible with this run     201  storage unreachable for PETAL_S3_RETRY_SECONDS
+    5    storage refused (credentials, TLS, host, bucket)  202  a collective timed out (--collective-timeout)
+    6    pretrained weights unusable
+"""
+
+from __future__ import annotations
+
+import signal
+from contextlib import contextmanager
+
+from training.checkpoint import CheckpointError
+from training.distributed import LaunchError, is_peer_failure
+from training.model import PretrainedWeightsError
+from training.shards import DatasetError
+from training.state import IncompatibleCheckpoint
+from training.storage import StorageError
+
+PERMANENT = {LaunchError: 2, DatasetError: 3, IncompatibleCheckpoint: 4, CheckpointError: 4,
+             PretrainedWeightsError: 6}  # fmt: skip
+PREEMPTED, PEER_LOST, STORAGE_UNREACHABLE, COLLECTIVE_TIMEOUT = 143, 200, 201, 202
+
+
+class Preempted(Exception):
+    """SIGTERM was received: the ranks wrote a checkpoint together and stop."""
+
+
+class Preemption:
+    """SIGTERM (a pod deleted or preempted, torchrun stopping its workers). Outside the epoch loop it
+    ends the process at once; inside, it is only noted, and at the next step (or epoch end) every
+    rank learns of it, a checkpoint is written and all stop, so a restart loses no step."""
+
+    def __init__(self):
+        self.requested = False
+        self.deferring = False
+        signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+        if not self.deferring:
+            raise Preempted("before training began, so nothing needed saving")
+
+    @contextmanager
+    def deferred(self):
+        self.deferring = True
+        try:
+            if self.requested:
+                raise Preempted("before training began, so nothing needed saving")
+            yield
+        finally:
+            self.deferring = False
+
+
+class PeerFailed(Exception):
+    """Another rank failed; its own log says why."""
+
+
+def exit_code(err: BaseException) -> int:
+    """What a failure means for a restart (see the table at the top)."""
+    for kind, code in PERMANENT.items():
+        if isinstance(err, kind):
+            return code
+    if isinstance(err, StorageError):
+        return STORAGE_UNREACHABLE if err.transient else 5
+    if isinstance(err, Preempted):
+        return PREEMPTED
+    if isinstance(err, PeerFailed) or is_peer_failure(err):
+        return COLLECTIVE_TIMEOUT if "timed out" in str(err).lower() else PEER_LOST
+    return 1
