@@ -171,7 +171,7 @@ class Cluster:
             self._read("looking up the LocalQueue",
                        lambda: self.custom.get_namespaced_custom_object(*KUEUE, self.namespace, "localqueues", queue),
                        f"--queue {queue}: no Kueue LocalQueue {queue!r} in namespace {self.namespace!r}; create one "
-                       f"that points at a ClusterQueue (README: Kueue)")  # fmt: skip
+                       f"that points at a ClusterQueue (docs/kubernetes.md: Kueue)")  # fmt: skip
 
     def apply(self, docs: list[dict]) -> None:
         """Creates the job's objects: all of them first as a server-side dry run (schema, admission

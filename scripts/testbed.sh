@@ -38,7 +38,7 @@ publish_minio_when_both_run() {
 }
 
 print_env() {
-  echo "export PATH=\"$(venv_dir)/bin:$(dirname "$(minio_bin)"):$(dirname "$(helm_bin)"):$(dirname "$(kubeconform_bin)"):$(dirname "$(actionlint_bin)"):$(dirname "$(toxiproxy_bin)"):\$PATH\""
+  echo "export PATH=\"$(venv_dir)/bin:$(dirname "$(minio_bin)"):$(dirname "$(helm_bin)"):$(dirname "$(kubeconform_bin)"):$(dirname "$(actionlint_bin)"):$(dirname "$(helm_docs_bin)"):$(dirname "$(toxiproxy_bin)"):\$PATH\""
   echo "export HELM_PLUGINS=\"$(helm_plugins)\""
   echo "export PETAL_CRD_SCHEMAS=\"$(schema_dir)\""
   echo "export PETAL_STATE=\"$STATE\""

@@ -1,4 +1,4 @@
-"""The benchmarks keep running and keep reporting what the README quotes (their numbers are not asserted)."""
+"""The benchmarks keep running and keep reporting what docs/performance.md quotes (their numbers are not asserted)."""
 
 from __future__ import annotations
 

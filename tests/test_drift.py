@@ -123,12 +123,12 @@ CONSTANTS = {
             r"get secret ([\w.-]+) -o jsonpath='\{\.data\.AWS_",
             r"secretKeyRef: \{name: ([\w.-]+), key: AWS_",
         ],
-        ["README.md", "manifests/README.md", "manifests/minio-dev.yaml", ".github/workflows/ci.yml"],
+        ["docs/production.md", "manifests/README.md", "manifests/minio-dev.yaml", ".github/workflows/ci.yml"],
     ),
     "MinIO endpoint in the cluster": (
         urlparse(VALUES["s3"]["endpoint"]).netloc,
         [r"(minio\.[\w.-]+\.svc\.cluster\.local:[0-9]+)"],
-        ["README.md", "manifests/minio-dev.yaml", ".github/workflows/ci.yml", "scripts/smoke.sh"],
+        ["docs/testbed.md", "manifests/minio-dev.yaml", ".github/workflows/ci.yml", "scripts/smoke.sh"],
     ),
 }
 

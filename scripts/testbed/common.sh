@@ -32,6 +32,7 @@ helm_bin() { echo "$CACHE/helm-$HELM_VERSION/bin/helm"; }
 helm_plugins() { echo "$CACHE/helm-plugins-$HELM_UNITTEST_VERSION"; }
 kubeconform_bin() { echo "$CACHE/kubeconform-$KUBECONFORM_VERSION/bin/kubeconform"; }
 actionlint_bin() { echo "$CACHE/actionlint-$ACTIONLINT_VERSION/bin/actionlint"; }
+helm_docs_bin() { echo "$CACHE/helm-docs-$HELM_DOCS_VERSION/bin/helm-docs"; }
 toxiproxy_bin() { echo "$CACHE/toxiproxy-$TOXIPROXY_VERSION/bin/toxiproxy-server"; }
 registry_bin() { echo "$CACHE/registry-$REGISTRY_VERSION/bin/registry"; }
 schema_dir() { echo "$CACHE/schemas-training-operator-$TRAINING_OPERATOR_VERSION-trainer-$KUBEFLOW_TRAINER_VERSION"; }

@@ -38,8 +38,8 @@ install_helm() {
 }
 
 # Lint tools: the helm-unittest plugin, kubeconform with the JSON schemas made from the PyTorchJob
-# CRD of the training-operator and the TrainJob/ClusterTrainingRuntime CRDs of Kubeflow Trainer v2, and
-# actionlint for the GitHub workflow.
+# CRD of the training-operator and the TrainJob/ClusterTrainingRuntime CRDs of Kubeflow Trainer v2,
+# helm-docs for the chart's README, and actionlint for the GitHub workflow.
 install_lint_tools() {
   local plugin; plugin="$(helm_plugins)/unittest"
   if [ -x "$plugin/untt" ]; then
@@ -70,6 +70,12 @@ install_lint_tools() {
       "$trainer/manifests/base/crds/trainer.kubeflow.org_clustertrainingruntimes.yaml"; do
       "$(venv_dir)/bin/python" "$ROOT/scripts/crd_to_jsonschema.py" "$crd" "$(schema_dir)"
     done
+  fi
+  if [ -x "$(helm_docs_bin)" ]; then
+    say "helm-docs $HELM_DOCS_VERSION is already built"
+  else
+    say "building helm-docs $HELM_DOCS_VERSION"
+    GOBIN="$(dirname "$(helm_docs_bin)")" go install "github.com/norwoodj/helm-docs/cmd/helm-docs@$HELM_DOCS_VERSION"
   fi
   if [ -x "$(actionlint_bin)" ]; then
     say "actionlint $ACTIONLINT_VERSION is already built"

@@ -6,7 +6,7 @@ job `helm install` made. Each job ends Succeeded with every pod kept and the fau
 --checkpoint-every steps of where the killed master had logged it was, and the chart's `helm test`
 passes.
 
-Each scenario prints a row of the README's fault table (`pytest -s` shows them): the steps recomputed
+Each scenario prints a row of the fault table in docs/faults.md (`pytest -s` shows them): the steps recomputed
 are measured, from the last step the stopped master logged (its container's own log, kept by the
 timeline) to the step the new one resumed at."""
 
