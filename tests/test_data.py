@@ -9,7 +9,7 @@ from collections import Counter
 import pytest
 from support import BUCKET, ROOT, torchrun
 
-from training.data import continue_epoch, epoch_assignment
+from training.data import SplitStream, continue_epoch, epoch_assignment
 from training.shards import DatasetError, fetch_shard, read_index, read_shard_table
 from training.storage import parse_url
 
@@ -181,3 +181,82 @@ def test_the_gpu_path_makes_the_cpu_paths_training_view_of_an_asymmetric_image()
     assert distance < 0.1, distance
     assert (gpu_path - cpu_path(-angle)).abs().mean() > 3 * distance
     assert (gpu_path - cpu_path(None)).abs().mean() > 3 * distance
+
+
+def test_the_gpu_path_waits_for_our_stream_before_nvjpeg_and_never_takes_oom_for_a_format(monkeypatch):
+    """nvJPEG writes on a stream of its own into memory allocated on ours, without waiting for ours
+    (vision#9606): the batch path synchronises our stream first. Running out of GPU memory is raised,
+    not answered by decoding image by image. (torch.cuda patched: no GPU here; the decode runs on the CPU.)"""
+    import torch
+    import torchvision.io
+    from PIL import Image
+
+    from training.views import DecodeOnGpu, encoded_batch
+
+    calls = []
+
+    class Stream:
+        def synchronize(self):
+            calls.append("synchronize")
+
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream())
+    cpu_decode = torchvision.io.decode_jpeg
+
+    def decode(blobs, mode, device):
+        calls.append(f"decode on {device}")
+        return cpu_decode(blobs, mode=mode)
+
+    monkeypatch.setattr(torchvision.io, "decode_jpeg", decode)
+    batch = encoded_batch([(encoded_image(Image.new("RGB", (80, 60), (9, 99, 199)), "JPEG"), 0, "k", 1)])
+    ((images, _, _),) = list(DecodeOnGpu([batch], 32, torch.device("cuda", 0), seed=0, augment=False))
+    assert calls == ["synchronize", "decode on cuda:0"] and images.shape == (1, 3, 32, 32)
+
+    def out_of_memory(blobs, mode, device):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(torchvision.io, "decode_jpeg", out_of_memory)
+    with pytest.raises(torch.OutOfMemoryError):
+        list(DecodeOnGpu([batch], 32, torch.device("cuda", 0), seed=0, augment=False))
+
+
+def test_the_gpu_paths_batches_pass_through_dataloader_workers(storage, synthetic_dataset, tmp_path):
+    """--decode gpu with 2 DataLoader workers (on the CPU device): each batch one buffer of bytes from a
+    worker, decoded, viewed and normalised by the rank; every sample of the rank's share comes once."""
+    import torch
+    from torchvision.models import resnet18
+
+    from training.data import ImageEpochs
+
+    url = parse_url(synthetic_dataset)
+    index = read_index(storage, url)
+    train, val = (SplitStream(storage, url, index, [split], tmp_path) for split in ("train", "valid"))
+    epochs = ImageEpochs(resnet18(num_classes=5), train, val, image_size=32, seed=0, rank=1, world_size=2,
+                         batch_size=16, workers=2, device=torch.device("cpu"), decode_on_device=True)  # fmt: skip
+    try:
+        numbers = epochs.assignment(1, 2)[1]
+        batches = list(epochs.train_loader(1, numbers))
+    finally:
+        epochs.close()
+    assert sum(len(labels) for _, labels, _ in batches) == len(numbers) == 100
+    assert all(images.dtype == torch.float32 and images.shape[1:] == (3, 32, 32) for images, _, _ in batches)
+    assert abs(float(torch.cat([images for images, _, _ in batches]).mean())) < 1.5  # normalised, not raw bytes
+
+
+def test_views_leave_torchs_random_generators_alone(monkeypatch, storage, synthetic_dataset, tmp_path):
+    """A view's rotation comes from an RNG of its own: torch's global generator (and, on a GPU machine,
+    every GPU's) is neither drawn from nor reseeded by decoding a sample."""
+    import torch
+
+    from training.data import SplitSamples
+
+    reseeded = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: reseeded.append(seed))
+    url = parse_url(synthetic_dataset)
+    stream = SplitStream(storage, url, read_index(storage, url), ["train"], tmp_path)
+    stream.fetch(list(range(10)))
+    samples = SplitSamples(stream, 32, seed=3, augment=True)
+    before = torch.random.get_rng_state()
+    first = [samples[(1, n)][0] for n in range(10)]
+    assert torch.equal(torch.random.get_rng_state(), before) and not reseeded
+    assert all(torch.equal(a, samples[(1, n)][0]) for n, a in enumerate(first))  # the same view every time
+    assert any(not torch.equal(a, samples[(2, n)][0]) for n, a in enumerate(first))  # another epoch: others

@@ -32,9 +32,12 @@ def model_and_refs(storage, synthetic_dataset, tmp_path):
     return model, stream.epoch_refs(seed=0, epoch=1, rank=0, world_size=1, shuffle=True)[:40]
 
 
-def make_cache(backbone: nn.Module, directory=None, dataset: str = "synthetic") -> FeatureCache:
+def make_cache(
+    backbone: nn.Module, directory=None, dataset: str = "synthetic", precision: str = "fp32"
+) -> FeatureCache:
     return FeatureCache(backbone, torch.device("cpu"), IMAGE_SIZE, seed=3, batch_size=8, workers=0,
-                        autocast=nullcontext, width=512, directory=directory, dataset=dataset)  # fmt: skip
+                        autocast=nullcontext, width=512, directory=directory, dataset=dataset,
+                        precision=precision)  # fmt: skip
 
 
 def counted(backbone: nn.Module) -> nn.Module:
@@ -141,8 +144,11 @@ def test_a_reused_directory_never_serves_features_of_other_weights_or_data(model
     make_cache(counting, tmp_path / "features", dataset="another dataset").features(items)
     assert counting.images_seen == len(items)
     counting = counted(backbone_of(model))
+    make_cache(counting, tmp_path / "features", precision="bf16").features(items)
+    assert counting.images_seen == len(items), "features computed in bf16 are not fp32's"
+    counting = counted(backbone_of(model))
     make_cache(counting, tmp_path / "features").features(items)
-    assert counting.images_seen == 0, "the same weights and data: read back"
+    assert counting.images_seen == 0, "the same weights, data and precision: read back"
 
 
 def test_a_rank_with_no_samples_gets_an_empty_loader(model_and_refs):
