@@ -96,6 +96,7 @@ def reference_run(s3_env, synthetic_dataset, storage):
     return output, proc
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook turns the group marks into node ids
 def pytest_collection_modifyitems(items):
     """The cluster tests run one after the other, on one pytest-xdist worker (they share one node, whose
     taints and capacity some of them change); the others spread over the remaining workers beside them."""

@@ -90,7 +90,7 @@ registry_up() {
   mkdir -p "$dir/store"
   local port; port=$(cat "$dir/port" 2>/dev/null || free_port)
   echo "$port" > "$dir/port"
-  printf 'version: 0.1\nlog: {level: warn}\nstorage: {filesystem: {rootdirectory: %s}, delete: {enabled: true}}\nhttp: {addr: "127.0.0.1:%s"}\n' \
+  printf 'version: 0.1\nlog: {level: warn, accesslog: {disabled: true}}\nstorage: {filesystem: {rootdirectory: %s}, delete: {enabled: true}}\nhttp: {addr: "127.0.0.1:%s"}\n' \
     "$dir/store" "$port" > "$dir/config.yml"
   nohup "$(registry_bin)" serve "$dir/config.yml" > "$dir/log" 2>&1 < /dev/null &
   process_id $! > "$dir/pid"
