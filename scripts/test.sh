@@ -49,4 +49,4 @@ for service in "${services[@]}"; do
   fi
 done
 eval "$(scripts/testbed.sh env)"
-python -m pytest -n "${PETAL_TEST_WORKERS:-2}" --dist loadgroup "$@"
+python -m pytest -n "${PETAL_TEST_WORKERS:-2}" "$@"

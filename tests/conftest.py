@@ -96,13 +96,18 @@ def reference_run(s3_env, synthetic_dataset, storage):
     return output, proc
 
 
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook turns the group marks into node ids
-def pytest_collection_modifyitems(items):
+def pytest_xdist_make_scheduler(config, log):
     """The cluster tests run one after the other, on one pytest-xdist worker (they share one node, whose
-    taints and capacity some of them change); the others spread over the remaining workers beside them."""
-    for item in items:
-        if "tests/cluster/" in str(item.path):
-            item.add_marker(pytest.mark.xdist_group("cluster"))
+    taints and capacity some of them change); the others spread over the remaining workers beside them.
+    (pytest-xdist's own `--dist loadgroup` groups nothing under pytest 9.2, whose node ids it can no
+    longer suffix, so the grouping is done here, by path.)"""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ClusterTestsTogether(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return "cluster" if nodeid.startswith("tests/cluster/") else nodeid
+
+    return ClusterTestsTogether(config, log)
 
 
 def pytest_testnodedown(node, error):
