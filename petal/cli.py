@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 from petal.cluster import BadArguments, JobFailed, NotCollected, NotFound, Precondition
+from petal.kinds import KINDS
 from training.storage import StorageError
 
 EXIT_CODES = {JobFailed: 1, BadArguments: 2, ValueError: 2, Precondition: 3, NotCollected: 4, NotFound: 5,
@@ -57,9 +58,8 @@ def parser() -> OneLineParser:
     logs = verb("logs", "a job's log: the master's, or rank N's pod")
     logs.add_argument("name")
     logs.add_argument("-f", "--follow", action="store_true", help="follow it, across pod restarts, to the job's end")
-    logs.add_argument(
-        "--rank", type=int, default=0, help="0: the master; i: a PyTorchJob's worker i-1, a TrainJob's node i"
-    )
+    logs.add_argument("--rank", type=int, default=0,
+                      help="; ".join(f"{kind.name}: {kind.rank_names}" for kind in KINDS.values()))  # fmt: skip
     cancel = verb("cancel", "delete a job (its outputs stay in storage)")
     cancel.add_argument("name")
     collect = verb("collect", "a finished job's results into DIR (default runs/NAME/)")

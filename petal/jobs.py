@@ -16,19 +16,9 @@ import sys
 import time
 from pathlib import Path
 
-from petal.cluster import (
-    QUEUE_LABEL,
-    TRAINJOB,
-    BadArguments,
-    Cluster,
-    JobFailed,
-    NotCollected,
-    Precondition,
-    age_seconds,
-    api_of,
-    follow_log,
-    suspended,
-)
+from petal.cluster import QUEUE_LABEL, BadArguments, Cluster, JobFailed, NotCollected, Precondition, age_seconds
+from petal.kinds import kind_of
+from petal.pods import follow_log
 from training import artifacts
 from training.shards import DatasetError
 from training.storage import Storage, StorageError, parse_url
@@ -38,33 +28,15 @@ SYNC_SECONDS = 30
 
 
 def job_output(job: dict) -> str:
-    """The run directory the job trains into (its trainer's --output)."""
-    if job["kind"] == TRAINJOB.kind:
-        args = job["spec"]["trainer"]["args"]
-    else:
-        args = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0].get("args", [])
-    return next(a.split("=", 1)[1] for a in args if a.startswith("--output="))
+    output = kind_of(job).output(job)
+    if output is None:
+        raise BadArguments(f"{job['kind']} {job['metadata']['name']} gives its trainer neither --output nor "
+                           "PETAL_OUTPUT: it is not a petal run")  # fmt: skip
+    return output
 
 
 def state(job: dict) -> str:
-    """One word for both kinds: Queued (suspended: waiting for Kueue, or for whoever suspended it),
-    Pending, Created, Running, Restarting, Succeeded or Failed."""
-    held = [c["type"] for c in job.get("status", {}).get("conditions", []) if c.get("status") == "True"]
-    if job["kind"] == TRAINJOB.kind:
-        # A TrainJob's conditions are only Suspended, Complete and Failed; its Jobs say whether it runs.
-        running = any(j.get("active") for j in job.get("status", {}).get("jobsStatus", []))
-        held = [{TRAINJOB.succeeded: "Succeeded"}.get(c, c) for c in held] or (["Running"] if running else [])
-    if not held and suspended(job):
-        return "Queued"
-    latest = held[-1] if held else "Pending"
-    return "Queued" if latest == "Suspended" else latest
-
-
-def ranks(job: dict) -> int:
-    """How many pods the job runs: the master and workers, or the nodes."""
-    if job["kind"] == TRAINJOB.kind:
-        return job["spec"]["trainer"]["numNodes"]
-    return 1 + job["spec"]["pytorchReplicaSpecs"].get("Worker", {}).get("replicas", 0)
+    return kind_of(job).state(job)
 
 
 def age(job: dict) -> str:
@@ -100,11 +72,12 @@ def read_json(storage: Storage | None, url: str) -> dict | list | None:
     return [json.loads(line) for line in text.splitlines()] if url.endswith(".jsonl") else json.loads(text)
 
 
-def describe(cluster: Cluster, job: dict, storage: Storage | None, with_pods: bool) -> dict:
-    """Everything `status` and `list` say of a job."""
+def describe(cluster: Cluster, job: dict, storage: Storage | None, in_full: bool) -> dict:
+    """What `list` says of a job (its object and progress record), and in full what `status` says: its
+    pods, Kueue's reason and the epochs' history too."""
     output = job_output(job)
     progress = read_json(storage, f"{output}/progress.json") or {}
-    history = read_json(storage, f"{output}/metrics.jsonl") or []
+    history = (read_json(storage, f"{output}/metrics.jsonl") or []) if in_full else []
     finished = state(job) in ("Succeeded", "Failed")
     described = {
         "name": job["metadata"]["name"],
@@ -128,7 +101,7 @@ def describe(cluster: Cluster, job: dict, storage: Storage | None, with_pods: bo
         ],  # fmt: skip
         "last_epoch": {k: v for k, v in history[-1].items() if k != "val_per_class_acc"} if history else None,
     }
-    if with_pods:
+    if in_full:
         queued = described["state"] == "Queued" and job["metadata"]["labels"].get(QUEUE_LABEL)
         described["admission"] = cluster.admission(job) if queued else None
         described["pods"] = [
@@ -148,7 +121,7 @@ def progress_text(d: dict) -> str:
 
 def list_jobs(cluster: Cluster, all_namespaces: bool, as_json: bool) -> int:
     storage = storage_or_none()
-    described = [describe(cluster, job, storage, with_pods=False) for job in cluster.jobs(all_namespaces)]
+    described = [describe(cluster, job, storage, in_full=False) for job in cluster.jobs(all_namespaces)]
     if as_json:
         print(json.dumps(described, indent=1))
         return 0
@@ -167,7 +140,7 @@ def list_jobs(cluster: Cluster, all_namespaces: bool, as_json: bool) -> int:
 def status(cluster: Cluster, name: str, as_json: bool, watch: bool) -> int:
     storage = storage_or_none()
     while True:
-        d = describe(cluster, cluster.job(name), storage, with_pods=True)
+        d = describe(cluster, cluster.job(name), storage, in_full=True)
         if as_json:
             print(json.dumps(d, indent=1), flush=True)
         else:
@@ -202,15 +175,16 @@ def status_text(d: dict) -> str:
 def logs(cluster: Cluster, name: str, follow: bool, rank: int) -> int:
     """The log of pod `rank` (0: the master, or node 0), following it across restarts if asked."""
     job = cluster.job(name)
-    if not 0 <= rank < ranks(job):
-        raise BadArguments(f"--rank {rank}: {name} has ranks 0 (the master) to {ranks(job) - 1}")
+    kind = kind_of(job)
+    if not 0 <= rank < kind.ranks(job):
+        raise BadArguments(f"--rank {rank}: {name} has ranks 0 to {kind.ranks(job) - 1} ({kind.rank_names})")
     if not follow:
         pod = cluster.rank_pod(job, rank)
         if pod is None:
             raise JobFailed(f"{name} has no pod of rank {rank} (state {state(job)})")
         try:
             sys.stdout.write(cluster.core.read_namespaced_pod_log(pod.metadata.name, cluster.namespace,
-                                                                  container=api_of(job).container))  # fmt: skip
+                                                                  container=kind.container))  # fmt: skip
         except cluster.client.exceptions.ApiException as err:
             raise JobFailed(f"no log for {pod.metadata.name} ({err.reason})") from None
         return 0

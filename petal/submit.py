@@ -43,18 +43,10 @@ from pathlib import Path
 import yaml
 
 from petal import installed
-from petal.cluster import (
-    APIS,
-    TRAINJOB,
-    BadArguments,
-    Cluster,
-    JobFailed,
-    PendingReporter,
-    Precondition,
-    explain_failure,
-    follow_in_background,
-)
+from petal.cluster import BadArguments, Cluster, JobFailed, Precondition
 from petal.jobs import collect_job, job_output, read_json, state, storage_or_none
+from petal.kinds import KINDS, Kind
+from petal.pods import PendingReporter, explain_failure, follow_in_background
 from training.config import flag, options
 
 CHART = installed("charts/petal")
@@ -80,7 +72,7 @@ def training_keys() -> list[str]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--api", type=str.lower, choices=[kind.lower() for kind in APIS],
+    p.add_argument("--api", type=str.lower, choices=[kind.lower() for kind in KINDS],
                    help="the Kubeflow API: pytorchjob (training-operator v1; chart default) or trainjob (Kubeflow "
                         "Trainer v2, on petal's ClusterTrainingRuntime: manifests/trainer-runtime.yaml)")  # fmt: skip
     p.add_argument("--replicas", type=count(1), help="pods in all: 1 Master + N-1 Workers, or N TrainJob nodes "
@@ -121,7 +113,7 @@ def flag_values(args: argparse.Namespace) -> dict:
     """The chart values the command-line flags stand for (flags beat --values files; --set beats both)."""
     values: dict = {}
     if args.api is not None:
-        values["api"] = next(kind for kind in APIS if kind.lower() == args.api)
+        values["api"] = next(kind for kind in KINDS if kind.lower() == args.api)
     if args.queue is not None:
         values["queue"] = args.queue
     if args.replicas is not None:
@@ -190,15 +182,14 @@ def secrets_needed(docs: list[dict]) -> set[str]:
 class ProgressBar:
     """submit --follow: one bar over the run's optimizer steps, fed by its progress record."""
 
-    def __init__(self, cluster: Cluster, name: str):
+    def __init__(self, name: str):
         from tqdm import tqdm
 
         self.storage = storage_or_none()
-        self.output = job_output(cluster.job(name))
         self.bar = tqdm(desc=name, unit="step", file=sys.stderr, dynamic_ncols=True)
 
-    def __call__(self, job) -> None:
-        record = read_json(self.storage, f"{self.output}/progress.json")
+    def __call__(self, job: dict) -> None:
+        record = read_json(self.storage, f"{job_output(job)}/progress.json")
         if not record or not record.get("steps"):
             return
         self.bar.total = record["steps"] * record["epochs"]
@@ -221,16 +212,16 @@ def submit(args: argparse.Namespace) -> int:
     cluster = Cluster(args.namespace)
     if cluster.namespace != (args.namespace or "default"):
         docs = render(name, cluster.namespace, args)
-    api = next(APIS[d["kind"]] for d in docs if d["kind"] in APIS)
-    cluster.check(api, docs, secrets_needed(docs))
+    kind = next(KINDS[d["kind"]] for d in docs if d["kind"] in KINDS)
+    cluster.check(kind, docs, secrets_needed(docs))
     cluster.apply(docs)
-    callbacks = [PendingReporter(cluster, name)]
+    callbacks = [PendingReporter(cluster)]
     if args.follow == "logs":
         follow_in_background(cluster, cluster.job(name))
     elif args.follow == "progress":
-        callbacks.append(ProgressBar(cluster, name))
+        callbacks.append(ProgressBar(name))
     try:
-        wait(api, cluster.namespace, name, args.timeout, callbacks)
+        wait(cluster, kind, name, args.timeout, callbacks)
     except TimeoutError:
         explain_failure(cluster, name)
         raise JobFailed(
@@ -256,24 +247,13 @@ def submit(args: argparse.Namespace) -> int:
 POLL_SECONDS = 2
 
 
-def wait(api, namespace: str, name: str, timeout: int, callbacks: list) -> None:
-    """Until the job succeeds (TimeoutError past timeout, RuntimeError once it failed), by each API's
-    own SDK: kubeflow-training's TrainingClient for a PyTorchJob, kubeflow's TrainerClient for a TrainJob."""
+def wait(cluster: Cluster, kind: Kind, name: str, timeout: int, callbacks: list) -> None:
+    """Until the job succeeds (TimeoutError past timeout, RuntimeError once it failed), by its kind's own
+    Kubeflow SDK; every poll, the callbacks are handed the job as one GET finds it."""
 
-    def every(job) -> None:
+    def every(_) -> None:
+        job = cluster.job(name)
         for callback in callbacks:
             callback(job)
 
-    if api is TRAINJOB:
-        from kubeflow.common.types import KubernetesBackendConfig
-        from kubeflow.trainer import TrainerClient
-
-        trainer = TrainerClient(KubernetesBackendConfig(namespace=namespace))
-        trainer.wait_for_job_status(name, status={api.succeeded}, timeout=timeout,
-                                    polling_interval=min(POLL_SECONDS, timeout / 2), callbacks=[every])  # fmt: skip
-        return
-    from kubeflow.training import TrainingClient
-
-    training = TrainingClient(job_kind=api.kind, namespace=namespace)
-    training.wait_for_job_conditions(name, namespace, expected_conditions={api.succeeded}, wait_timeout=timeout,
-                                     polling_interval=POLL_SECONDS, callback=every)  # fmt: skip
+    kind.wait(cluster.namespace, name, timeout, POLL_SECONDS, every)

@@ -150,11 +150,11 @@ def test_a_shared_constant_has_one_value_everywhere(name):
 
 
 def test_the_submitters_install_hints_name_the_pinned_versions():
-    from petal.cluster import INSTALL_KUEUE, PYTORCHJOB, TRAINJOB
+    from petal.kinds import PYTORCHJOB, TRAINJOB, install_kueue_hint
 
-    assert f"?ref={versions_env('TRAINING_OPERATOR_VERSION')}" in PYTORCHJOB.install
-    assert f"?ref={versions_env('KUBEFLOW_TRAINER_VERSION')}" in TRAINJOB.install
-    assert f"/download/{versions_env('KUEUE_VERSION')}/" in INSTALL_KUEUE
+    assert f"?ref={versions_env('TRAINING_OPERATOR_VERSION')}" in PYTORCHJOB.install_hint()
+    assert f"?ref={versions_env('KUBEFLOW_TRAINER_VERSION')}" in TRAINJOB.install_hint()
+    assert f"/download/{versions_env('KUEUE_VERSION')}/" in install_kueue_hint()
 
 
 # The test bed's layers: each file may use the functions of those before it, never of one after it.
