@@ -58,6 +58,7 @@ class PodRecord:
     namespace: str
     name: str
     chain: str  # pods that stand for the same rank across recreations share it
+    job: str | None  # the Kubeflow job it runs for
     rank_zero: bool
     created: float
     scheduled: float | None = None
@@ -130,7 +131,7 @@ class Timeline:
                 rank = next((f"{key}={value}" for key, value in RANK_ZERO if labels.get(key) == value), None)
                 chain = f"{meta.namespace}/{job}/{rank}" if job and rank else f"{meta.namespace}/{meta.name}"
                 created = _seconds(meta.creation_timestamp)
-                record = PodRecord(meta.uid, meta.namespace, meta.name, chain, bool(rank) or not job, created)
+                record = PodRecord(meta.uid, meta.namespace, meta.name, chain, job, bool(rank) or not job, created)
                 self.pods[meta.uid] = record
             for condition in status.conditions or []:
                 if condition.type == "PodScheduled" and condition.status == "True":
@@ -205,6 +206,14 @@ class Timeline:
         """Every container instance of the pods of that name, in the order they started."""
         with self.lock:
             return [(pod, pod.instances[k]) for pod in self.named(namespace, name) for k in sorted(pod.instances)]
+
+    def job_runs(self, namespace: str, job: str, rank_zero: bool = False) -> list[tuple[PodRecord, Instance]]:
+        """Every container instance of a job's pods (with rank_zero, of its master or node 0 only: pods
+        JobSet makes anew under new names), in the order they started."""
+        with self.lock:
+            pods = [p for p in self.pods.values() if (p.namespace, p.job) == (namespace, job)]
+            pods = [p for p in pods if p.rank_zero or not rank_zero]
+            return sorted(((p, run) for p in pods for run in p.instances.values()), key=lambda r: r[1].started)
 
     def log(self, namespace: str, name: str) -> list[str]:
         """The log of the newest instance of the newest pod of that name ([] while there is none)."""
