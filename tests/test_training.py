@@ -17,6 +17,7 @@ import torch
 from support import SMALL_TRAINING, FaultyProxy, Watched, run_script, s3, trainer, wait_ok
 
 from training import checkpoint
+from training.config import parse_args
 from training.storage import parse_url
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -160,6 +161,8 @@ def one_line_failure(env: dict, *args: str, timeout: float = 90) -> str:
         ({}, ["--pretrained", "{s3}/weights/absent.pt"], "--pretrained {s3}/weights/absent.pt does not exist"),
         ({}, ["--pretrained", "imagenet-v9"], "'imagenet-v9' is not imagenet, none or s3://BUCKET/KEY"),
         ({}, ["--decode", "gpu"], "--decode gpu needs a GPU; this rank runs on cpu"),
+        ({"PETAL_EPOCHS": "0"}, [], "argument --epochs: '0' must be >= 1 (from PETAL_EPOCHS)"),
+        ({"PETAL_FEATURE_CACHE": "maybe"}, [], "PETAL_FEATURE_CACHE='maybe': expected true or false"),
     ],
 )
 def test_bad_input_gets_one_line_naming_the_problem(s3_env, synthetic_dataset, run_dir, change, args, expected):
@@ -168,6 +171,21 @@ def test_bad_input_gets_one_line_naming_the_problem(s3_env, synthetic_dataset, r
     base = ["--data", synthetic_dataset, "--output", run_dir, "--arch", "resnet18", "--pretrained", "none"]
     line = one_line_failure(env, *base, *(arg.format(s3=s3("").rstrip("/")) for arg in args))
     assert expected.format(s3=s3("").rstrip("/")) in line
+
+
+def test_options_come_from_the_environment_where_no_flag_gives_them():
+    """What a TrainJob started by the Kubeflow SDK gives the trainer: variables, no arguments."""
+    environ = {"PETAL_DATA": "s3://abc/data", "PETAL_OUTPUT": "s3://abc/run", "PETAL_EPOCHS": "3",
+               "PETAL_BATCH_SIZE": "7", "PETAL_FEATURE_CACHE": "false",
+               "PETAL_TRAIN_SPLITS": "train,augment"}  # fmt: skip
+    parsed = parse_args(["--epochs", "5"], environ=environ)
+    assert (parsed.data, parsed.output, parsed.batch_size, parsed.train_splits) == ("s3://abc/data", "s3://abc/run",
+                                                                                     7, "train,augment")  # fmt: skip
+    assert parsed.epochs == 5 and parsed.feature_cache is False  # the flag wins; a boolean takes false
+    assert parse_args([], environ=environ | {"PETAL_FEATURE_CACHE": "TRUE"}).feature_cache is True
+    assert vars(parse_args(["--data", "s3://abc/d", "--output", "s3://abc/o"], environ={})) == vars(
+        parse_args([], environ={"PETAL_DATA": "s3://abc/d", "PETAL_OUTPUT": "s3://abc/o"})
+    )
 
 
 @pytest.fixture(scope="module")

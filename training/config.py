@@ -1,5 +1,10 @@
 """Every trainer option, declared once: this parser is `python -m training --help`.
 
+Each option can also come from the environment, as PETAL_ and its flag in upper case with '_' for
+'-' (`--batch-size` is PETAL_BATCH_SIZE; a boolean takes true or false): what a job started without
+arguments (a TrainJob from the Kubeflow SDK) is given. A flag on the command line wins over its
+variable; a bad value gets the flag's own error, naming the variable.
+
 Nothing else declares them. The chart's `training:` values are this parser's options in camelCase
 (`--batch-size` is `training.batchSize`) and reach the pods as `--batch-size=<value>`; the chart's
 schema for them is generated from here (`python scripts/chart_schema.py`), `scripts/submit.py` makes
@@ -13,6 +18,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import sys
 from pathlib import Path
 
 from training.storage import parse_url
@@ -24,10 +30,15 @@ POD_LOCAL = {"cache_dir"}
 
 
 class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a bad value gets one line (the usage block is what --help is for)."""
+    """argparse, but a bad value gets one line (the usage block is what --help is for), naming the
+    environment variable it came from, if it did."""
+
+    from_environment: dict[str, str] = {}  # flag: the variable that gave it, for this parse
 
     def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+        source = next((f" (from {name})" for flag_, name in self.from_environment.items()
+                       if message.startswith(f"argument {flag_}")), "")  # fmt: skip
+        self.exit(2, f"{self.prog}: error: {message}{source} (see --help)\n")
 
 
 class AtLeast:
@@ -132,14 +143,36 @@ def build_parser() -> OneLineParser:
                    help="feature cache: the eval view plus N-1 augmented views per training image")  # fmt: skip
     p.add_argument("--feature-cache-dir", type=Path, default=None,
                    help="keep cached features in this pod-local directory (default: in memory)")  # fmt: skip
-    p.add_argument("--cache-dir", type=Path, default=Path(os.environ.get("PETAL_CACHE_DIR", "/tmp/petal-cache")),
-                   help="pod-local shard cache (env PETAL_CACHE_DIR)")  # fmt: skip
+    p.add_argument("--cache-dir", type=Path, default=Path("/tmp/petal-cache"),
+                   help="pod-local shard cache (the chart sets PETAL_CACHE_DIR)")  # fmt: skip
     p.add_argument("--log-every", type=AtLeast(int, 1), default=20, help="progress line every N steps")
     return p
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    return build_parser().parse_args(argv)
+def parse_args(argv: list[str] | None = None, environ: dict[str, str] | None = None) -> argparse.Namespace:
+    """The command line's options over those of the environment (os.environ unless given)."""
+    parser = build_parser()
+    given = sys.argv[1:] if argv is None else argv
+    parser.from_environment = {}
+    from_env = []
+    for action in parser._actions:
+        name = environment_name(action) if action.option_strings and action.dest != "help" else None
+        value = (os.environ if environ is None else environ).get(name) if name else None
+        if value is None or any(arg.split("=")[0] in action.option_strings for arg in given):
+            continue
+        parser.from_environment[flag(action)] = name
+        if isinstance(action, argparse.BooleanOptionalAction):
+            if value.lower() not in ("true", "false"):
+                parser.error(f"{name}={value!r}: expected true or false")
+            from_env.append(flag(action) if value.lower() == "true" else f"--no-{flag(action)[2:]}")
+        else:
+            from_env.append(f"{flag(action)}={value}")
+    return parser.parse_args([*from_env, *given])
+
+
+def environment_name(action: argparse.Action) -> str:
+    """The variable an option may come from: --batch-size is PETAL_BATCH_SIZE."""
+    return "PETAL_" + flag(action)[2:].replace("-", "_").upper()
 
 
 def options(parser: argparse.ArgumentParser | None = None) -> dict[str, argparse.Action]:
