@@ -1,86 +1,64 @@
 """What a running job says about itself, written by rank 0 into its run directory as it trains:
 
-    <output>/progress.json      at most every PROGRESS_SECONDS, and at every epoch's end:
+    <output>/progress.json      at most every PROGRESS_SECONDS (and once the first ETA is known), and at
+                                every epoch's end:
         {"state": "training" | "done", "epoch": E, "epochs": N, "step": S, "steps": T, "loss": ...,
-         "images_per_s": ..., "eta_seconds": ..., "best_val_acc": ..., "updated": <unix time>}
+         "images_per_s": ..., "eta_seconds": ..., "val_acc": <last epoch's>, "best_val_acc": ...,
+         "updated": <unix time>}
     <output>/tensorboard/       TensorBoard event files: train/loss per logged step; train/lr,
                                 train/images_per_s, val/loss, val/accuracy per epoch; the per-class
                                 accuracy as a figure. Uploaded every EVENTS_SECONDS and each epoch.
 
 `petal status`, `petal list` and `submit --follow` read progress.json; `petal collect` fetches the
-event files, so `tensorboard --logdir runs` shows every collected run.
+event files, so `tensorboard --logdir runs` shows every collected run. In a TrainJob whose Kubeflow
+Trainer gives it a status endpoint, each record also becomes the TrainJob's status.trainerStatus
+(tracking.py's TrainerStatus).
 
-Both go up from a thread of their own (`Uploads`): a slow or failing storage call there never holds
-the other ranks at the next all-reduce, and never ends the run — it is logged, and the next upload
-tries again. Every way out (done, SIGTERM, a failure) flushes them, so progress.json ends in the
-run's real final state ("done", "stopped" or "failed") with every TensorBoard scalar uploaded.
+Both go up from a thread of their own (`Uploads`, on tracking.py's `Background`): a slow or failing
+storage call there never holds the other ranks at the next all-reduce, and never ends the run — it
+is logged, and the next upload tries again. Every way out (done, SIGTERM, a failure) flushes them,
+so progress.json ends in the run's real final state ("done", "stopped" or "failed") with every
+TensorBoard scalar uploaded.
 """
 
 from __future__ import annotations
 
 import json
-import sys
-import threading
 import time
 from pathlib import Path
 
 from training import plots
 from training.storage import S3Url, Storage, StorageError
+from training.tracking import Background, TrainerStatus
 
 PROGRESS_SECONDS = 10.0
 EVENTS_SECONDS = 60.0
 # How long the last uploads may take on the way out: within a pod's grace period after SIGTERM.
 FLUSH_SECONDS = 30.0
+STATUS_FLUSH_SECONDS = 10.0
 
 
 class Uploads:
-    """The latest progress record and, when due, the event files, uploaded by a background thread."""
+    """The latest progress record and, when due, the event files, uploaded from a thread of its own."""
 
     def __init__(self, storage: Storage, output: S3Url, events_dir: Path):
         self.storage, self.output, self.events_dir = storage, output, events_dir
-        self.record: bytes | None = None
-        self.events = False
-        self.closing = False
-        self.failing: str | None = None  # what last failed, said once until an upload works again
-        self.changed = threading.Condition()
-        self.thread = threading.Thread(target=self._run, name="petal-uploads", daemon=True)
-        self.thread.start()
+        self.sender = Background("progress upload", self._upload, errors=(StorageError, OSError),
+                                 merge=lambda older, newer: (newer[0], older[1] or newer[1]))  # fmt: skip
 
     def submit(self, record: bytes, events: bool) -> None:
-        with self.changed:
-            self.record, self.events = record, self.events or events
-            self.changed.notify()
+        self.sender.submit((record, events))
 
-    def _run(self) -> None:
-        while True:
-            with self.changed:
-                self.changed.wait_for(lambda: self.record is not None or self.events or self.closing)
-                record, events, self.record, self.events = self.record, self.events, None, False
-                if record is None and not events:
-                    return  # closing, and nothing left to send
-            try:
-                if record is not None:
-                    self.storage.write_bytes(self.output.join("progress.json"), record, "application/json")
-                if events:
-                    for path in sorted(self.events_dir.iterdir()):
-                        self.storage.upload(path, self.output.join("tensorboard", path.name))
-                self.failing = None
-            except (StorageError, OSError) as err:
-                if self.failing != str(err):
-                    self.failing = str(err)
-                    print(f"petal: progress not uploaded ({err}); training goes on", file=sys.stderr, flush=True)
-                if events:
-                    with self.changed:
-                        self.events = True  # the files are owed still
+    def _upload(self, work: tuple[bytes, bool]) -> None:
+        record, events = work
+        self.storage.write_bytes(self.output.join("progress.json"), record, "application/json")
+        if events:
+            for path in sorted(self.events_dir.iterdir()):
+                self.storage.upload(path, self.output.join("tensorboard", path.name))
 
     def close(self, timeout: float = FLUSH_SECONDS) -> None:
         """Sends what is pending and ends the thread, waiting at most `timeout` seconds."""
-        with self.changed:
-            self.closing = True
-            self.changed.notify()
-        self.thread.join(timeout)
-        if self.thread.is_alive():
-            print(f"petal: the last progress uploads did not finish within {timeout:.0f}s", file=sys.stderr, flush=True)
+        self.sender.close(timeout)
 
 
 class Progress:
@@ -91,6 +69,7 @@ class Progress:
         self.events_dir = events_dir
         self.writer = SummaryWriter(log_dir=str(events_dir))
         self.uploads = Uploads(storage, output, events_dir)
+        self.trainer_status = TrainerStatus.from_environment()
         self.last_write = self.last_upload = 0.0
         self.last_step_time, self.last_step = time.monotonic(), None
         self.seconds_per_step: float | None = None
@@ -100,16 +79,17 @@ class Progress:
     def step(self, epoch: int, step: int, steps: int, loss: float | None, best_val_acc: float) -> None:
         """After an optimizer step (`loss` where it was read anyway, for the log): the rate, the ETA."""
         now = time.monotonic()
+        first_estimate = False
         if self.last_step is not None and step > self.last_step:
             per_step = (now - self.last_step_time) / (step - self.last_step)
-            self.seconds_per_step = (
-                per_step if self.seconds_per_step is None else 0.8 * self.seconds_per_step + 0.2 * per_step
-            )
+            first_estimate = self.seconds_per_step is None
+            self.seconds_per_step = per_step if first_estimate else 0.8 * self.seconds_per_step + 0.2 * per_step
         self.last_step_time, self.last_step = now, step
         global_step = (epoch - 1) * steps + step
         if loss is not None:
             self.writer.add_scalar("train/loss", loss, global_step)
-        if now - self.last_write >= PROGRESS_SECONDS:
+        # The first ETA is worth publishing at once: a user who just submitted is looking for it.
+        if first_estimate or now - self.last_write >= PROGRESS_SECONDS:
             eta = None
             if self.seconds_per_step is not None:
                 steps_left = (steps - step) + (self.epochs - epoch) * steps
@@ -118,7 +98,8 @@ class Progress:
                            "loss": loss if loss is not None else self.record.get("loss"),
                            "images_per_s": round(self.global_batch / self.seconds_per_step, 1)
                            if self.seconds_per_step else None,
-                           "eta_seconds": eta, "best_val_acc": best_val_acc if best_val_acc >= 0 else None}  # fmt: skip
+                           "eta_seconds": eta, "best_val_acc": best_val_acc if best_val_acc >= 0 else None,
+                           "val_acc": self.record.get("val_acc")}  # fmt: skip
             self.publish(now)
 
     def epoch_end(self, record: dict, best_val_acc: float, eval_seconds: float, classes: list[str]) -> None:
@@ -138,7 +119,8 @@ class Progress:
                        "epochs": self.epochs, "step": 0 if left else self.record.get("steps"),
                        "steps": self.record.get("steps"), "loss": record["train_loss"],
                        "images_per_s": round(record["train_samples"] / max(record["train_seconds"], 1e-9), 1),
-                       "eta_seconds": round(left * per_epoch), "best_val_acc": best_val_acc}  # fmt: skip
+                       "eta_seconds": round(left * per_epoch), "best_val_acc": best_val_acc,
+                       "val_acc": record["val_acc"]}  # fmt: skip
         self.last_upload = 0.0  # the epoch's scalars go up now
         self.publish(time.monotonic())
 
@@ -148,6 +130,8 @@ class Progress:
             self.writer.flush()  # to the local file, which the upload thread then sends
             self.last_upload = now
         self.uploads.submit(json.dumps(self.record | {"updated": time.time()}).encode(), events)
+        if self.trainer_status:
+            self.trainer_status.submit(self.record)
         self.last_write = now
 
     def close(self, outcome: str) -> None:
@@ -157,3 +141,5 @@ class Progress:
         self.last_upload = 0.0
         self.publish(time.monotonic())
         self.uploads.close()
+        if self.trainer_status:
+            self.trainer_status.close(STATUS_FLUSH_SECONDS)
