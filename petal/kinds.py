@@ -48,9 +48,6 @@ class Kind:
     install_hint: Callable[[], str]
     # Cluster-scoped objects of the kind's API group the job needs: (plural, name, what to do if missing).
     needs: Callable[[dict], list[tuple[str, str, str]]]
-    # Waits with the kind's own Kubeflow SDK: (namespace, name, timeout, poll seconds, callback per poll);
-    # TimeoutError past the timeout, RuntimeError once the job failed.
-    wait: Callable[[str, str, int, float, Callable], None]
 
     @property
     def crd(self) -> str:
@@ -91,23 +88,6 @@ def _trainjob_conditions(job: dict) -> list[str]:
     return held or (["Running"] if running else [])
 
 
-def _wait_for_pytorchjob(namespace: str, name: str, timeout: int, poll: float, callback: Callable) -> None:
-    from kubeflow.training import TrainingClient
-
-    TrainingClient(job_kind="PyTorchJob", namespace=namespace).wait_for_job_conditions(
-        name, namespace, expected_conditions={"Succeeded"}, wait_timeout=timeout, polling_interval=poll,
-        callback=callback)  # fmt: skip
-
-
-def _wait_for_trainjob(namespace: str, name: str, timeout: int, poll: float, callback: Callable) -> None:
-    from kubeflow.common.types import KubernetesBackendConfig
-    from kubeflow.trainer import TrainerClient
-
-    TrainerClient(KubernetesBackendConfig(namespace=namespace)).wait_for_job_status(
-        name, status={"Complete"}, timeout=timeout, polling_interval=min(poll, timeout / 2), callbacks=[callback]
-    )
-
-
 def _trainjob_runtime(job: dict) -> list[tuple[str, str, str]]:
     runtime = job["spec"]["runtimeRef"]["name"]
     return [("clustertrainingruntimes", runtime,
@@ -129,7 +109,6 @@ PYTORCHJOB = Kind(
     '"github.com/kubeflow/training-operator.git/manifests/overlays/standalone'
     f'?ref={versions()["TRAINING_OPERATOR_VERSION"]}"',
     needs=lambda job: [],
-    wait=_wait_for_pytorchjob,
 )  # fmt: skip
 TRAINJOB = Kind(
     name="TrainJob", group="trainer.kubeflow.org", version="v1alpha1", plural="trainjobs", container="node",
@@ -146,7 +125,6 @@ TRAINJOB = Kind(
     '"https://github.com/kubeflow/trainer.git/manifests/overlays/manager'
     f'?ref={versions()["KUBEFLOW_TRAINER_VERSION"]}"',
     needs=_trainjob_runtime,
-    wait=_wait_for_trainjob,
 )  # fmt: skip
 KINDS = {kind.name: kind for kind in (PYTORCHJOB, TRAINJOB)}
 

@@ -45,7 +45,7 @@ import yaml
 from petal import installed
 from petal.cluster import BadArguments, Cluster, JobFailed, Precondition
 from petal.jobs import collect_job, job_output, read_json, state, storage_or_none
-from petal.kinds import KINDS, Kind
+from petal.kinds import KINDS
 from petal.pods import PendingReporter, explain_failure, follow_in_background
 from training.config import flag, options
 
@@ -221,22 +221,16 @@ def submit(args: argparse.Namespace) -> int:
     elif args.follow == "progress":
         callbacks.append(ProgressBar(name))
     try:
-        wait(cluster, kind, name, args.timeout, callbacks)
+        failure = wait(cluster, name, args.timeout, callbacks)
     except TimeoutError:
-        explain_failure(cluster, name)
-        raise JobFailed(
-            f"{name} did not succeed within --timeout {args.timeout}s; it is still in the cluster "
-            f"(petal cancel {name} -n {cluster.namespace} removes it)"
-        ) from None
-    except RuntimeError as err:  # the SDKs' word for a failed job, and for an API call that failed
-        if state(cluster.job(name)) != "Failed":
-            raise Precondition(f"lost track of {name} while waiting ({str(err).splitlines()[0]}); it is still in the "
-                               f"cluster: petal status {name} -n {cluster.namespace}") from None  # fmt: skip
-        explain_failure(cluster, name)
-        raise JobFailed(str(err).splitlines()[0]) from None
+        failure = (f"{name} did not succeed within --timeout {args.timeout}s; it is still in the cluster "
+                   f"(petal cancel {name} -n {cluster.namespace} removes it)")  # fmt: skip
     finally:
         for callback in callbacks:
             getattr(callback, "close", lambda: None)()
+    if failure is not None:
+        explain_failure(cluster, name)
+        raise JobFailed(failure)
     summary = collect_job(cluster, name, args.collect)
     print(json.dumps({"event": "succeeded", **summary}))
     print(f"submit: {name} succeeded; best validation accuracy {summary['best_val_acc']:.4f}", file=sys.stderr)
@@ -247,13 +241,25 @@ def submit(args: argparse.Namespace) -> int:
 POLL_SECONDS = 2
 
 
-def wait(cluster: Cluster, kind: Kind, name: str, timeout: int, callbacks: list) -> None:
-    """Until the job succeeds (TimeoutError past timeout, RuntimeError once it failed), by its kind's own
-    Kubeflow SDK; every poll, the callbacks are handed the job as one GET finds it."""
+def wait(cluster: Cluster, name: str, timeout: int, callbacks: list) -> str | None:
+    """Until the job succeeds (None) or fails (its Failed condition's message); TimeoutError once timeout
+    seconds pass with the job still going. Every poll, the callbacks are handed the job as one GET finds it.
 
-    def every(_) -> None:
+    petal reads the job's own conditions rather than waiting through the Kubeflow SDKs: the Trainer
+    SDK's wait (kubeflow 0.5) builds every pod's step and fails on a container whose limits name memory
+    but no CPU, which is what petal's CPU pods have."""
+    deadline = time.monotonic() + timeout
+    while True:
         job = cluster.job(name)
         for callback in callbacks:
             callback(job)
-
-    kind.wait(cluster.namespace, name, timeout, POLL_SECONDS, every)
+        word = state(job)
+        if word == "Succeeded":
+            return None
+        if word == "Failed":
+            failed = [c for c in job["status"]["conditions"] if c["type"] == "Failed"]
+            why = (failed[-1].get("message") or failed[-1].get("reason")) if failed else None
+            return f"{job['kind']} {name} failed: {why or 'no reason given'}"
+        if time.monotonic() >= deadline:
+            raise TimeoutError(name)
+        time.sleep(min(POLL_SECONDS, max(0.0, deadline - time.monotonic())))
