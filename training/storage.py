@@ -102,12 +102,15 @@ def is_transient(err: Exception) -> bool:
     """Worth retrying: the service may come back (refused, reset, timed out, 5xx). Not: a wrong key or
     secret, a certificate that does not verify, a host name that does not resolve."""
     import urllib3
-    from minio.error import S3Error, ServerError
+    from minio.error import InvalidResponseError, S3Error, ServerError
 
     if isinstance(err, IdentityUnavailable):
         return err.transient
     if isinstance(err, ServerError):
         return err.status_code >= 500
+    if isinstance(err, InvalidResponseError):
+        # A 5xx without an S3 XML body: a load balancer or proxy in front of the store answering for it.
+        return err._code >= 500
     if isinstance(err, S3Error):
         return err.code in TRANSIENT_S3_CODES
     if isinstance(err, urllib3.exceptions.MaxRetryError) and err.reason is not None:
