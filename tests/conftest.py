@@ -77,12 +77,15 @@ def synthetic_dataset(s3_env, synthetic_dir) -> str:
 
 @pytest.fixture()
 def run_dir(storage, request) -> str:
-    """A fresh run directory (output prefix) per test."""
+    """A fresh run directory (output prefix) per test, removed after it: a run's checkpoints are a
+    hundred MB or more each, and MinIO refuses every write once its drive is 99 % full."""
     url = s3(f"runs/{re.sub(r'[^A-Za-z0-9._-]+', '-', request.node.name)[:100]}")
     storage.ensure_bucket(parse_url(url))
     for obj in storage.list(parse_url(url)):
         storage.delete(obj)
-    return url
+    yield url
+    for obj in storage.list(parse_url(url)):
+        storage.delete(obj)
 
 
 @pytest.fixture(scope="session")

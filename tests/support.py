@@ -20,7 +20,6 @@ ROOT = Path(__file__).resolve().parents[1]
 # Every object a test session writes goes into a bucket of its own, removed at the end: the test bed's
 # MinIO is shared with the demo and with earlier sessions, and tests expect to start from nothing.
 BUCKET = f"petal-test-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
-TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
 TESTBED = str(ROOT / "scripts" / "testbed.sh")
 # The dataset and run prefix a job has to name, for tests that render or refuse one without training.
 BUCKET_VALUES = ["--values", str(ROOT / "tests" / "bucket-values.yaml")]
@@ -151,12 +150,15 @@ def wait_ok(proc: Watched, timeout: float = 900) -> None:
     assert code == 0, f"exit {code}; stderr tail:\n" + "\n".join(proc.stderr[-30:])
 
 
-def torchrun(nproc: int, *target: str) -> list[str]:
-    return [TORCHRUN, "--nproc-per-node", str(nproc), "--master-port", str(free_port()), *target]
+def launcher(nproc: int, *target: str) -> list[str]:
+    """`nproc` ranks on this machine as a pod with several processes starts them: torchrun through
+    petal's launcher, which exits with the failed rank's own code (torchrun's is always 1)."""
+    return [sys.executable, "-m", "training.launch", "--nproc-per-node", str(nproc), "--master-port",
+            str(free_port()), *target]  # fmt: skip
 
 
 def trainer(env: dict, args: list[str], nproc: int = 2) -> Watched:
-    return Watched(torchrun(nproc, "-m", "training", *args), env)
+    return Watched(launcher(nproc, "-m", "training", *args), env)
 
 
 def run_script(env: dict, script: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -177,8 +179,11 @@ class FaultyProxy:
     """A TCP proxy in front of MinIO that forwards everything until a client request matches `pattern`;
     that request then meets the fault: "stall" holds it (nothing more reaches MinIO on that connection,
     as if the network froze mid-request), "503" answers it with 503 Service Unavailable, ("delay", s)
-    forwards it `s` seconds late. `matched` is set at the first match, so a test can act right then
-    (kill the client in the middle of an upload, say); `hits` counts the matches.
+    passes MinIO's answer to it on `s` seconds late, closing that connection after it as a server does
+    whose idle timeout ran out meanwhile (a store slow to take a write: the request flows on, so the
+    client waits on a reply, not on a socket that stopped reading). `matched` is set at the
+    first match, so a test can act right then (kill the client in the middle of an upload, say);
+    `hits` counts the matches.
 
     `down()` is storage going away — MinIO restarting, say, as its clients see it: every connection
     reset, new ones refused — until `up()`, on the same port, without touching the MinIO that other
@@ -220,14 +225,20 @@ class FaultyProxy:
                 return
             upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
             self.open |= {client, upstream}
-            threading.Thread(target=self._pipe, args=(client, upstream, True), daemon=True).start()
-            threading.Thread(target=self._pipe, args=(upstream, client, False), daemon=True).start()
+            answer_late = threading.Event()  # set by a delayed request, cleared by its answer
+            threading.Thread(target=self._pipe, args=(client, upstream, True, answer_late), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(upstream, client, False, answer_late), daemon=True).start()
 
-    def _pipe(self, src: socket.socket, dst: socket.socket, inspect: bool) -> None:
+    def _pipe(self, src: socket.socket, dst: socket.socket, inspect: bool, answer_late: threading.Event) -> None:
         recent = b""
         held = False
         try:
             while data := src.recv(65536):
+                if not inspect and answer_late.is_set():
+                    answer_late.clear()
+                    time.sleep(self.fault[1])  # ("delay", seconds): the slowness itself, not a wait for anything
+                    # MinIO has closed the idle connection meanwhile: say so, or the client reuses it.
+                    data = data.replace(b"\r\n", b"\r\nConnection: close\r\n", 1)
                 if inspect and self.pattern and self.pattern.search(recent + data):  # `recent`: split matches
                     self.hits += 1
                     self.matched.set()
@@ -237,8 +248,10 @@ class FaultyProxy:
                     if self.fault == "503":
                         src.sendall(UNAVAILABLE)
                         return
-                    time.sleep(self.fault[1])  # ("delay", seconds): the slowness itself, not a wait for anything
-                recent = data[-1024:] if inspect else b""
+                    answer_late.set()
+                    recent = b""  # the match is spent: not matched again with the next chunk
+                else:
+                    recent = data[-1024:] if inspect else b""
                 dst.sendall(data)
         except OSError:
             pass

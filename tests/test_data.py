@@ -7,7 +7,7 @@ import subprocess
 from collections import Counter
 
 import pytest
-from support import BUCKET, ROOT, torchrun
+from support import BUCKET, ROOT, launcher
 
 from training.data import SplitStream, continue_epoch, epoch_assignment
 from training.shards import DatasetError, fetch_shard, read_index, read_shard_table
@@ -26,7 +26,7 @@ def all_keys(storage, dataset: str, split: str, cache_dir) -> list[str]:
 
 def epoch_keys(s3_env, dataset: str, nproc: int, cache_dir, out_dir) -> list[dict]:
     out_dir.mkdir()
-    argv = torchrun(nproc, str(ROOT / "tests" / "epoch_keys.py"), dataset, str(cache_dir), str(out_dir))
+    argv = launcher(nproc, str(ROOT / "tests" / "epoch_keys.py"), dataset, str(cache_dir), str(out_dir))
     result = subprocess.run(argv, cwd=ROOT, env=s3_env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     return [json.loads((out_dir / f"rank{r}.json").read_text()) for r in range(nproc)]

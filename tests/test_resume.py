@@ -1,6 +1,7 @@
 """Faults lose at most a few steps: step-level checkpoints, SIGTERM, a resume on another world size,
 rank 0 deciding the resume point, checkpoints that are not trusted blindly, and exit codes that tell
-a restart whether it can help. Real MinIO, real multi-process DDP (torchrun and hand-launched ranks)."""
+a restart whether it can help. Real MinIO, real multi-process DDP
+(petal's launcher and hand-launched ranks)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import pytest
 import torch
 from minio.credentials import StaticProvider
 from minio.minioadmin import MinioAdmin
-from support import SMALL_TRAINING, FaultyProxy, Watched, free_port, s3, trainer, wait_ok
+from support import SMALL_TRAINING, FaultyProxy, Watched, free_port, launcher, s3, trainer, wait_ok
 
 from training import checkpoint
 from training.storage import parse_url
@@ -105,25 +106,22 @@ def test_sigterm_writes_a_checkpoint_exits_143_and_the_rerun_loses_no_step(s3_en
     assert [(r["epoch"], r["train_samples"]) for r in epochs_of(second)] == [(1, 200), (2, 200)]
 
 
-def launched(*args: str) -> list[str]:
-    """What a pod with nprocPerNode 2 runs: torchrun through petal's launcher."""
-    return [sys.executable, "-m", "training.launch", "--nproc-per-node", "2", "--master-port", str(free_port()),
-            "-m", "training", *args]  # fmt: skip
+@pytest.mark.parametrize("entry", ["python", "training.launch"])
+def test_exit_codes_say_whether_a_restart_can_help(entry, s3_env, synthetic_dataset, run_dir):
+    def argv(*args: str) -> list[str]:
+        if entry == "training.launch":
+            return launcher(2, "-m", "training", *args)
+        return [sys.executable, "-m", "training", *args]
 
-
-@pytest.mark.parametrize("launcher", ["python", "training.launch"])
-def test_exit_codes_say_whether_a_restart_can_help(launcher, s3_env, synthetic_dataset, run_dir):
     def run(*args: str, env=s3_env) -> int:
-        argv = launched(*args) if launcher == "training.launch" else [sys.executable, "-m", "training", *args]
-        return Watched(argv, env).wait(180)
+        return Watched(argv(*args), env).wait(180)
 
     base = ["--data", synthetic_dataset, "--output", run_dir, *SMALL_TRAINING]
     assert run(*base, "--epochs", "0") == 2
     assert run(*base, "--data", s3("datasets/absent")) == 3
     assert run(*base, env=s3_env | {"AWS_SECRET_ACCESS_KEY": "wrong-secret-123"}) == 5
 
-    argv = launched(*base) if launcher == "training.launch" else [sys.executable, "-m", "training", *base]
-    proc = Watched(argv, s3_env)
+    proc = Watched(argv(*base), s3_env)
     proc.wait_for_line(r"epoch 1/4 step 2/", timeout=300)
     proc.proc.send_signal(signal.SIGTERM)
     assert proc.wait(120) == 143
@@ -246,7 +244,7 @@ def test_the_launcher_gives_its_ranks_the_pods_grace_period_to_save(minio, s3_en
     pattern = rf"PUT /{out.bucket}/{out.key}/checkpoints/epoch-0001-step-\d+\.pt(\?partNumber=1&| )"
     proxy = FaultyProxy(minio.port, pattern.encode(), fault=("delay", 40))
     env = s3_env | {"S3_ENDPOINT_URL": proxy.endpoint, "PETAL_TERMINATION_GRACE_SECONDS": "90"}
-    proc = Watched(launched("--data", synthetic_dataset, "--output", run_dir, *SMALL_TRAINING,
+    proc = Watched(launcher(2, "-m", "training", "--data", synthetic_dataset, "--output", run_dir, *SMALL_TRAINING,
                             "--checkpoint-every", "0"), env)  # fmt: skip
     try:
         proc.wait_for_line(r"epoch 1/4 step 2/", timeout=300)
@@ -254,5 +252,5 @@ def test_the_launcher_gives_its_ranks_the_pods_grace_period_to_save(minio, s3_en
         assert proc.wait(150) == 143, "\n".join(proc.stderr[-10:])
     finally:
         proxy.close()
-    assert proxy.hits == 1
+    assert proxy.hits == 1, "\n".join(proc.stderr[-10:])
     assert latest(storage, run_dir).startswith("checkpoints/epoch-0001-step-")
