@@ -249,7 +249,7 @@ def run_epoch(args, state: TrainingState, ddp, epochs, world: World, autocast, s
         if stop or (args.checkpoint_every and done % args.checkpoint_every == 0):
             name = save_progress(sums, seen)
         if stop:
-            raise Preempted(f"{name} was written")
+            raise Preempted(f"{name} was written" if world.is_main else f"rank 0 writes {name}")  # not waited for
         return False
 
     sums, seen = train_one_epoch(ddp, loader, steps, epochs.sample_shape, state.optimizer, state.scaler, autocast,
