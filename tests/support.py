@@ -161,6 +161,16 @@ def trainer(env: dict, args: list[str], nproc: int = 2) -> Watched:
     return Watched(launcher(nproc, "-m", "training", *args), env)
 
 
+def pods(env: dict, args: list[str], envs: list[dict], cache_root: Path) -> list[Watched]:
+    """One trainer process per rank, as a PyTorchJob with one process per pod starts them: each its own
+    exit code, log and pod-local cache; rank r's environment is env | envs[r]."""
+    port, world = free_port(), len(envs)
+    return [Watched([sys.executable, "-m", "training", *args, "--cache-dir", str(cache_root / f"pod{rank}")],
+                    env | extra | {"RANK": str(rank), "LOCAL_RANK": "0", "WORLD_SIZE": str(world),
+                                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+            for rank, extra in enumerate(envs)]  # fmt: skip
+
+
 def run_script(env: dict, script: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, str(ROOT / "scripts" / script), *args],

@@ -14,7 +14,7 @@ import pytest
 import torch
 from minio.credentials import StaticProvider
 from minio.minioadmin import MinioAdmin
-from support import SMALL_TRAINING, FaultyProxy, Watched, free_port, launcher, s3, trainer, wait_ok
+from support import SMALL_TRAINING, FaultyProxy, Watched, launcher, pods, s3, trainer, wait_ok
 
 from training import checkpoint
 from training.storage import parse_url
@@ -186,13 +186,8 @@ def test_every_rank_resumes_from_rank_zeros_choice(minio, s3_env, synthetic_data
     admin.user_add(user, secret)
     admin.attach_policy([user], user=user)
     try:
-        port = free_port()
-        ranks = []
-        for rank, creds in ((0, {}), (1, {"AWS_ACCESS_KEY_ID": user, "AWS_SECRET_ACCESS_KEY": secret})):
-            env = s3_env | creds | {"RANK": str(rank), "LOCAL_RANK": "0", "WORLD_SIZE": "2",
-                                    "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}  # fmt: skip
-            cache = ["--cache-dir", str(tmp_path / f"pod{rank}")]  # each rank a pod of its own
-            ranks.append(Watched([sys.executable, "-m", "training", *args, "--epochs", "3", *cache], env))
+        denied = {"AWS_ACCESS_KEY_ID": user, "AWS_SECRET_ACCESS_KEY": secret}
+        ranks = pods(s3_env, [*args, "--epochs", "3"], [{}, denied], tmp_path)
         for proc in ranks:
             wait_ok(proc, timeout=600)
     finally:
@@ -204,19 +199,22 @@ def test_every_rank_resumes_from_rank_zeros_choice(minio, s3_env, synthetic_data
 
 
 def test_an_outage_while_rank_zero_chooses_the_checkpoint_is_retried_everywhere(minio, s3_env, synthetic_dataset,
-                                                                                  run_dir):  # fmt: skip
-    """Reading `latest` answers 503 for as long as storage calls are retried: every rank exits 201 (an
-    outage, retried by restartPolicy ExitCode), not 5 (a refusal, final) — rank 0's failure keeps its kind."""
+                                                                                  run_dir, tmp_path):  # fmt: skip
+    """Reading `latest` answers 503 for as long as storage calls are retried: every rank's pod exits 201
+    (an outage, retried by restartPolicy ExitCode), not 5 (a refusal, final) — rank 0's failure keeps its
+    kind. One process per pod: under torchrun the first rank to exit has the others stopped (143)."""
     out = parse_url(run_dir)
     proxy = FaultyProxy(minio.port, rf"GET /{out.bucket}/{out.key}/latest ".encode(), fault="503")
     env = s3_env | {"S3_ENDPOINT_URL": proxy.endpoint, "PETAL_S3_RETRY_SECONDS": "2"}
-    proc = trainer(env, ["--data", synthetic_dataset, "--output", run_dir, *SMALL_TRAINING])
+    ranks = pods(env, ["--data", synthetic_dataset, "--output", run_dir, *SMALL_TRAINING], [{}, {}], tmp_path)
     try:
-        assert proc.wait(180) == 201, "\n".join(proc.stderr[-10:])
+        for proc in ranks:
+            assert proc.wait(180) == 201, "\n".join(proc.stderr[-10:])
     finally:
         proxy.close()
     assert proxy.hits > 1  # retried, then given up
-    assert sum("still failing after 2s of retries (exit 201)" in line for line in proc.stderr) == 2  # both ranks
+    for proc in ranks:
+        assert any("still failing after 2s of retries (exit 201)" in line for line in proc.stderr), proc.stderr[-5:]
 
 
 def test_sigterm_in_the_last_steps_of_an_uneven_epoch_stops_within_a_step(s3_env, synthetic_dataset, run_dir, storage):
