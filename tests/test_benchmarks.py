@@ -29,8 +29,10 @@ def test_the_data_benchmark_reports_every_contender_and_ratio(s3_env, tmp_path):
     assert all(value > 0 for value in figures["images_per_s"].values())
     assert set(figures["ratios"]) == {"shards_vs_imagefolder", "shards_vs_per_object_get",
                                       "shards_vs_per_object_get_at_5ms", "shards_vs_decode_limit"}  # fmt: skip
-    # The proxy really is in the way: a GET through it pays the two 5 ms legs.
-    assert figures["get_ms"]["at_5ms"] >= figures["get_ms"]["loopback"] + 10
+    # The proxy really is in the way: a GET through it pays the two 5 ms legs, whatever the loopback
+    # GET costs on a busy machine (its median moves by milliseconds from one moment to the next).
+    assert figures["get_ms"]["at_5ms"] >= 10
+    assert figures["get_ms"]["at_5ms"] > figures["get_ms"]["loopback"]
     assert figures["decode_ms_per_image"]["stored"] < figures["decode_ms_per_image"]["original"]
     assert "shards_vs_imagefolder" in result.stdout
 
