@@ -212,6 +212,8 @@ def test_an_outage_while_rank_zero_chooses_the_checkpoint_is_retried_everywhere(
             assert proc.wait(180) == 201, "\n".join(proc.stderr[-10:])
     finally:
         proxy.close()
+        for proc in ranks:  # a rank left waiting on a failed peer goes too
+            proc.kill()
     assert proxy.hits > 1  # retried, then given up
     for proc in ranks:
         assert any("still failing after 2s of retries (exit 201)" in line for line in proc.stderr), proc.stderr[-5:]

@@ -149,7 +149,7 @@ def test_a_minimal_pytorchjob_all_reduces_over_gloo_and_succeeds(cluster, namesp
 
 def test_the_operator_recreates_a_deleted_worker_pod(cluster, namespace, petal_image):
     # Both ranks all-reduce once, then hold until released, so the worker can be deleted mid-run. As the
-    # container's PID 1 the script would ignore SIGTERM, and the deletion wait out the grace period.
+    # container's PID 1 the script would ignore SIGTERM, and each deletion would wait out the grace period.
     release = textwrap.dedent("""
         import os, signal, sys, time
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
