@@ -296,7 +296,7 @@ def main() -> int:
               file=sys.stderr)  # fmt: skip
         return 2
     device = torch.device("cuda" if not cfg.smoke else "cpu")
-    sizes = (dict(size=32, batch=2, warmup=1, steps=1, jpegs=4, workers=0, pipeline_images=8) if cfg.smoke else
+    sizes = (dict(size=16, batch=2, warmup=0, steps=1, jpegs=4, workers=0, pipeline_images=8) if cfg.smoke else
              dict(size=224, batch=128, warmup=10, steps=30, jpegs=2048, pipeline_images=4096,
                   workers=max(1, min(8, (os.cpu_count() or 1) // max(torch.cuda.device_count(), 1)))))  # fmt: skip
     vars(cfg).update(sizes)
