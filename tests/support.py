@@ -171,6 +171,21 @@ def pods(env: dict, args: list[str], envs: list[dict], cache_root: Path) -> list
             for rank, extra in enumerate(envs)]  # fmt: skip
 
 
+def without_modules(directory: Path, *names: str) -> dict:
+    """Environment variables under which the packages `names` cannot be imported (a sitecustomize on
+    PYTHONPATH refuses them), as on a machine that lacks them."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "sitecustomize.py").write_text(
+        "import sys\n"
+        "class Absent:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        f"        if name.split('.')[0] in {names!r}:\n"
+        "            raise ModuleNotFoundError(f'No module named {name!r}')\n"
+        "sys.meta_path.insert(0, Absent())\n"
+    )
+    return {"PYTHONPATH": str(directory)}
+
+
 def run_script(env: dict, script: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, str(ROOT / "scripts" / script), *args],

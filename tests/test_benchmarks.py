@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 import pytest
-from support import ROOT
+from support import ROOT, without_modules
 
 from benchmarks import network
 
@@ -71,19 +71,9 @@ def test_the_gpu_benchmark_runs_its_code_paths_on_cpu_and_a_failing_section_lose
 def test_the_gpu_benchmark_answers_with_only_torch_and_refuses_a_machine_without_cuda(tmp_path):
     """Only torch installed (torchvision and PIL unimportable): exit 0 and every section that needs them
     skipped with the reason; no CUDA and no --smoke: exit 2 and one line."""
-    blocker = tmp_path / "blocker"
-    blocker.mkdir()
-    (blocker / "sitecustomize.py").write_text(
-        "import sys\n"
-        "class Absent:\n"
-        "    def find_spec(self, name, path=None, target=None):\n"
-        "        if name.split('.')[0] in ('torchvision', 'PIL'):\n"
-        "            raise ModuleNotFoundError(f'No module named {name!r}')\n"
-        "sys.meta_path.insert(0, Absent())\n"
-    )
     argv = [sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--smoke", "--json", str(tmp_path / "bare.json")]
-    bare = subprocess.run(argv, cwd=tmp_path, env=os.environ | {"PYTHONPATH": str(blocker)}, capture_output=True,
-                          text=True, timeout=300)  # fmt: skip
+    only_torch = os.environ | without_modules(tmp_path / "blocker", "torchvision", "PIL")
+    bare = subprocess.run(argv, cwd=tmp_path, env=only_torch, capture_output=True, text=True, timeout=300)
     assert bare.returncode == 0, bare.stderr[-2000:]
     figures = json.loads((tmp_path / "bare.json").read_text())
     assert figures["torch"] and figures["train_img_per_s/resnet50/fp32"]["error"].endswith("cannot be imported")

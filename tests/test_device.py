@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from training.distributed import LaunchError, World, precision_for, sync_batchnorm
+from training.distributed import World, precision_for, sync_batchnorm
+from training.exit_codes import LaunchError
 
 
 @pytest.fixture()

@@ -111,7 +111,8 @@ def test_a_step_never_waits_for_the_device(tmp_path):
 def test_global_batch_size_is_shared_out_over_the_ranks_or_refused():
     from argparse import Namespace
 
-    from training.distributed import LaunchError, World
+    from training.distributed import World
+    from training.exit_codes import LaunchError
     from training.loop import rank_batch_size
 
     def world(size: int) -> World:

@@ -11,8 +11,9 @@ import torchvision
 from support import s3
 
 from training.config import parse_args
+from training.exit_codes import PretrainedWeightsError
 from training.loop import make_optimizer
-from training.model import PretrainedWeightsError, build_model, freeze, imagenet_state_dict, set_train_mode
+from training.model import build_model, freeze, imagenet_state_dict, set_train_mode
 from training.storage import parse_url
 
 

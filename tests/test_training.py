@@ -14,7 +14,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import torch
-from support import SMALL_TRAINING, FaultyProxy, Watched, run_script, s3, trainer, wait_ok
+from support import SMALL_TRAINING, FaultyProxy, Watched, run_script, s3, trainer, wait_ok, without_modules
 
 from training import checkpoint
 from training.config import parse_args
@@ -46,7 +46,9 @@ def test_two_ranks_learn_the_synthetic_set_and_write_every_artifact(reference_ru
     assert [{k: v for k, v in m.items() if k != "val_per_class_acc"} for m in metrics] == epochs
     assert all(len(m["val_per_class_acc"]) == 5 for m in metrics)
 
-    best = checkpoint.deserialize(storage.read_bytes(out.join("best.pt")))
+    best_bytes = storage.read_bytes(out.join("best.pt"))
+    assert best_bytes == storage.read_bytes(out.join(checkpoint.checkpoint_name(done["best_epoch"])))  # its copy
+    best = checkpoint.deserialize(best_bytes)
     assert best["best_val_acc"] == done["best_val_acc"]
     assert best["classes"] == ["red circle", "blue square", "yellow triangle", "green cross", "purple ring"]
     assert best["config"]["arch"] == "resnet18" and set(best) >= {"model", "optimizer", "scaler", "history"}
@@ -138,6 +140,7 @@ def test_uneven_rank_shares_finish_without_hanging(s3_env, synthetic_dataset, ru
 
 
 def one_line_failure(env: dict, *args: str, timeout: float = 90) -> str:
+    """The one line `python -m training` fails with (and nothing else, no secret in it)."""
     proc = Watched([sys.executable, "-m", "training", *args], env)
     code = proc.wait(timeout=timeout)
     assert code != 0
@@ -147,27 +150,35 @@ def one_line_failure(env: dict, *args: str, timeout: float = 90) -> str:
     return proc.stderr[0]
 
 
+# What a run can be told wrong, the line that says so, and whether it is found before torch loads (with
+# torch unimportable, the same line comes: an argument, storage or the dataset's index is wrong).
+BEFORE_TORCH, NEEDS_TORCH = True, False
+
+
 @pytest.mark.parametrize(
-    ("change", "args", "expected"),
+    ("change", "args", "expected", "before_torch"),
     [
-        ({"AWS_SECRET_ACCESS_KEY": "not-the-secret-123"}, [], "SignatureDoesNotMatch"),
-        ({"AWS_ACCESS_KEY_ID": "nobody"}, [], "InvalidAccessKeyId"),
-        ({}, ["--output", "s3://no-such-bucket/run"], "bucket 'no-such-bucket' does not exist"),
-        ({}, ["--data", "{s3}/datasets/absent"], "no dataset at {s3}/datasets/absent"),
-        ({}, ["--arch", "resnet9"], "invalid choice: 'resnet9'"),
-        ({}, ["--freeze", "layer2"], "invalid choice: 'layer2'"),
-        ({}, ["--data", "/local/path"], "'/local/path' is not an object-storage URL"),
-        ({}, ["--epochs", "0"], "'0' must be >= 1"),
-        ({}, ["--pretrained", "{s3}/weights/absent.pt"], "--pretrained {s3}/weights/absent.pt does not exist"),
-        ({}, ["--pretrained", "imagenet-v9"], "'imagenet-v9' is not imagenet, none or s3://BUCKET/KEY"),
-        ({}, ["--decode", "gpu"], "--decode gpu needs a GPU; this rank runs on cpu"),
-        ({"PETAL_EPOCHS": "0"}, [], "argument --epochs: '0' must be >= 1 (from PETAL_EPOCHS)"),
-        ({"PETAL_FEATURE_CACHE": "maybe"}, [], "PETAL_FEATURE_CACHE='maybe': expected true or false"),
+        ({"AWS_SECRET_ACCESS_KEY": "not-the-secret-123"}, [], "SignatureDoesNotMatch", BEFORE_TORCH),
+        ({"AWS_ACCESS_KEY_ID": "nobody"}, [], "InvalidAccessKeyId", BEFORE_TORCH),
+        ({}, ["--output", "s3://no-such-bucket/run"], "bucket 'no-such-bucket' does not exist", BEFORE_TORCH),
+        ({}, ["--data", "{s3}/datasets/absent"], "no dataset at {s3}/datasets/absent", BEFORE_TORCH),
+        ({}, ["--val-split", "holdout"], "split(s) holdout not in the dataset; it has test,", BEFORE_TORCH),
+        ({}, ["--arch", "resnet9"], "invalid choice: 'resnet9'", BEFORE_TORCH),
+        ({}, ["--freeze", "layer2"], "invalid choice: 'layer2'", BEFORE_TORCH),
+        ({}, ["--data", "/local/path"], "'/local/path' is not an object-storage URL", BEFORE_TORCH),
+        ({}, ["--epochs", "0"], "'0' must be >= 1", BEFORE_TORCH),
+        ({}, ["--pretrained", "{s3}/weights/absent.pt"], "--pretrained {s3}/weights/absent.pt does not exist",
+         NEEDS_TORCH),
+        ({}, ["--pretrained", "imagenet-v9"], "'imagenet-v9' is not imagenet, none or s3://BUCKET/KEY", BEFORE_TORCH),
+        ({}, ["--decode", "gpu"], "--decode gpu needs a GPU; this rank runs on cpu", NEEDS_TORCH),
+        ({"PETAL_EPOCHS": "0"}, [], "argument --epochs: '0' must be >= 1 (from PETAL_EPOCHS)", BEFORE_TORCH),
+        ({"PETAL_FEATURE_CACHE": "maybe"}, [], "PETAL_FEATURE_CACHE='maybe': expected true or false", BEFORE_TORCH),
     ],
-)
-def test_bad_input_gets_one_line_naming_the_problem(s3_env, synthetic_dataset, run_dir, change, args, expected):
+)  # fmt: skip
+def test_bad_input_gets_one_line_naming_the_problem(s3_env, synthetic_dataset, run_dir, tmp_path, change, args,
+                                                    expected, before_torch):  # fmt: skip
     """(`{s3}` stands for the session's bucket: a test's name must be the same on every pytest-xdist worker.)"""
-    env = s3_env | change
+    env = s3_env | change | (without_modules(tmp_path / "no-torch", "torch", "torchvision") if before_torch else {})
     base = ["--data", synthetic_dataset, "--output", run_dir, "--arch", "resnet18", "--pretrained", "none"]
     line = one_line_failure(env, *base, *(arg.format(s3=s3("").rstrip("/")) for arg in args))
     assert expected.format(s3=s3("").rstrip("/")) in line

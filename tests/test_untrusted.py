@@ -137,6 +137,19 @@ def test_pruning_keeps_what_latest_names_and_clears_the_debris_of_cut_writes(sto
     assert json.loads(storage.read_bytes(out.join("latest")))["checkpoint"] == "checkpoints/epoch-0002.pt"
 
 
+def test_the_pod_cache_keeps_only_the_checkpoint_it_resumes_from(storage, tmp_path):
+    """A container restarted in place keeps its pod's cache: each resume's download replaces the last."""
+    out = parse_url(s3("runs/cached-checkpoints"))
+    cache = tmp_path / "checkpoints"
+    for epoch in (1, 2):
+        checkpoint.save(storage, out, {"epoch": epoch}, checkpoint.checkpoint_name(epoch), False, keep=3)
+        chosen = checkpoint.choose(storage, out, cache, print)
+        assert checkpoint.load(None, str(checkpoint.local_path(chosen, cache))) == {"epoch": epoch}
+        assert [path.relative_to(cache) for path in cache.rglob("*.pt")] == [
+            checkpoint.local_path(chosen, cache).relative_to(cache)
+        ]
+
+
 def test_a_run_with_results_and_no_intact_checkpoint_is_not_overwritten(storage, tmp_path):
     out = parse_url(s3("runs/unresumable"))
     put(storage, out, "metrics.jsonl", b'{"epoch": 1}\n')

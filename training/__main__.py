@@ -1,10 +1,17 @@
-"""`python -m training`: the arguments first, so that a bad one fails in a fraction of a second,
-before torch loads; then the trainer (training/train.py)."""
+"""`python -m training`: the arguments first, then what the run reads from storage (the dataset's
+index, the output bucket), so that a bad argument, a missing dataset or refused credentials fail in
+a second, before torch loads; then the trainer (training/train.py)."""
 
 from training.config import parse_args
+from training.exit_codes import failed
+from training.inputs import RunInputs
 
 args = parse_args()
+try:
+    inputs = RunInputs.open(args)
+except Exception as err:
+    raise SystemExit(failed(err)) from None
 
 from training.train import main  # noqa: E402
 
-raise SystemExit(main(args))
+raise SystemExit(main(args, inputs))

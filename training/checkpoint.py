@@ -18,20 +18,18 @@ import hashlib
 import io
 import json
 import re
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+from training.exit_codes import CheckpointError
 from training.storage import S3Url, Storage, StorageError, parse_url, sha256_file
 
 LATEST = "latest"
 BEST = "best.pt"
 NAME = re.compile(r"^checkpoints/epoch-(\d{4,})(?:-step-(\d{6,}))?\.pt$")
-
-
-class CheckpointError(Exception):
-    """A file that is not a petal checkpoint (or a torch state_dict, where one is expected)."""
 
 
 def checkpoint_name(epoch: int, step: int = 0) -> str:
@@ -67,7 +65,7 @@ def save(storage: Storage, output: S3Url, state: dict, name: str, is_best: bool,
     storage.write_bytes(output.join(name), data)
     storage.write_bytes(output.join(sidecar(name)), digest.encode(), "text/plain")
     if is_best:
-        storage.write_bytes(output.join(BEST), data)
+        storage.copy(output.join(name), output.join(BEST))
     pointer = {"checkpoint": name, "sha256": digest, "bytes": len(data)}
     storage.write_bytes(output.join(LATEST), json.dumps(pointer).encode(), content_type="application/json")
     prune(storage, output, keep, name)
@@ -151,11 +149,16 @@ def local_path(chosen: dict, directory: Path) -> Path:
 
 
 def fetch(storage: Storage, output: S3Url, chosen: dict, directory: Path) -> bool:
-    """The chosen checkpoint as a verified local file (kept: one download per node); False if it is
-    missing from storage or fails its sha256."""
+    """The chosen checkpoint as a verified local file (kept for the node's other ranks: one download per
+    node); False if it is missing from storage or fails its sha256. It is the only checkpoint the
+    directory keeps: a container restarted in place keeps its pod's cache, and a checkpoint left there
+    per restart would outgrow the cache's size limit (the kubelet then evicts the pod)."""
     path = local_path(chosen, directory)
     if path.exists() and sha256_file(path) == chosen["sha256"]:
         return True
+    for cached in directory.iterdir() if directory.is_dir() else ():
+        if cached != path.parent:
+            shutil.rmtree(cached, ignore_errors=True)
     if not storage.exists(output.join(chosen["checkpoint"])):
         return False
     storage.download(output.join(chosen["checkpoint"]), path)

@@ -23,9 +23,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-
-class LaunchError(ValueError):
-    """The rendezvous environment is inconsistent (e.g. RANK outside WORLD_SIZE)."""
+from training.exit_codes import LaunchError
 
 
 @dataclass(frozen=True)
@@ -171,12 +169,3 @@ def from_rank_zero(value):
 
 def barrier() -> None:
     dist.barrier(group=_control)
-
-
-def is_peer_failure(err: BaseException) -> bool:
-    """Whether an error is another rank gone (killed, its pod deleted, its node lost) rather than a
-    fault of this process: c10d's own error types, and gloo's transport errors, which it raises as
-    plain RuntimeErrors naming its transport."""
-    if isinstance(err, dist.DistError):
-        return True
-    return isinstance(err, RuntimeError) and "gloo/transport" in str(err)

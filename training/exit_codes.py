@@ -8,19 +8,38 @@
     4    checkpoint incompatible with this run     201  storage unreachable for PETAL_S3_RETRY_SECONDS
     5    storage refused (credentials, TLS, host, bucket)  202  a collective timed out (--collective-timeout)
     6    pretrained weights unusable
+
+The failures are declared here, not beside the torch code that raises them, so that this module loads
+no torch: a failure found before torch is imported (a missing dataset, refused credentials:
+training/inputs.py) gets its one line and its code in a fraction of a second.
 """
 
 from __future__ import annotations
 
 import signal
+import sys
 from contextlib import contextmanager
 
-from training.checkpoint import CheckpointError
-from training.distributed import LaunchError, is_peer_failure
-from training.model import PretrainedWeightsError
 from training.shards import DatasetError
-from training.state import IncompatibleCheckpoint
 from training.storage import StorageError
+
+
+class LaunchError(ValueError):
+    """The launch does not fit the run: an inconsistent rendezvous environment (RANK outside WORLD_SIZE),
+    a GPU option on a CPU rank, a global batch that does not divide over the ranks."""
+
+
+class CheckpointError(Exception):
+    """A file that is not a petal checkpoint (or a torch state_dict, where one is expected)."""
+
+
+class IncompatibleCheckpoint(Exception):
+    """The run directory holds a checkpoint this run must not continue."""
+
+
+class PretrainedWeightsError(Exception):
+    """--pretrained weights that cannot be had or do not fit the model."""
+
 
 PERMANENT = {LaunchError: 2, DatasetError: 3, IncompatibleCheckpoint: 4, CheckpointError: 4,
              PretrainedWeightsError: 6}  # fmt: skip
@@ -73,3 +92,25 @@ def exit_code(err: BaseException) -> int:
     if isinstance(err, PeerFailed) or is_peer_failure(err):
         return COLLECTIVE_TIMEOUT if "timed out" in str(err).lower() else PEER_LOST
     return 1
+
+
+def is_peer_failure(err: BaseException) -> bool:
+    """Whether an error is another rank gone (killed, its pod deleted, its node lost) rather than a
+    fault of this process: c10d's own error types (only a process that loaded torch.distributed can
+    have raised one, so it is not imported here), and gloo's transport errors, which it raises as plain
+    RuntimeErrors naming its transport."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and isinstance(err, dist.DistError):
+        return True
+    return isinstance(err, RuntimeError) and "gloo/transport" in str(err)
+
+
+def failed(err: Exception) -> int:
+    """The one line a failure gets on stderr, and its exit code; an unexpected error (code 1) is a bug,
+    re-raised, its traceback being what a person needs."""
+    code = exit_code(err)
+    if code == 1:
+        raise err
+    print(f"petal: error: {str(err).splitlines()[0] if str(err) else type(err).__name__} (exit {code})",
+          file=sys.stderr, flush=True)  # fmt: skip
+    return code

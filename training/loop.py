@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from training.distributed import LaunchError, World, all_reduce_sum
+from training.distributed import World, all_reduce_sum
+from training.exit_codes import LaunchError
 from training.model import set_train_mode
 
 

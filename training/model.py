@@ -19,13 +19,10 @@ import torchvision
 from torch import nn
 
 from training.config import ARCHS, FREEZE_CHOICES
+from training.exit_codes import PretrainedWeightsError
 from training.storage import Storage, parse_url
 
 TRAINABLE_PREFIXES = {"fc": ("fc.",), "layer4": ("layer4.", "fc."), "none": ("",)}
-
-
-class PretrainedWeightsError(Exception):
-    pass
 
 
 def imagenet_state_dict(arch: str, pretrained: str, storage: Storage, cache_dir: Path | None = None):

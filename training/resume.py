@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from training import checkpoint, log
 from training.distributed import World, any_rank, from_rank_zero
-from training.exit_codes import PeerFailed
-from training.state import IncompatibleCheckpoint, reconcile
+from training.exit_codes import IncompatibleCheckpoint, PeerFailed
+from training.state import reconcile
 from training.storage import S3Url, Storage, StorageError
 
 

@@ -17,16 +17,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from training.exit_codes import IncompatibleCheckpoint
+
 # A checkpoint of another architecture, frozen part or optimizer holds tensors of other shapes.
 INCOMPATIBLE = ("arch", "freeze", "optimizer")
 # Options whose change means nothing to a resumed run (where files go, how fast it runs, logging).
 NO_EFFECT = {"output", "cache_dir", "feature_cache_dir", "workers", "log_every", "keep_checkpoints", "pretrained",
              "overwrite_unresumable"}  # fmt: skip
 FORMAT = "petal-checkpoint/2"
-
-
-class IncompatibleCheckpoint(Exception):
-    """The run directory holds a checkpoint this run must not continue."""
 
 
 @dataclass

@@ -262,6 +262,15 @@ class Storage:
             lambda: self.client.put_object(url.bucket, url.key, io.BytesIO(data), len(data), content_type),
         )
 
+    def copy(self, source: S3Url, destination: S3Url) -> None:
+        """A server-side copy: the bytes stay in the store (a best.pt of hundreds of MB is not sent twice)."""
+        from minio.commonconfig import CopySource
+
+        self._call(
+            f"copying {source} to {destination}",
+            lambda: self.client.copy_object(destination.bucket, destination.key, CopySource(source.bucket, source.key)),
+        )
+
     def download(self, url: S3Url, path: Path) -> None:
         """Downloads to `path` through a temporary name of its own, so `path` is either absent or whole
         and a failed download leaves nothing behind (minio's fget_object leaves its `.part.minio`)."""

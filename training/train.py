@@ -25,7 +25,6 @@ import hashlib
 import inspect
 import json
 import math
-import sys
 import time
 from datetime import timedelta
 
@@ -37,7 +36,6 @@ from training import STARTED, checkpoint, log
 from training.artifacts import write_results
 from training.data import ImageEpochs, SplitStream, continue_epoch, hash_seed
 from training.distributed import (
-    LaunchError,
     Precision,
     World,
     all_reduce_sum,
@@ -47,15 +45,15 @@ from training.distributed import (
     sync_batchnorm,
     sync_buffers,
 )
-from training.exit_codes import PREEMPTED, Preempted, Preemption, exit_code
+from training.exit_codes import PREEMPTED, LaunchError, Preempted, Preemption, failed
 from training.features import FeatureCache, FeatureEpochs, backbone_of
+from training.inputs import RunInputs
 from training.loop import evaluate, learning_rate, make_optimizer, memory_format, rank_batch_size, train_one_epoch
 from training.model import build_model, freeze, imagenet_state_dict
 from training.progress import Progress
 from training.resume import on_node_leader_first, resume_point
-from training.shards import read_index, split_names
 from training.state import TrainingState, run_config
-from training.storage import S3Url, Storage, parse_url
+from training.storage import S3Url, Storage
 from training.views import gpu_decode_works
 
 # torch 2.14 renamed DDP's broadcast_buffers; the pinned container base (torch 2.9) knows only the old name.
@@ -97,26 +95,18 @@ class Stopwatch:
         return f"ready in {self.last - STARTED:.1f} s ({parts})"
 
 
-def run(args: argparse.Namespace, preemption: Preemption) -> None:
+def run(args: argparse.Namespace, inputs: RunInputs, preemption: Preemption) -> None:
     startup = Stopwatch()
     startup.lap("imports")
     world = World.from_env()
     if args.decode == "gpu" and world.device.type != "cuda":
         raise LaunchError(f"--decode gpu needs a GPU; this rank runs on {world.device.type} (use auto or cpu)")
-    storage = Storage.from_env()
-    data, output = parse_url(args.data), parse_url(args.output)
-    index = read_index(storage, data)
-    train_splits = split_names(index, args.train_splits.split(","))
-    (val_split,) = split_names(index, [args.val_split])
-    for split in (*train_splits, val_split):
-        stored = index["splits"][split].get("short_side")
-        if stored and stored < args.image_size and world.is_main:
-            log(f"{split}'s images are stored at short side {stored}, below --image-size {args.image_size}: "
-                "they are upscaled; re-upload with scripts/upload_dataset.py --short-side 0 (or larger) for "
-                "the detail")  # fmt: skip
-    class_names = [c["name"] for c in index["classes"]]
+    storage, data, output, class_names = inputs.storage, inputs.data, inputs.output, inputs.class_names
+    for split, stored in inputs.stored_below(args.image_size) if world.is_main else ():
+        log(f"{split}'s images are stored at short side {stored}, below --image-size {args.image_size}: "
+            "they are upscaled; re-upload with scripts/upload_dataset.py --short-side 0 (or larger) for "
+            "the detail")  # fmt: skip
     config = run_config(args)
-    storage.require_bucket(output)
     args = argparse.Namespace(**vars(args) | {"batch_size": rank_batch_size(args, world)})
     if world.device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick its fastest kernels
@@ -125,8 +115,8 @@ def run(args: argparse.Namespace, preemption: Preemption) -> None:
     with process_group(world, timeout=timedelta(minutes=args.collective_timeout)):
         startup.lap("rendezvous")
         device = world.device
-        train = SplitStream(storage, data, index, train_splits, args.cache_dir)
-        val = SplitStream(storage, data, index, [val_split], args.cache_dir)
+        train = SplitStream(storage, data, inputs.index, inputs.train_splits, args.cache_dir)
+        val = SplitStream(storage, data, inputs.index, [inputs.val_split], args.cache_dir)
         saved = resume_point(storage, output, args, config, class_names, train.fingerprint, world)
         startup.lap("resume")
         # Backbone weights are only needed for a fresh run; a resumed one has them in its checkpoint.
@@ -276,18 +266,13 @@ def run_epoch(args, state: TrainingState, ddp, epochs, world: World, autocast, s
         raise Preempted(f"{checkpoint.checkpoint_name(epoch)} was written")
 
 
-def main(args: argparse.Namespace) -> int:
+def main(args: argparse.Namespace, inputs: RunInputs) -> int:
     preemption = Preemption()
     try:
-        run(args, preemption)
+        run(args, inputs, preemption)
     except Preempted as stopped:
         log(f"stopped by SIGTERM ({stopped}); a restart goes on from the newest checkpoint (exit {PREEMPTED})")
         return PREEMPTED
     except Exception as err:
-        code = exit_code(err)
-        if code == 1:
-            raise  # a bug: the traceback is what a person needs
-        print(f"petal: error: {str(err).splitlines()[0] if str(err) else type(err).__name__} (exit {code})",
-              file=sys.stderr, flush=True)  # fmt: skip
-        return code
+        return failed(err)
     return 0
