@@ -1,6 +1,6 @@
-"""The training loop itself (training/loop.py's train_one_epoch), under real DDP over gloo: every rank
-takes the same steps whatever its share, so the fp16 GradScalers of the ranks stay one scaler, and a
-step never makes the host wait for the device."""
+"""The training loop itself (training/loop.py's train_one_epoch and evaluate), under real DDP over gloo:
+every rank takes the same steps whatever its share, so the fp16 GradScalers of the ranks stay one
+scaler, and neither a step nor an evaluation batch makes the host wait for the device."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.overrides import TorchFunctionMode
 
-from training.loop import train_one_epoch
+from training.loop import evaluate, train_one_epoch
 
 LOOP_PY = str(Path(__file__).resolve().parents[1] / "training" / "loop.py")
 
@@ -67,10 +67,12 @@ def test_ranks_with_uneven_shares_take_the_same_steps_and_keep_one_grad_scaler(t
 
 
 class NoWaitingInTheStep(TorchFunctionMode):
-    """Records what in training/loop.py's step would make the host wait for a GPU: reading a value
-    back (.item(), .cpu(), .tolist()) or making a tensor on a device (a host-to-device copy)."""
+    """Records what in training/loop.py's per-batch code would make the host wait for a GPU: reading a
+    value back (.item(), .cpu(), .tolist(); a boolean mask or bincount, whose output size CUDA must read
+    back) or making a tensor on a device (a host-to-device copy)."""
 
-    READS = {torch.Tensor.item, torch.Tensor.cpu, torch.Tensor.tolist, torch.Tensor.numpy}
+    READS = {torch.Tensor.item, torch.Tensor.cpu, torch.Tensor.tolist, torch.Tensor.numpy, torch.bincount,
+             torch.Tensor.bincount, torch.nonzero, torch.Tensor.nonzero, torch.masked_select}  # fmt: skip
     FACTORIES = {torch.tensor, torch.zeros, torch.ones, torch.full, torch.empty, torch.as_tensor}
 
     def __init__(self):
@@ -82,7 +84,9 @@ class NoWaitingInTheStep(TorchFunctionMode):
         kwargs = kwargs or {}
         caller = sys._getframe(1)
         from_petal = caller.f_code.co_filename == LOOP_PY
-        if self.in_loop and from_petal and (func in self.READS or func in self.FACTORIES and "device" in kwargs):
+        masked = func is torch.Tensor.__getitem__ and isinstance(args[1], torch.Tensor) and args[1].dtype == torch.bool
+        made_on_device = func in self.FACTORIES and "device" in kwargs
+        if self.in_loop and from_petal and (func in self.READS or masked or made_on_device):
             self.waits.append(f"{getattr(func, '__name__', func)} at loop.py:{caller.f_lineno}")
         return func(*args, **kwargs)
 
@@ -106,6 +110,32 @@ def test_a_step_never_waits_for_the_device(tmp_path):
         dist.destroy_process_group()
     assert mode.waits == [], mode.waits
     assert seen == 7 and sums.shape == (2,)
+
+
+def test_an_evaluation_batch_never_waits_for_the_device_and_counts_right():
+    """Only the totals after the last batch are read back; per-class accuracy is counted per label."""
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        model = nn.Linear(4, 3)
+        mode = NoWaitingInTheStep()
+        data = batches(9, 4, seed=1)
+
+        def watched():
+            mode.in_loop = True
+            yield from data
+            mode.in_loop = False
+
+        with mode:
+            result = evaluate(model, watched(), 3, nullcontext, torch.device("cpu"))
+    finally:
+        dist.destroy_process_group()
+    assert mode.waits == [], mode.waits
+    inputs, labels = torch.cat([b[0] for b in data]), torch.cat([b[1] for b in data])
+    with torch.no_grad():
+        hits = model(inputs).argmax(1) == labels
+    assert result["val_samples"] == 9 and result["val_acc"] == pytest.approx(hits.double().mean().item())
+    assert result["val_per_class_acc"] == pytest.approx([hits[labels == c].double().mean().nan_to_num(0).item()
+                                                         for c in range(3)])  # fmt: skip
 
 
 def test_global_batch_size_is_shared_out_over_the_ranks_or_refused():

@@ -60,11 +60,14 @@ def evaluate(model: nn.Module, loader, num_classes: int, autocast, device) -> di
         top = logits.topk(min(5, num_classes), dim=1).indices
         hit1 = top[:, 0] == labels
         hit5 = (top == labels[:, None]).any(dim=1)
-        n = torch.tensor(float(labels.numel()), device=device, dtype=torch.float64)
-        loss = F.cross_entropy(logits, labels, reduction="sum").double()
-        sums += torch.stack([loss, hit1.sum().double(), hit5.sum().double(), n])
-        per_class[0] += torch.bincount(labels[hit1], minlength=num_classes)
-        per_class[1] += torch.bincount(labels, minlength=num_classes)
+        # Nothing here waits for the device: no tensor made from host values, no boolean mask, no
+        # bincount (CUDA's reads its input's maximum back to size the output).
+        sums[0] += F.cross_entropy(logits, labels, reduction="sum")
+        sums[1] += hit1.sum()
+        sums[2] += hit5.sum()
+        sums[3] += labels.numel()
+        per_class[0].index_add_(0, labels, hit1.double())
+        per_class[1].index_add_(0, labels, torch.ones_like(labels, dtype=torch.float64))
     sums, per_class = all_reduce_sum(sums, device), all_reduce_sum(per_class, device)
     n = max(sums[3].item(), 1)
     return {
