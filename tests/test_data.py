@@ -183,10 +183,14 @@ def test_the_gpu_path_makes_the_cpu_paths_training_view_of_an_asymmetric_image()
     assert (gpu_path - cpu_path(None)).abs().mean() > 3 * distance
 
 
-def test_the_gpu_path_waits_for_our_stream_before_nvjpeg_and_never_takes_oom_for_a_format(monkeypatch):
-    """nvJPEG writes on a stream of its own into memory allocated on ours, without waiting for ours
-    (vision#9606): the batch path synchronises our stream first. Running out of GPU memory is raised,
-    not answered by decoding image by image. (torch.cuda patched: no GPU here; the decode runs on the CPU.)"""
+def test_the_gpu_path_decodes_ahead_on_a_side_stream_it_drains_first_and_never_takes_oom_for_a_format(monkeypatch):
+    """nvJPEG writes on a stream of its own into memory allocated on the caller's, without waiting for it
+    (vision#9606): each batch is decoded on a side stream that is drained first, one batch ahead of
+    the model, and handed to the current stream by an event it waits on (the host does not) with its
+    memory kept until the current stream is done with it. Running out of GPU memory is raised, not
+    answered by decoding image by image. (torch.cuda patched: no GPU here; the decode runs on the CPU.)"""
+    from contextlib import contextmanager
+
     import torch
     import torchvision.io
     from PIL import Image
@@ -196,20 +200,48 @@ def test_the_gpu_path_waits_for_our_stream_before_nvjpeg_and_never_takes_oom_for
     calls = []
 
     class Stream:
-        def synchronize(self):
-            calls.append("synchronize")
+        def __init__(self, name):
+            self.name, self.events = name, 0
 
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream())
+        def synchronize(self):
+            calls.append(f"{self.name} drained")
+
+        def record_event(self):
+            self.events += 1
+            calls.append(f"{self.name} event {self.events}")
+            return self.events
+
+        def wait_event(self, event):
+            calls.append(f"{self.name} waits for event {event}")
+
+    active = [Stream("current")]
+
+    @contextmanager
+    def on(stream):
+        active.append(stream)
+        yield
+        active.pop()
+
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device: Stream("side"))
+    monkeypatch.setattr(torch.cuda, "stream", on)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: active[-1])
+    monkeypatch.setattr(torch.Tensor, "record_stream", lambda self, stream: calls.append(f"kept for {stream.name}"))
     cpu_decode = torchvision.io.decode_jpeg
 
     def decode(blobs, mode, device):
-        calls.append(f"decode on {device}")
+        calls.append(f"decode on {device} in {active[-1].name}")
         return cpu_decode(blobs, mode=mode)
 
     monkeypatch.setattr(torchvision.io, "decode_jpeg", decode)
     batch = encoded_batch([(encoded_image(Image.new("RGB", (80, 60), (9, 99, 199)), "JPEG"), 0, "k", 1)])
-    ((images, _, _),) = list(DecodeOnGpu([batch], 32, torch.device("cuda", 0), seed=0, augment=False))
-    assert calls == ["synchronize", "decode on cuda:0"] and images.shape == (1, 3, 32, 32)
+    batches = iter(DecodeOnGpu([batch, batch], 32, torch.device("cuda", 0), seed=0, augment=False))
+    images, _, _ = next(batches)
+    assert calls == ["side drained", "decode on cuda:0 in side", "side event 1",
+                     "side drained", "decode on cuda:0 in side", "side event 2",
+                     "current waits for event 1", "kept for current"]  # fmt: skip
+    assert images.shape == (1, 3, 32, 32)
+    calls.clear()
+    assert next(batches)[0].shape == (1, 3, 32, 32) and calls == ["current waits for event 2", "kept for current"]
 
     def out_of_memory(blobs, mode, device):
         raise torch.OutOfMemoryError("CUDA out of memory")

@@ -109,7 +109,10 @@ class DecodeOnGpu:
     (torchvision.io.decode_jpeg), then viewed and normalised there, so that decoding stops needing a
     score of CPU cores per GPU. Augmentation is drawn per (seed, epoch, sample) as on the CPU path.
     An image nvJPEG cannot read (PNG, WebP, CMYK JPEG, …) is decoded by PIL and moved over; running
-    out of GPU memory is never taken for that."""
+    out of GPU memory is never taken for that.
+
+    On a GPU the next batch is decoded on a side stream while the model runs on the current one; each
+    batch is handed over with an event the current stream waits on (the host never does)."""
 
     def __init__(self, loader, image_size: int, device: torch.device, *, seed: int, augment: bool):
         self.loader, self.image_size, self.device = loader, image_size, device
@@ -119,25 +122,47 @@ class DecodeOnGpu:
         return len(self.loader)
 
     def __iter__(self):
+        if self.device.type != "cuda":
+            for encoded in self.loader:
+                yield self._prepare(*encoded)
+            return
+        side = torch.cuda.Stream(self.device)
+        pending = None
+        for encoded in self.loader:
+            with torch.cuda.stream(side):
+                # nvJPEG writes on a stream of its own into memory allocated on `side`, without waiting
+                # for `side`: what `side` still has queued (the last batch's views) must be done, or
+                # memory it reads could be written under it (vision#9606). The current stream, where the
+                # model runs, is not waited for: its memory is never handed to `side`.
+                side.synchronize()
+                batch = self._prepare(*encoded)
+                decoded = side.record_event()
+            if pending is not None:
+                yield self._hand_over(*pending)
+            pending = batch, decoded
+        if pending is not None:
+            yield self._hand_over(*pending)
+
+    def _hand_over(self, batch: tuple, decoded) -> tuple:
+        current = torch.cuda.current_stream(self.device)
+        current.wait_event(decoded)
+        batch[0].record_stream(current)  # freed only once the model's use of it is done
+        return batch
+
+    def _prepare(self, encoded: tuple, labels: torch.Tensor, keys: list, epochs: list) -> tuple:
         from torchvision.io import ImageReadMode, decode_jpeg
 
-        for (buffer, ends), labels, keys, epochs in self.loader:
-            blobs = split_encoded(buffer, ends)
-            if self.device.type == "cuda":
-                # nvJPEG writes on a stream of its own into memory allocated on ours, without waiting for
-                # ours: memory our pending kernels still read could be written under them (vision#9606).
-                torch.cuda.current_stream(self.device).synchronize()
-            try:
-                images = decode_jpeg(blobs, mode=ImageReadMode.RGB, device=self.device)
-            except torch.OutOfMemoryError:
-                raise
-            except RuntimeError:  # a PNG, GIF, CMYK JPEG, ... among them: one by one, those by PIL
-                images = [self._decode_one(blob, decode_jpeg, ImageReadMode.RGB) for blob in blobs]
-            angles = [rotation(self.seed, epoch, key) if self.augment else None
-                      for key, epoch in zip(keys, epochs, strict=True)]  # fmt: skip
-            batch = torch.stack([view(image, self.image_size, angle)
-                                 for image, angle in zip(images, angles, strict=True)])  # fmt: skip
-            yield normalize(batch), labels, keys
+        blobs = split_encoded(*encoded)
+        try:
+            images = decode_jpeg(blobs, mode=ImageReadMode.RGB, device=self.device)
+        except torch.OutOfMemoryError:
+            raise
+        except RuntimeError:  # a PNG, GIF, CMYK JPEG, ... among them: one by one, those by PIL
+            images = [self._decode_one(blob, decode_jpeg, ImageReadMode.RGB) for blob in blobs]
+        angles = [rotation(self.seed, epoch, key) if self.augment else None
+                  for key, epoch in zip(keys, epochs, strict=True)]  # fmt: skip
+        batch = torch.stack([view(image, self.image_size, angle) for image, angle in zip(images, angles, strict=True)])
+        return normalize(batch), labels, keys
 
     def _decode_one(self, blob: torch.Tensor, decode_jpeg, mode) -> torch.Tensor:
         try:
