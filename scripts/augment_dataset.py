@@ -18,8 +18,9 @@ the dataset), exact-duplicate (same bytes) or near-duplicate (perceptual hash wi
 --near-distance) of any image already in the dataset — the valid and test splits included, since
 leaking them would fake accuracy — or of another download, or, with --relevance CHECKPOINT,
 irrelevant (a trained petal model does not put the target class in its top --relevance-top-k).
-What survives becomes new shards of the split --split (default augment); each sample keeps its
-source URL. The index is replaced only after every shard is stored, and a per-class report is
+What survives becomes new shards of the split --split (default augment), stored as
+upload_dataset.py stores images (an RGB JPEG that nvJPEG reads, at the dataset's short side); each
+sample keeps its source URL. The index is replaced only after every shard is stored, and a per-class report is
 printed and stored at <dataset>/reports/. Re-running stores no URL or image twice. Train on it with
 `python -m training --train-splits train,augment`.
 """
@@ -51,6 +52,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from training.shards import (
+    DEFAULT_SHORT_SIDE,
     DatasetError,
     Sample,
     build_shard,
@@ -61,6 +63,7 @@ from training.shards import (
     safe_name,
     shard_count,
     shard_entry,
+    stored_image,
     write_index,
 )
 from training.storage import S3Url, Storage, StorageError, parse_url
@@ -332,8 +335,16 @@ class RelevanceCheck:
         return label in logits.topk(min(self.top_k, len(logits))).indices.tolist()
 
 
-def vet(downloads: dict, labels: list[int], index: dict, known: Known, relevance, args):
-    """Each class's downloads kept (as samples of the new split) or rejected with the reason."""
+def stored_short_side(index: dict, split: str) -> int:
+    """The short side kept images are stored at, as upload_dataset.py stores: the split's own, else the
+    largest the dataset's other splits were stored at, else upload's default."""
+    sides = [entry["short_side"] for entry in index["splits"].values() if entry.get("short_side")]
+    return index["splits"].get(split, {}).get("short_side") or max(sides, default=DEFAULT_SHORT_SIDE)
+
+
+def vet(downloads: dict, labels: list[int], index: dict, known: Known, relevance, args, short_side: int):
+    """Each class's downloads kept (as samples of the new split, stored as upload_dataset.py stores:
+    an RGB JPEG at most `short_side` on its shorter side) or rejected with the reason."""
     existing = index["splits"].get(args.split, {"samples": 0, "shards": []})
     kept: list[Sample] = []
     report, rejected = {}, []
@@ -371,7 +382,7 @@ def vet(downloads: dict, labels: list[int], index: dict, known: Known, relevance
                 continue
             key = f"{args.split}-{existing['samples'] + len(kept):06d}"
             known.add(data, rgb, f"{args.split}/{key}", url)  # later downloads must not duplicate it either
-            kept.append(Sample(key, data, IMAGE_FORMATS[image.format], label, url))
+            kept.append(Sample(key, *stored_image(data, short_side), label, url))
             counts["kept"] += 1
         report[cls["name"]] = dict(counts)
     return kept, report, rejected
@@ -400,7 +411,8 @@ def augment(storage: Storage, dataset: S3Url, args) -> dict:
     known = load_known(storage, dataset, index, args.cache_dir)
     with tempfile.TemporaryDirectory(prefix="petal-augment-") as workdir:
         downloads = search_and_download([index["classes"][i] for i in labels], args, Path(workdir))
-        kept, report, rejected = vet(downloads, labels, index, known, relevance, args)
+        short_side = stored_short_side(index, args.split)
+        kept, report, rejected = vet(downloads, labels, index, known, relevance, args, short_side)
     existing = index["splits"].get(args.split, {"samples": 0, "shards": []})
 
     new_shards = []
@@ -416,6 +428,8 @@ def augment(storage: Storage, dataset: S3Url, args) -> dict:
         index["splits"][args.split] = {
             "samples": existing["samples"] + len(kept),
             "shards": existing["shards"] + new_shards,
+            # The split's promise to the trainer (no view larger than it): only where all of it keeps it.
+            **({"short_side": short_side} if not existing["samples"] or "short_side" in existing else {}),
         }
         write_index(storage, dataset, index)  # only now does the dataset show the new samples
 

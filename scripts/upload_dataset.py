@@ -32,18 +32,22 @@ import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from io import BytesIO
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from training.shards import FORMAT, Sample, build_shard, shard_count, shard_entry, write_index
+from training.shards import (
+    DEFAULT_SHORT_SIDE,
+    FORMAT,
+    Sample,
+    build_shard,
+    shard_count,
+    shard_entry,
+    stored_image,
+    write_index,
+)
 from training.storage import S3Url, Storage, StorageError, parse_url
 
-# 256 keeps the margin the eval view (resize to 224, centre-crop) and a 20 degree rotation use.
-DEFAULT_SHORT_SIDE = 256
-STORED_QUALITY = 93
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 SEED_SPLITS = ("train", "valid", "test")
 
@@ -116,39 +120,6 @@ def class_names(src: Path, class_ids: list[str]) -> list[dict]:
     return [{"id": c, "name": names.get(c, c)} for c in class_ids]
 
 
-def prepared(path: Path, short_side: int) -> tuple[bytes, str] | None:
-    """The bytes to store and their extension, from one decode of the file; None where it does not
-    decode completely. With a `short_side`, every image is stored as an RGB JPEG that nvJPEG reads
-    (--decode gpu decodes a batch in one call; a PNG, WebP, TIFF or CMYK JPEG would send it to PIL
-    one image at a time), re-encoded at that short side when larger: training crops --image-size
-    pixels (224) from an image scaled to that short side anyway. A plain JPEG small enough is stored
-    as it is. Without (0), files are stored as they are. The same input always gives the same bytes,
-    so a re-run still finds its shards stored."""
-    data = path.read_bytes()
-    try:
-        with Image.open(BytesIO(data)) as image:
-            image.load()
-            fmt = {"JPEG": "jpg", "MPO": "jpg"}.get(image.format, (image.format or "").lower())
-            if not fmt:
-                return None
-            if not short_side:
-                return data, fmt
-            small = min(image.size) <= short_side
-            if small and fmt == "jpg" and image.mode in ("RGB", "L"):
-                return data, fmt
-            rgb = image.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError):
-        return None
-    if not small:
-        scale = short_side / min(rgb.size)
-        rgb = rgb.resize(
-            (max(1, round(rgb.width * scale)), max(1, round(rgb.height * scale))), Image.Resampling.LANCZOS
-        )
-    buffer = BytesIO()
-    rgb.save(buffer, "JPEG", quality=STORED_QUALITY)
-    return buffer.getvalue(), "jpg"
-
-
 def upload(
     src: Path,
     dest: S3Url,
@@ -181,7 +152,7 @@ def upload(
     for split, images in splits.items():
         # Each image decoded once, what is stored kept aside, so shards are sized by what they hold.
         with tempfile.TemporaryDirectory(prefix="petal-upload-") as spool, ThreadPoolExecutor(max_workers=8) as pool:
-            ready = tqdm(pool.map(lambda i: prepared(i.path, short_side), images), total=len(images),
+            ready = tqdm(pool.map(lambda i: stored_image(i.path.read_bytes(), short_side), images), total=len(images),
                          desc=f"preparing {split}", unit="img")  # fmt: skip
             good: list[tuple[LocalImage, Path, str]] = []
             for n, (image, result) in enumerate(zip(images, ready, strict=True)):

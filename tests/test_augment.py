@@ -162,7 +162,7 @@ def test_crafted_downloads_are_kept_or_rejected_for_the_right_reason(web, datase
     # (the library picks only https:// results)
     hostile = [f"{base}/to-ftp/elsewhere.jpg", f"{base}/to-loopback/redirected.jpg",
                f"https://localhost:{port}/red/local.jpg", "https://169.254.169.254/latest/meta-data/iam.jpg",
-               "https://[::1]:9/v6.jpg", f"{base}/drip/slow.jpg"]  # fmt: skip
+               "https://[::1]:9/v6.jpg", "https://10.1.2.3/rfc1918.jpg", f"{base}/drip/slow.jpg"]  # fmt: skip
     results = {"red circle flower": [f"{base}/red/{name}" for name in files] + hostile}
     url = parse_url(dataset)
     before = read_index(storage, url)
@@ -194,6 +194,7 @@ def test_crafted_downloads_are_kept_or_rejected_for_the_right_reason(web, datase
         "local.jpg": "private-address",  # a name that resolves to loopback
         "iam.jpg": "private-address",  # the cloud metadata service, refused before any connection
         "v6.jpg": "private-address",
+        "rfc1918.jpg": "private-address",  # a private network's address, refused before any connection
         "slow.jpg": "too-slow",
     }
     assert reasons["reencoded-valid.jpg"][1].startswith("valid/")
@@ -211,8 +212,15 @@ def test_crafted_downloads_are_kept_or_rejected_for_the_right_reason(web, datase
     ]
     assert sorted(r.source.rsplit("/", 1)[1] for r in kept) == ["alpha.png", "cmyk.jpg", "good.jpg", "gray.jpg",
                                                                 "scan.jpg"]  # fmt: skip
-    (scan,) = [r for r in kept if r.source.endswith("/scan.jpg")]
-    assert Image.open(io.BytesIO(read_image_bytes(scan))).format == "TIFF"  # stored as it came
+    # Stored as the upload stores (what --decode gpu reads in one batch): RGB or grey JPEGs at the
+    # dataset's short side; a plain JPEG that fits as it came.
+    stored = {r.source.rsplit("/", 1)[1]: Image.open(io.BytesIO(read_image_bytes(r))) for r in kept}
+    assert {name: (image.format, image.mode) for name, image in stored.items()} == {
+        "alpha.png": ("JPEG", "RGB"), "cmyk.jpg": ("JPEG", "RGB"), "good.jpg": ("JPEG", "RGB"),
+        "gray.jpg": ("JPEG", "L"), "scan.jpg": ("JPEG", "RGB")}  # fmt: skip
+    (good,) = [r for r in kept if r.source.endswith("/good.jpg")]
+    assert read_image_bytes(good) == files["good.jpg"]
+    assert after["splits"]["augment"]["short_side"] == before["splits"]["train"]["short_side"]
     assert {r.label for r in kept} == {0}
 
     stream = SplitStream(storage, url, after, ["train", "augment"], tmp_path)  # --train-splits train,augment

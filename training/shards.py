@@ -39,6 +39,46 @@ class DatasetError(Exception):
     """The dataset is missing, malformed, or lacks what was asked of it (storage itself answered)."""
 
 
+# What the tools store at: 256 keeps the margin the eval view (resize to 224, centre-crop) and a 20 degree
+# rotation use.
+DEFAULT_SHORT_SIDE = 256
+STORED_QUALITY = 93
+
+
+def stored_image(data: bytes, short_side: int) -> tuple[bytes, str] | None:
+    """The bytes to store for one image file and their extension, from one decode; None where it does
+    not decode completely. With a `short_side`, every image is stored as an RGB JPEG that nvJPEG reads
+    (--decode gpu decodes a batch in one call; a PNG, WebP, TIFF or CMYK JPEG would send it to PIL
+    one image at a time), re-encoded at that short side when larger: training crops --image-size
+    pixels (224) from an image scaled to that short side anyway. A plain JPEG small enough is stored
+    as it is. Without (0), files are stored as they are. The same input always gives the same bytes,
+    so a re-run still finds its shards stored."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+            fmt = {"JPEG": "jpg", "MPO": "jpg"}.get(image.format, (image.format or "").lower())
+            if not fmt:
+                return None
+            if not short_side:
+                return data, fmt
+            small = min(image.size) <= short_side
+            if small and fmt == "jpg" and image.mode in ("RGB", "L"):
+                return data, fmt
+            rgb = image.convert("RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        return None
+    if not small:
+        scale = short_side / min(rgb.size)
+        rgb = rgb.resize(
+            (max(1, round(rgb.width * scale)), max(1, round(rgb.height * scale))), Image.Resampling.LANCZOS
+        )
+    buffer = io.BytesIO()
+    rgb.save(buffer, "JPEG", quality=STORED_QUALITY)
+    return buffer.getvalue(), "jpg"
+
+
 @dataclass(frozen=True)
 class Sample:
     """One image on its way into a shard."""
