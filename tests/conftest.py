@@ -127,6 +127,12 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.write_sep("=", "cluster tests: wall seconds by phase (tests/timeline.py)")
         for line in lines:
             terminalreporter.write_line(line)
+    rows = [value for report in terminalreporter.stats.get("passed", []) for name, value in report.user_properties
+            if name == "fault table row"]  # fmt: skip
+    if rows:
+        terminalreporter.write_sep("=", "the fault table, measured (docs/faults.md)")
+        for row in ["| fault | restartPolicy | outcome | steps recomputed |", "|---|---|---|---|", *rows]:
+            terminalreporter.write_line(row)
 
 
 def pytest_sessionfinish(session, exitstatus):
