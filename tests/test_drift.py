@@ -110,7 +110,9 @@ def tracked_text_files() -> dict[str, str]:
 
 
 CONSTANTS = {
-    # name: (its one definition, patterns whose first group repeats it, files that must mention it)
+    # name: (its one definition, patterns whose first group repeats it, files that must mention it);
+    # the patterns are looked for in every tracked file outside tests/, or only in those files where
+    # the name is in ONLY_WHERE_MENTIONED
     "training-operator version": (
         versions_env("TRAINING_OPERATOR_VERSION"),
         [r"training-operator[^\s\"']*\?ref=(v[0-9.]+)", r"TRAINING_OPERATOR_VERSION: (v[0-9.]+)"],
@@ -125,12 +127,27 @@ CONSTANTS = {
         ],
         ["docs/production.md", "manifests/README.md", "manifests/minio-dev.yaml", ".github/workflows/ci.yml"],
     ),
+    "the image's user": (  # the chart runs petal's pods as the user the image's files belong to
+        str(VALUES["podSecurityContext"]["runAsUser"]),
+        [
+            r"(?m)^USER (\d+)",
+            r"(?m)^USER \d+:(\d+)",
+            r"chown (\d+):",
+            r"chown \d+:(\d+)",
+            r"(?:runAsUser|runAsGroup|fsGroup): (\d+)",
+            r"UID (\d+)",
+        ],
+        ["Dockerfile", "manifests/pytorchjob.yaml", "manifests/trainjob.yaml", "docs/kubernetes.md"],
+    ),
     "MinIO endpoint in the cluster": (
         urlparse(VALUES["s3"]["endpoint"]).netloc,
         [r"(minio\.[\w.-]+\.svc\.cluster\.local:[0-9]+)"],
         ["docs/testbed.md", "manifests/minio-dev.yaml", ".github/workflows/ci.yml", "scripts/smoke.sh"],
     ),
 }
+
+
+ONLY_WHERE_MENTIONED = {"the image's user"}  # other images (MinIO's) and the chart's tests have others
 
 
 @pytest.mark.parametrize("name", CONSTANTS)
@@ -140,6 +157,7 @@ def test_a_shared_constant_has_one_value_everywhere(name):
     differing = sorted(
         f"{path}: {found}"
         for path, text in texts.items()
+        if name not in ONLY_WHERE_MENTIONED or path in mentioned_in
         for pattern in patterns
         for found in re.findall(pattern, text)
         if found != value and not path.startswith("tests/")
