@@ -88,18 +88,19 @@ class Progress:
         global_step = (epoch - 1) * steps + step
         if loss is not None:
             self.writer.add_scalar("train/loss", loss, global_step)
+        eta = None
+        if self.seconds_per_step is not None:
+            steps_left = (steps - step) + (self.epochs - epoch) * steps
+            eta = round(steps_left * self.seconds_per_step + (self.epochs - epoch + 1) * self.eval_seconds)
+        # Kept at every step, so that the record a run ends with says where it stopped.
+        self.record = {"state": "training", "epoch": epoch, "epochs": self.epochs, "step": step, "steps": steps,
+                       "loss": loss if loss is not None else self.record.get("loss"),
+                       "images_per_s": round(self.global_batch / self.seconds_per_step, 1)
+                       if self.seconds_per_step else None,
+                       "eta_seconds": eta, "best_val_acc": best_val_acc if best_val_acc >= 0 else None,
+                       "val_acc": self.record.get("val_acc")}  # fmt: skip
         # The first ETA is worth publishing at once: a user who just submitted is looking for it.
         if first_estimate or now - self.last_write >= PROGRESS_SECONDS:
-            eta = None
-            if self.seconds_per_step is not None:
-                steps_left = (steps - step) + (self.epochs - epoch) * steps
-                eta = round(steps_left * self.seconds_per_step + (self.epochs - epoch + 1) * self.eval_seconds)
-            self.record = {"state": "training", "epoch": epoch, "epochs": self.epochs, "step": step, "steps": steps,
-                           "loss": loss if loss is not None else self.record.get("loss"),
-                           "images_per_s": round(self.global_batch / self.seconds_per_step, 1)
-                           if self.seconds_per_step else None,
-                           "eta_seconds": eta, "best_val_acc": best_val_acc if best_val_acc >= 0 else None,
-                           "val_acc": self.record.get("val_acc")}  # fmt: skip
             self.publish(now)
 
     def epoch_end(self, record: dict, best_val_acc: float, eval_seconds: float, classes: list[str]) -> None:
