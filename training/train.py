@@ -56,7 +56,7 @@ from training.state import TrainingState, run_config
 from training.storage import S3Url, Storage
 from training.views import gpu_decode_works
 
-# torch 2.14 renamed DDP's broadcast_buffers; the pinned container base (torch 2.9) knows only the old name.
+# torch 2.14 renamed DDP's broadcast_buffers; the Dockerfile's pinned base (torch 2.13) knows only the old name.
 SYNC_BUFFERS = next(
     name
     for name in ("forward_sync_buffers", "broadcast_buffers")
