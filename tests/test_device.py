@@ -3,6 +3,8 @@ GPU a rank takes, NCCL or gloo, bf16 or fp16 by compute capability, SyncBatchNor
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -98,3 +100,34 @@ def test_syncbatchnorm_where_batchnorm_trains_on_several_gpus(choice, trains_bat
 def test_syncbatchnorm_asked_for_on_the_cpu_is_refused():
     with pytest.raises(LaunchError, match="--sync-batchnorm on needs GPUs"):
         sync_batchnorm("on", True, world(2, "cpu"))
+
+
+@pytest.mark.parametrize("preset", [None, "0"])
+def test_an_nccl_rank_binds_its_gpu_lets_the_watchdog_end_it_and_keeps_a_gloo_group_for_control(
+    monkeypatch, gpus, preset
+):
+    """NCCL joined on the rank's own GPU (device_id: eager communicators), NCCL's async error handling on
+    unless the user set it (a failed collective ends the process: exit 134, retried), and a gloo group
+    beside it for the host-side agreements. (torch.distributed's entry points recorded: no GPU here.)"""
+    import torch.distributed as dist
+
+    from training import distributed
+
+    gpus(4)
+    rendezvous(monkeypatch, rank=3, world_size=8, local_rank=3)
+    if preset is None:
+        monkeypatch.delenv("TORCH_NCCL_ASYNC_ERROR_HANDLING", raising=False)
+    else:
+        monkeypatch.setenv("TORCH_NCCL_ASYNC_ERROR_HANDLING", preset)
+    calls = []
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.append(("set_device", device)))
+    monkeypatch.setattr(
+        dist, "init_process_group", lambda backend, **kw: calls.append(("init", backend, kw["device_id"]))
+    )
+    monkeypatch.setattr(dist, "new_group", lambda backend, timeout: calls.append(("group", backend)) or "control")
+    monkeypatch.setattr(dist, "destroy_process_group", lambda: calls.append(("destroy",)))
+    with distributed.process_group(World.from_env()):
+        assert distributed._control == "control"
+    assert calls == [("set_device", torch.device("cuda", 3)), ("init", "nccl", torch.device("cuda", 3)),
+                     ("group", "gloo"), ("destroy",)]  # fmt: skip
+    assert os.environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == (preset or "1")
