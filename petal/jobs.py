@@ -1,5 +1,6 @@
-"""petal's jobs once submitted: what they are doing (list, status: the Kubernetes object, its pods and
-the progress record the trainer writes into its run directory), their logs, cancelling them and
+"""petal's jobs once submitted: what they are doing (list, status: the Kubernetes object, its pods, the
+progress record the trainer writes into its run directory and, for a TrainJob whose Trainer has the
+TrainJobStatus gate on, the status.trainerStatus it reports), their logs, cancelling them and
 collecting their results. No torch here.
 
     petal list [-A] [--json]
@@ -72,13 +73,32 @@ def read_json(storage: Storage | None, url: str) -> dict | list | None:
     return [json.loads(line) for line in text.splitlines()] if url.endswith(".jsonl") else json.loads(text)
 
 
+def reported_status(job: dict) -> dict | None:
+    """A TrainJob's status.trainerStatus (what the trainer reported through Kubeflow Trainer's status
+    server: training/tracking.py) as {"percent", "eta_seconds", "metrics": {name: number}}; None
+    without one."""
+    reported = (job.get("status") or {}).get("trainerStatus")
+    if not reported:
+        return None
+    metrics = {}
+    for metric in reported.get("metrics") or []:
+        try:
+            metrics[metric["name"]] = float(metric["value"])
+        except (KeyError, TypeError, ValueError):
+            continue  # another writer's metric that is not a number: not ours to show
+    return {"percent": reported.get("progressPercentage"), "eta_seconds": reported.get("estimatedRemainingSeconds"),
+            "metrics": metrics}  # fmt: skip
+
+
 def describe(cluster: Cluster, job: dict, storage: Storage | None, in_full: bool) -> dict:
-    """What `list` says of a job (its object and progress record), and in full what `status` says: its
-    pods, Kueue's reason and the epochs' history too."""
+    """What `list` says of a job (its object and progress record, else its TrainJob status), and in full
+    what `status` says: its pods, Kueue's reason and the epochs' history too."""
     output = job_output(job)
     progress = read_json(storage, f"{output}/progress.json") or {}
     history = (read_json(storage, f"{output}/metrics.jsonl") or []) if in_full else []
     finished = state(job) in ("Succeeded", "Failed")
+    reported = reported_status(job)
+    reported_metrics = reported["metrics"] if reported else {}
     described = {
         "name": job["metadata"]["name"],
         "namespace": job["metadata"]["namespace"],
@@ -90,11 +110,15 @@ def describe(cluster: Cluster, job: dict, storage: Storage | None, in_full: bool
         "epochs": progress.get("epochs"),
         "step": progress.get("step"),
         "steps": progress.get("steps"),
-        "loss": progress.get("loss"),
-        "images_per_s": progress.get("images_per_s"),
-        "eta_seconds": None if finished else progress.get("eta_seconds"),
-        "best_val_acc": max((r["val_acc"] for r in history), default=progress.get("best_val_acc")),
+        "loss": progress.get("loss", reported_metrics.get("train/loss")),
+        "images_per_s": progress.get("images_per_s", reported_metrics.get("train/images_per_s")),
+        "eta_seconds": None if finished else progress.get("eta_seconds", reported and reported["eta_seconds"]),
+        "best_val_acc": max(
+            (r["val_acc"] for r in history),
+            default=progress.get("best_val_acc", reported_metrics.get("val/best_accuracy")),
+        ),
         "progress_updated": progress.get("updated"),
+        "trainer_status": reported,
         "conditions": [
             {k: c.get(k) for k in ("type", "status", "reason", "message")}
             for c in job.get("status", {}).get("conditions", [])
@@ -113,10 +137,15 @@ def describe(cluster: Cluster, job: dict, storage: Storage | None, in_full: bool
 
 
 def progress_text(d: dict) -> str:
+    percent = (
+        f"{d['trainer_status']['percent']}%"
+        if d["trainer_status"] and d["trainer_status"]["percent"] is not None
+        else None
+    )
     if d["epoch"] is None:
-        return "-"
+        return percent or "-"
     step = f" step {d['step']}/{d['steps']}" if d["step"] is not None and d["state"] not in ("Succeeded",) else ""
-    return f"epoch {d['epoch']}/{d['epochs']}{step}"
+    return f"epoch {d['epoch']}/{d['epochs']}{step}" + (f" ({percent})" if percent else "")
 
 
 def list_jobs(cluster: Cluster, all_namespaces: bool, as_json: bool) -> int:
@@ -156,10 +185,13 @@ def status_text(d: dict) -> str:
     lines = [f"{d['kind']} {d['namespace']}/{d['name']}: {d['state']} (age {d['age']})", f"output: {d['output']}"]
     if d["admission"]:
         lines.append(f"waiting for Kueue admission: {d['admission']}")
-    if d["epoch"] is not None:
+    if d["epoch"] is not None or d["trainer_status"]:
         rate = f", {d['images_per_s']} img/s" if d["images_per_s"] else ""
         loss = f", loss {d['loss']:.4f}" if d["loss"] is not None else ""
         lines.append(f"progress: {progress_text(d)}{loss}{rate}, ETA {duration(d['eta_seconds'])}")
+    if d["trainer_status"] and d["trainer_status"]["metrics"]:
+        metrics = ", ".join(f"{name} {value:g}" for name, value in d["trainer_status"]["metrics"].items())
+        lines.append(f"TrainJob status: {metrics}")
     if d["best_val_acc"] is not None:
         lines.append(f"best validation accuracy: {d['best_val_acc']:.4f}")
     if d["last_epoch"]:
