@@ -9,14 +9,15 @@ and collected — the same job `helm install` makes, because it is rendered by h
 (`python scripts/submit.py …` is the same command.) --replicas N is the number of pods: a PyTorchJob
 (the default) of 1 Master + N-1 Workers, or with --api trainjob a Kubeflow Trainer v2 TrainJob of N
 nodes. --queue NAME submits it to a Kueue LocalQueue: it waits, suspended, until all of its pods fit
-the queue's quota, and then starts them together. The job object is built first (helm template) and
-submitted second, so --dry-run prints it and contacts no cluster. Storage credentials reach the pods
-through the Secret named by s3.existingSecret (default petal-s3), which must then exist in the
-namespace, or through the pods' own identity (s3.existingSecret=""). --follow shows a progress bar
-(epoch, step, loss, ETA) read from the run's progress record; --follow=logs streams the master's log
-instead. On success, best.pt, metrics.jsonl, curves.png, per_class.png, the TensorBoard events and a
-summary.json land in --collect (default runs/<name>/); that needs S3_ENDPOINT_URL and credentials
-here as well.
+the queue's quota, and then starts them together; --topology LEVEL also has Kueue place them all
+within one domain of that level of its Topology (a rack, a block, a host). The job object is built
+first (helm template) and submitted second, so --dry-run prints it and contacts no cluster. Storage
+credentials reach the pods through the Secret named by s3.existingSecret (default petal-s3), which
+must then exist in the namespace, or through the pods' own identity (s3.existingSecret="").
+--follow shows a progress bar (epoch, step, loss, ETA) read from the run's progress record;
+--follow=logs streams the master's log instead. On success, best.pt, metrics.jsonl, curves.png,
+per_class.png, the TensorBoard events and a summary.json land in --collect (default runs/<name>/);
+that needs S3_ENDPOINT_URL and credentials here as well.
 
 Exit codes: 0 succeeded; 1 the job failed (its failing pod's last log lines and events are shown)
 or did not succeed within --timeout (it is left running); 2 bad arguments or a job the cluster
@@ -78,6 +79,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--replicas", type=count(1), help="pods in all: 1 Master + N-1 Workers, or N TrainJob nodes "
                                                      "(chart default 2)")  # fmt: skip
     p.add_argument("--queue", metavar="NAME", help="Kueue LocalQueue: the job starts whole once its quota admits it")
+    p.add_argument("--topology", metavar="LEVEL[:preferred]",
+                   help="Kueue topology-aware placement (needs --queue): every pod within one domain of LEVEL, a "
+                        "node label of the cluster's Kueue Topology (e.g. kubernetes.io/hostname); ':preferred' "
+                        "packs them as tightly as fits instead of waiting for one domain")  # fmt: skip
     p.add_argument("--image", help="training image, REPOSITORY[:TAG]")
     p.add_argument("--gpus-per-replica", type=count(0), help="nvidia.com/gpu per pod")
     trainer = p.add_argument_group("trainer options (charts/petal/values.yaml `training`; python -m training --help)")
@@ -116,6 +121,11 @@ def flag_values(args: argparse.Namespace) -> dict:
         values["api"] = next(kind for kind in KINDS if kind.lower() == args.api)
     if args.queue is not None:
         values["queue"] = args.queue
+    if args.topology is not None:
+        level, _, mode = args.topology.partition(":")
+        if not level or mode not in ("", "required", "preferred"):
+            raise BadArguments(f"--topology {args.topology!r}: expected LEVEL, LEVEL:required or LEVEL:preferred")
+        values["topology"] = {mode or "required": level}
     if args.replicas is not None:
         values["replicas"] = args.replicas
     if args.image is not None:

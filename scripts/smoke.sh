@@ -11,6 +11,8 @@
 # PETAL_IMAGE           training image the cluster can run (required)
 # PETAL_NAMESPACE       namespace holding the petal-s3 Secret (default petal)
 # PETAL_POD_S3_ENDPOINT storage endpoint as pods reach it (default: the chart's, minio.petal.svc.cluster.local:9000)
+# PETAL_QUEUE           Kueue LocalQueue to submit to (default: none)
+# PETAL_TOPOLOGY        Kueue topology level for --topology LEVEL[:preferred] (needs PETAL_QUEUE)
 # PETAL_REPLICAS        pods (default 2)
 # PETAL_RUN_NAME        job and run name (default smoke-<date>-<time>)
 # PETAL_RUNS_DIR        where the run's <name>/ directory goes (default: the repo's runs/)
@@ -31,7 +33,9 @@ python scripts/upload_dataset.py "$work/data" "$dataset" | tail -n 1
 python scripts/submit.py --name "$name" --namespace "$namespace" --replicas "${PETAL_REPLICAS:-2}" \
   --api "${PETAL_API:-pytorchjob}" --image "$PETAL_IMAGE" --values charts/petal/ci/cpu-values.yaml --dataset "$dataset" --epochs 5 \
   --set "outputPrefix=$prefix/runs" \
-  ${PETAL_POD_S3_ENDPOINT:+--set "s3.endpoint=$PETAL_POD_S3_ENDPOINT"} --collect "$work" --timeout 1800 --follow
+  ${PETAL_POD_S3_ENDPOINT:+--set "s3.endpoint=$PETAL_POD_S3_ENDPOINT"} \
+  ${PETAL_QUEUE:+--queue "$PETAL_QUEUE"} ${PETAL_TOPOLOGY:+--topology "$PETAL_TOPOLOGY"} \
+  --collect "$work" --timeout 1800 --follow
 
 python scripts/predict.py "$work/best.pt" "$work"/data/test/*/*.jpg --top-k 1 --json > "$work/predictions.jsonl"
 python - "$work" <<'PY'

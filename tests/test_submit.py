@@ -121,6 +121,30 @@ def test_a_queue_makes_either_kind_wait_suspended_for_kueue():
         assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a" and suspend(job) is True
 
 
+def pod_templates(job: dict) -> list[dict]:
+    if job["kind"] == "PyTorchJob":
+        return [spec["template"] for spec in job["spec"]["pytorchReplicaSpecs"].values()]
+    (patch,) = job["spec"]["runtimePatches"]
+    return [
+        rj["template"]["spec"]["template"] for rj in patch["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"]
+    ]
+
+
+@pytest.mark.parametrize("api", ["pytorchjob", "trainjob"])
+@pytest.mark.parametrize(("topology", "annotation"), [
+    ("kubernetes.io/hostname", "kueue.x-k8s.io/podset-required-topology"),
+    ("cloud.google.com/gce-topology-block:preferred", "kueue.x-k8s.io/podset-preferred-topology"),
+])  # fmt: skip
+def test_a_topology_level_reaches_every_pod_template_as_kueues_request(api, topology, annotation):
+    result = submit("--dry-run", "--api", api, "--queue", "team-a", "--topology", topology, "--replicas", "3",
+                    "--name", "placed", "--set", "podAnnotations.team=vision")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    (job,) = [d for d in yaml.safe_load_all(result.stdout) if d and d["kind"] in ("PyTorchJob", "TrainJob")]
+    templates = pod_templates(job)
+    assert templates and all(t["metadata"]["annotations"] == {"team": "vision", annotation: topology.split(":")[0]}
+                             for t in templates)  # fmt: skip
+
+
 def test_the_chart_names_no_bucket_of_its_own():
     plain = subprocess.run([sys.executable, str(ROOT / "scripts" / "submit.py"), "--dry-run"], cwd=ROOT,
                            capture_output=True, text=True, timeout=60)  # fmt: skip
@@ -181,6 +205,12 @@ def test_the_dry_run_imports_neither_torch_nor_the_kubernetes_client():
         (["--values", "{bad_values}"], "at '/replicas': minimum: got 0, want 1"),
         (["--api", "mpijob"], "argument --api: invalid choice: 'mpijob' (choose from 'pytorchjob', 'trainjob')"),
         (["--queue", "Team_A"], "at '/queue': 'Team_A' does not match pattern"),
+        (["--topology", "kubernetes.io/hostname"], "topology kubernetes.io/hostname needs a queue: only Kueue places"),
+        (["--queue", "q", "--topology", "rack:soon"], "--topology 'rack:soon': expected LEVEL, LEVEL:required or"),
+        (
+            ["--queue", "q", "--topology", "rack", "--set", "topology.preferred=block"],
+            "topology.required (rack) and topology.preferred (block): set one",
+        ),
         (
             ["--api", "trainjob", "--set", "elasticPolicy.minReplicas=2"],
             "elasticPolicy is not supported with api TrainJob: JobSet does not run elastic jobs",

@@ -2,8 +2,10 @@
 # Kubeflow Trainer v2 (TrainJob, on JobSet) and Kueue on the cluster, as host processes beside the
 # training-operator: their CRDs and webhooks from their own Go modules, each controller recorded in
 # the cluster's pids (so `cluster down` stops it), a petal ClusterTrainingRuntime that runs our image,
-# and a Kueue ClusterQueue + LocalQueue sized to the node with the PyTorchJob and TrainJob
-# integrations on. Uses common.sh, tools.sh's programs and cluster.sh (kctl, start, host_service).
+# and Kueue with the PyTorchJob and TrainJob integrations on: a ClusterQueue + LocalQueue on a
+# topology-aware ResourceFlavor (Kueue's Topology of a block level, a node label, then the host), so
+# queued jobs can ask to share a block or a host. Uses common.sh, tools.sh's programs and cluster.sh
+# (kctl, start, host_service).
 #
 # Webhook certificates: JobSet's and the trainer's cert rotators look for their files in the same
 # hard-coded directory the training-operator's uses, so both run with their rotators off and certs
@@ -14,8 +16,11 @@ JOBSET_NAMESPACE=jobset-system
 TRAINER_NAMESPACE=kubeflow-system
 KUEUE_NAMESPACE=kueue-system
 TRAINER_API=trainer.kubeflow.org
-# What the test bed's queue can admit: the node's CPUs and memory.
 PETAL_QUEUE=petal
+# The test bed's topology: its node is the one host of block-1, as a GPU node is one host of a
+# cloud's block (GKE: cloud.google.com/gce-topology-block) or NVLink domain.
+TOPOLOGY=petal-topology
+TOPOLOGY_BLOCK_LABEL=petal.dev/topology-block
 
 pick_manifests() { "$(venv_dir)/bin/python" "$ROOT/scripts/testbed/manifests.py" "$@"; }
 
@@ -126,13 +131,28 @@ EOF
     kctl -n "$KUEUE_NAMESPACE" get secret kueue-webhook-server-cert -o jsonpath="{.data.${file//./\\.}}" | base64 -d > "$dir/certs/$file"
   done
   wait_for "Kueue" 120 "$(cluster_dir)/kueue.log" healthy 18093
-  local cpus memory
-  cpus=$(kctl get node "$NODE_NAME" -o jsonpath='{.status.allocatable.cpu}')
-  memory=$(kctl get node "$NODE_NAME" -o jsonpath='{.status.allocatable.memory}')
+  kctl label node "$NODE_NAME" --overwrite "$TOPOLOGY_BLOCK_LABEL=block-1" >/dev/null
+  # The queue's quota is a cluster's (more than the one node holds): with a topology-aware flavor,
+  # Kueue admits a job only where one domain's free capacity — the node's, here — holds its pods.
   kctl apply -f - >/dev/null <<EOF
 apiVersion: kueue.x-k8s.io/v1beta2
 kind: ResourceFlavor
 metadata: {name: default-flavor}
+---
+apiVersion: kueue.x-k8s.io/v1beta2
+kind: Topology
+metadata: {name: $TOPOLOGY}
+spec:
+  levels:
+    - nodeLabel: $TOPOLOGY_BLOCK_LABEL
+    - nodeLabel: kubernetes.io/hostname
+---
+apiVersion: kueue.x-k8s.io/v1beta2
+kind: ResourceFlavor
+metadata: {name: topology-flavor}
+spec:
+  nodeLabels: {$TOPOLOGY_BLOCK_LABEL: block-1}
+  topologyName: $TOPOLOGY
 ---
 apiVersion: kueue.x-k8s.io/v1beta2
 kind: ClusterQueue
@@ -142,11 +162,11 @@ spec:
   resourceGroups:
     - coveredResources: [cpu, memory, ephemeral-storage, nvidia.com/gpu]
       flavors:
-        - name: default-flavor
+        - name: topology-flavor
           resources:
-            - {name: cpu, nominalQuota: "$cpus"}
-            - {name: memory, nominalQuota: "$memory"}
-            - {name: ephemeral-storage, nominalQuota: 200Gi}
+            - {name: cpu, nominalQuota: "64"}
+            - {name: memory, nominalQuota: 256Gi}
+            - {name: ephemeral-storage, nominalQuota: 1Ti}
             - {name: nvidia.com/gpu, nominalQuota: 0}
 ---
 apiVersion: kueue.x-k8s.io/v1beta2

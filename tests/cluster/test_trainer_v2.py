@@ -2,8 +2,10 @@
 nodes aborts (exit 134) is restarted whole by JobSet and resumes from its checkpoint, one that exits
 with a permanent code fails at once; under a queue whose quota fits
 one job, two jobs of either kind run one after the other, the second's pods made only once the first
-has finished (gang admission); what the cluster lacks for them exits 3 naming it. (The 4-node
-TrainJob through scripts/smoke.sh is in test_delivery.py.)"""
+has finished (gang admission); a job of either kind asking for one host of the test bed's Kueue
+Topology is admitted with a topology assignment naming the node, and one that no host can hold
+waits, saying why; what the cluster lacks for them exits 3 naming it. (The 4-node TrainJob through
+scripts/smoke.sh is in test_delivery.py.)"""
 
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from support import BUCKET_VALUES, ROOT, s3
 from training.storage import parse_url
 
 CPU_VALUES = ROOT / "charts" / "petal" / "ci" / "cpu-values.yaml"
+TOPOLOGY_QUEUE = "petal"  # the test bed's LocalQueue, on its topology-aware flavor (scripts/testbed/trainer.sh)
 CHECKPOINT_EVERY = 3
 STEP = re.compile(r"epoch (\d+)/\d+ step (\d+)/")
 RESUMED = re.compile(r'\{"event": "resumed", "epoch": (\d+), "step": (\d+)\}')
@@ -206,6 +209,55 @@ def test_a_queue_that_fits_one_job_runs_two_one_after_the_other(cluster, petal_i
         for submit, name in zip(submits, names, strict=True):
             submit.kill()
             cluster.kubectl("-n", PETAL_NAMESPACE, "delete", api, name, "--ignore-not-found", check=False)
+
+
+def workload_of(cluster, api: str, name: str) -> dict:
+    job = cluster.get("-n", PETAL_NAMESPACE, api, name)
+    (workload,) = cluster.get("-n", PETAL_NAMESPACE, "workloads", "-l",
+                              f"kueue.x-k8s.io/job-uid={job['metadata']['uid']}")["items"]  # fmt: skip
+    return workload
+
+
+@pytest.mark.parametrize(("api", "done"), [("pytorchjob", "Succeeded"), ("trainjob", "Complete")])
+def test_a_job_asking_for_one_host_is_admitted_onto_it_and_succeeds(cluster, petal_image, synthetic_dataset,
+                                                                      tmp_path, api, done):  # fmt: skip
+    name = f"tas-{api[:5]}-{uuid.uuid4().hex[:4]}"
+    node = cluster.get("nodes")["items"][0]["metadata"]["name"]
+    submit = petal_submit(cluster, name, synthetic_dataset, tmp_path, "--api", api, "--queue", TOPOLOGY_QUEUE,
+                          "--topology", "kubernetes.io/hostname", "--epochs", "1")  # fmt: skip
+    try:
+        code, stderr = finished(submit)
+        assert code == 0, stderr[-4000:]
+        assignments = workload_of(cluster, api, name)["status"]["admission"]["podSetAssignments"]
+        assert assignments and all(a["count"] > 0 for a in assignments)
+        for assignment in assignments:
+            placed = assignment["topologyAssignment"]
+            assert placed["levels"] == ["kubernetes.io/hostname"] and node in json.dumps(placed["slices"]), placed
+    finally:
+        submit.kill()
+        cluster.kubectl("-n", PETAL_NAMESPACE, "delete", api, name, "--ignore-not-found", check=False)
+
+
+def test_a_job_no_host_can_hold_waits_and_petal_status_says_why(cluster, petal_image):
+    """Two pods of 60 % of the node's CPUs each: the queue's quota admits them, one host cannot."""
+    name = f"tas-big-{uuid.uuid4().hex[:4]}"
+    cpus = cluster.get("nodes")["items"][0]["status"]["allocatable"]["cpu"]
+    share = f"{int(cpus.removesuffix('m')) * (1 if cpus.endswith('m') else 1000) * 6 // 10}m"
+    argv = ["petal", "submit", *BUCKET_VALUES, "--name", name, "--namespace", PETAL_NAMESPACE, "--replicas", "2",
+            "--image", petal_image, "--queue", TOPOLOGY_QUEUE, "--topology", "kubernetes.io/hostname",
+            "--set", f"resources.requests.cpu={share}", "--timeout", "20"]  # fmt: skip
+    try:
+        submit = subprocess.run(argv, env=cluster.env, capture_output=True, text=True, timeout=180)
+        assert submit.returncode == 1 and "did not succeed within --timeout 20s" in submit.stderr, submit.stderr
+        reason = re.search(r"waiting for Kueue admission: (.*)", submit.stderr)
+        assert reason and "topology" in reason[1], submit.stderr
+        status = subprocess.run(["petal", "status", name, "--namespace", PETAL_NAMESPACE], env=cluster.env,
+                                capture_output=True, text=True, timeout=60)  # fmt: skip
+        said = re.search(r"waiting for Kueue admission: (.*)", status.stdout)
+        assert status.returncode == 0 and said and "topology" in said[1], status
+        assert not cluster.get("-n", PETAL_NAMESPACE, "pods", "-l", f"training.kubeflow.org/job-name={name}")["items"]
+    finally:
+        cluster.kubectl("-n", PETAL_NAMESPACE, "delete", "pytorchjob", name, "--ignore-not-found", check=False)
 
 
 @pytest.mark.parametrize(

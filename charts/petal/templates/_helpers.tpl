@@ -271,11 +271,22 @@ limits:
 {{- with $tolerations }}{{ toYaml . }}{{ end }}
 {{- end -}}
 
-{{/* The pod's metadata, for both kinds. */}}
+{{/* The pod's metadata, for both kinds: Kueue reads a pod set's topology request from its template. */}}
 {{- define "petal.podMetadata" -}}
+{{- $annotations := deepCopy (.Values.podAnnotations | default dict) }}
+{{- with .Values.topology }}
+{{- if and .required .preferred }}
+{{- fail (printf "topology.required (%s) and topology.preferred (%s): set one" .required .preferred) }}
+{{- end }}
+{{- if and (or .required .preferred) (not $.Values.queue) }}
+{{- fail (printf "topology %s needs a queue: only Kueue places pods by topology" (.required | default .preferred)) }}
+{{- end }}
+{{- with .required }}{{ $_ := set $annotations "kueue.x-k8s.io/podset-required-topology" . }}{{ end }}
+{{- with .preferred }}{{ $_ := set $annotations "kueue.x-k8s.io/podset-preferred-topology" . }}{{ end }}
+{{- end }}
 labels:
   {{- include "petal.podLabels" . | nindent 2 }}
-{{- with .Values.podAnnotations }}
+{{- with $annotations }}
 annotations:
   {{- toYaml . | nindent 2 }}
 {{- end }}
