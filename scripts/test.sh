@@ -23,11 +23,14 @@ if [ $quick = 1 ] || [ "${PETAL_SKIP_CLUSTER:-0}" = 1 ]; then
   [ $quick = 0 ] || set -- -m "not slow" "$@"
 else
   services+=(cluster)
-  # The cluster's builds are mostly CPU (Go), the Python env and the image mostly downloads: side by side.
-  (scripts/testbed.sh install cluster && scripts/testbed.sh build-image petal:dev) &
-  cluster_build=$!
+  # The cluster's programs are mostly CPU (Go builds); the Python env, the base image and petal's
+  # image mostly downloads: side by side, once Debian's packages (Docker among them) are in.
+  scripts/testbed.sh install packages
+  scripts/testbed.sh install programs &
+  programs=$!
   scripts/testbed.sh install all
-  wait "$cluster_build"
+  scripts/testbed.sh build-image petal:dev
+  wait "$programs"
 fi
 eval "$(scripts/testbed.sh env)"
 ruff check .

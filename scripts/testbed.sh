@@ -7,6 +7,7 @@
 #   scripts/testbed.sh install [python|minio|helm|lint-tools|toxiproxy|all]   build what is missing (idempotent)
 #   scripts/testbed.sh install cluster              Debian packages; Kubernetes, CoreDNS, training-operator, Kubeflow
 #                                                   Trainer v2, JobSet, Kueue, the image registry; base images (root)
+#   scripts/testbed.sh install packages|programs    of those, the Debian packages alone, or the Go-built programs alone
 #   scripts/testbed.sh cluster up|down|status       a one-node cluster from those programs
 #   scripts/testbed.sh build-image [IMAGE]          the Dockerfile on the local base (default petal:dev), loaded if a cluster is up
 #   scripts/testbed.sh load-image IMAGE             a local Docker image into the cluster (skipped if already there),
@@ -64,10 +65,12 @@ case "${1:-}" in
       kube) install_kube ;;
       helm) install_helm ;;
       lint-tools) install_lint_tools ;;
-      cluster) install_cluster_programs; docker_up; build_base_images ;;
+      cluster) install_cluster_packages; install_cluster_programs; docker_up; build_base_images ;;
+      packages) install_cluster_packages ;;
+      programs) install_cluster_programs ;;
       toxiproxy) install_toxiproxy ;;
       all) install_python; install_minio; install_helm; install_lint_tools; install_toxiproxy ;;
-      *) die "unknown install target '${2}'; choose python, minio, helm, lint-tools, toxiproxy, kube, cluster or all" ;;
+      *) die "unknown install target '${2}'; choose python, minio, helm, lint-tools, toxiproxy, kube, packages, programs, cluster or all" ;;
     esac ;;
   minio)
     case "${2:-}" in

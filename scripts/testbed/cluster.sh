@@ -129,11 +129,13 @@ pod_network_up() {
   done
 }
 
-host_service() {  # host_service NAMESPACE NAME PORT TARGET_PORT PROTOCOLS [CLUSTER_IP]: a Service backed by this host
-  local namespace=$1 name=$2 port=$3 target=$4 protocols=$5 ip=${6:-} ports="" endpoint_ports="" protocol
+host_service() {  # host_service NAMESPACE NAME "PORT:TARGET_PORT ..." PROTOCOLS [CLUSTER_IP]: a Service backed by this host
+  local namespace=$1 name=$2 pairs=$3 protocols=$4 ip=${5:-} ports="" endpoint_ports="" protocol pair
   for protocol in $protocols; do
-    ports="$ports{name: p-${protocol,,}, port: $port, targetPort: $target, protocol: $protocol},"
-    endpoint_ports="$endpoint_ports{name: p-${protocol,,}, port: $target, protocol: $protocol},"
+    for pair in $pairs; do
+      ports="$ports{name: p-${protocol,,}-${pair%%:*}, port: ${pair%%:*}, targetPort: ${pair##*:}, protocol: $protocol},"
+      endpoint_ports="$endpoint_ports{name: p-${protocol,,}-${pair%%:*}, port: ${pair##*:}, protocol: $protocol},"
+    done
   done
   kctl apply -f - >/dev/null <<EOF
 apiVersion: v1
@@ -161,7 +163,7 @@ publish_minio() {
   service=$(chart_endpoint_part service)
   secret=$(chart_default s3.existingSecret)
   kctl create namespace "$namespace" --dry-run=client -o yaml | kctl apply -f - >/dev/null
-  host_service "$namespace" "$service" "$(chart_endpoint_part port)" "$port" TCP
+  host_service "$namespace" "$service" "$(chart_endpoint_part port):$port" TCP
   kctl -n "$namespace" create secret generic "$secret" --dry-run=client -o yaml \
     --from-env-file=<(printf 'AWS_ACCESS_KEY_ID=%s\nAWS_SECRET_ACCESS_KEY=%s\n' "$access_key" "$secret_key") \
     | kctl apply -f - >/dev/null
@@ -214,7 +216,7 @@ cluster_up() {
   wait_for "node $NODE_NAME" 90 "$dir/kubelet.log" kctl wait --for=condition=Ready "node/$NODE_NAME" --timeout=1s
 
   start coredns "$(coredns_bin)" -conf "$dir/Corefile"
-  host_service kube-system kube-dns 53 53 "UDP TCP" "$DNS_IP"
+  host_service kube-system kube-dns 53:53 "UDP TCP" "$DNS_IP"
   wait_for "CoreDNS" 30 "$dir/coredns.log" curl -fsS http://127.0.0.1:18053/health
 
   local operator; operator=$(module_dir "github.com/kubeflow/training-operator@$TRAINING_OPERATOR_VERSION")
@@ -225,7 +227,7 @@ cluster_up() {
   kctl kustomize "$operator/manifests/overlays/standalone" \
     | "$(venv_dir)/bin/python" -c 'import sys, yaml; yaml.safe_dump_all([d for d in yaml.safe_load_all(sys.stdin) if d and d["kind"] == "ValidatingWebhookConfiguration"], sys.stdout)' \
     | kctl apply -f - >/dev/null
-  host_service kubeflow training-operator 443 9443 TCP
+  host_service kubeflow training-operator 443:9443 TCP
   start training-operator env MY_POD_NAMESPACE=kubeflow "$(operator_bin)" --kubeconfig "$dir/kubeconfig" \
     --enable-scheme pytorchjob --leader-elect=false --metrics-bind-address 127.0.0.1:18080 \
     --health-probe-bind-address 127.0.0.1:18081 --pytorch-init-container-image "$INIT_IMAGE"
@@ -286,6 +288,8 @@ cluster_down() {
   for flag in -s -d; do iptables -D FORWARD "$flag" "$POD_CIDR" -j ACCEPT 2>/dev/null || true; done
   ip link del cni0 2>/dev/null || true
   rm -rf "$dir" "$WEBHOOK_CERTS"
+  # The mount point trainer.sh made for the Trainer's token (its own mount namespace held the rest).
+  rmdir /var/run/secrets/kubernetes.io/serviceaccount /var/run/secrets/kubernetes.io 2>/dev/null || true
   say "cluster down"
 }
 

@@ -4,6 +4,11 @@
 # programs (Debian packages; Kubernetes, CoreDNS and the training-operator from their Go modules).
 # Uses common.sh only.
 
+# Every Go program here is a static binary without a symbol table: no C compiler in the build, and
+# less for the linker to write (a cold build is mostly these builds). Flags given on a command line
+# still win.
+export CGO_ENABLED=0 GOFLAGS="-trimpath -ldflags=-s"
+
 install_python() {
   local venv; venv=$(venv_dir)
   if [ -f "$venv/.complete" ]; then
@@ -149,10 +154,10 @@ install_trainer_programs() {
   fi
 }
 
-# Everything the cluster runs as host programs: Debian's container runtime, etcd and CNI plugins;
-# Kubernetes, CoreDNS, the training-operator, Trainer v2, JobSet, Kueue and the image registry built
-# from their Go modules.
-install_cluster_programs() {
+# Everything the cluster runs as host programs: Debian's container runtime, etcd and CNI plugins
+# (install_cluster_packages); Kubernetes, CoreDNS, the training-operator, Trainer v2, JobSet, Kueue
+# and the image registry built from their Go modules (install_cluster_programs).
+install_cluster_packages() {
   local missing=""
   for package in $CLUSTER_APT; do dpkg -s "$package" >/dev/null 2>&1 || missing="$missing $package"; done
   if [ -n "$missing" ]; then
@@ -162,6 +167,9 @@ install_cluster_programs() {
   else
     say "Debian packages for the cluster are already installed"
   fi
+}
+
+install_cluster_programs() {
   install_kube
   if [ -x "$(coredns_bin)" ]; then say "coredns $COREDNS_VERSION is already built"; else
     say "building coredns $COREDNS_VERSION"

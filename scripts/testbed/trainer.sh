@@ -17,6 +17,8 @@ TRAINER_NAMESPACE=kubeflow-system
 KUEUE_NAMESPACE=kueue-system
 TRAINER_API=trainer.kubeflow.org
 PETAL_QUEUE=petal
+STATUS_PORT=10443  # the Trainer's status server (TrainJobStatus)
+SA_ISSUER_HOST=kubernetes.default.svc.cluster.local  # cluster.sh's --service-account-issuer
 # The test bed's topology: its node is the one host of block-1, as a GPU node is one host of a
 # cloud's block (GKE: cloud.google.com/gce-topology-block) or NVLink domain.
 TOPOLOGY=petal-topology
@@ -47,7 +49,7 @@ jobset_up() {
   kctl create namespace "$JOBSET_NAMESPACE" >/dev/null
   kctl kustomize "$src/config/default" 2>/dev/null | pick_manifests --namespace "$JOBSET_NAMESPACE" --ca-bundle "$dir/certs/ca.crt" \
     | kctl apply -f - >/dev/null
-  host_service "$JOBSET_NAMESPACE" jobset-webhook-service 443 9445 TCP
+  host_service "$JOBSET_NAMESPACE" jobset-webhook-service 443:9445 TCP
   cat > "$dir/config.yaml" <<EOF
 apiVersion: config.jobset.x-k8s.io/v1alpha1
 kind: Configuration
@@ -72,7 +74,13 @@ kubeflow_trainer_up() {
   kctl create namespace "$TRAINER_NAMESPACE" >/dev/null
   kctl kustomize "$src/manifests/base/webhook" | pick_manifests --namespace "$TRAINER_NAMESPACE" \
     --ca-bundle "$dir/tmp/k8s-webhook-server/serving-certs/ca.crt" | kctl apply -f - >/dev/null
-  host_service "$TRAINER_NAMESPACE" kubeflow-trainer-controller-manager 443 9444 TCP
+  host_service "$TRAINER_NAMESPACE" kubeflow-trainer-controller-manager "443:9444 $STATUS_PORT:$STATUS_PORT" TCP
+  # Its TrainJobStatus gate: trainer pods get the status server's URL, CA and a projected token, and
+  # what they POST becomes the TrainJob's status.trainerStatus. Every TrainJob's CA ConfigMap is copied
+  # from the Secret upstream's cert management would make.
+  local certs=$dir/tmp/k8s-webhook-server/serving-certs
+  kctl -n "$TRAINER_NAMESPACE" create secret generic kubeflow-trainer-webhook-cert --from-file="$certs/ca.crt" \
+    --from-file="$certs/tls.crt" --from-file="$certs/tls.key" >/dev/null
   cat > "$dir/config.yaml" <<EOF
 apiVersion: config.trainer.kubeflow.org/v1alpha1
 kind: Configuration
@@ -80,10 +88,29 @@ webhook: {port: 9444}
 metrics: {bindAddress: "0"}
 health: {healthProbeBindAddress: "127.0.0.1:18091"}
 certManagement: {enable: false}
+statusServer: {port: $STATUS_PORT}
+featureGates: {TrainJobStatus: true}
 EOF
-  start trainer-controller-manager env TMPDIR="$dir/tmp" "$(trainer_bin)" --config "$dir/config.yaml" \
-    --kubeconfig "$(cluster_dir)/kubeconfig"
+  # The status server reads what a pod would have at fixed paths: its TLS pair in
+  # /tmp/k8s-webhook-server/serving-certs (the training-operator's, on this host), and a service-account
+  # token (only its issuer, whose OIDC discovery it then asks the apiserver for: the issuer's name
+  # must resolve). In a mount namespace of its own, ours are there.
+  mkdir -p "$dir/serviceaccount" /var/run/secrets/kubernetes.io/serviceaccount
+  kctl -n "$TRAINER_NAMESPACE" create serviceaccount kubeflow-trainer-controller-manager >/dev/null
+  kctl -n "$TRAINER_NAMESPACE" create token kubeflow-trainer-controller-manager --duration 720h > "$dir/serviceaccount/token"
+  echo "$TRAINER_NAMESPACE" > "$dir/serviceaccount/namespace"
+  { cat /etc/hosts; echo "$(kctl get service kubernetes -n default -o jsonpath='{.spec.clusterIP}') $SA_ISSUER_HOST"; } > "$dir/hosts"
+  # shellcheck disable=SC2016  # expanded by the inner shell
+  start trainer-controller-manager unshare --mount sh -c 'mount --bind "$0/tmp/k8s-webhook-server" /tmp/k8s-webhook-server &&
+      mount --bind "$0/serviceaccount" /var/run/secrets/kubernetes.io/serviceaccount &&
+      mount --bind "$0/hosts" /etc/hosts && exec "$@"' "$dir" env TMPDIR="$dir/tmp" "$(trainer_bin)" \
+    --config "$dir/config.yaml" --kubeconfig "$(cluster_dir)/kubeconfig"
   wait_for "the Kubeflow trainer" 90 "$(cluster_dir)/trainer-controller-manager.log" healthy 18091
+  # Its status server listens only once its OIDC discovery worked (readyz does not cover it): any answer.
+  wait_for "the Kubeflow trainer's status server" 60 "$(cluster_dir)/trainer-controller-manager.log" \
+    curl -sS -o /dev/null --cacert "$certs/ca.crt" \
+      --resolve "kubeflow-trainer-controller-manager.$TRAINER_NAMESPACE.svc:$STATUS_PORT:127.0.0.1" \
+      "https://kubeflow-trainer-controller-manager.$TRAINER_NAMESPACE.svc:$STATUS_PORT/"
   # What the upstream install makes for the Python SDK (TrainerClient reads the trainer's version from it).
   kctl -n "$TRAINER_NAMESPACE" create configmap kubeflow-trainer-public \
     --from-literal=kubeflow_trainer_version="$KUBEFLOW_TRAINER_VERSION" >/dev/null
@@ -108,7 +135,7 @@ kueue_up() {
     | pick_manifests --kinds CustomResourceDefinition --namespace "$KUEUE_NAMESPACE" \
         --webhooks mclusterqueue.kb.io,mresourceflavor.kb.io,mworkload.kb.io,mpytorchjob.kb.io,mtrainjob.kb.io,vclusterqueue.kb.io,vcohort.kb.io,vresourceflavor.kb.io,vworkload.kb.io,vpytorchjob.kb.io,vtrainjob.kb.io,vlocalqueue.kb.io,mlocalqueue.kb.io \
     | kctl apply --server-side -f - >/dev/null
-  host_service "$KUEUE_NAMESPACE" kueue-webhook-service 443 9446 TCP
+  host_service "$KUEUE_NAMESPACE" kueue-webhook-service 443:9446 TCP
   cat > "$dir/config.yaml" <<EOF
 apiVersion: config.kueue.x-k8s.io/v1beta2
 kind: Configuration

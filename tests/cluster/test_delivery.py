@@ -56,6 +56,21 @@ def test_smoke_submits_four_replicas_collects_and_predicts(cluster, petal_image,
         assert job["spec"]["trainer"]["numNodes"] == 4
         pods = cluster.get("-n", PETAL_NAMESPACE, "pods", "-l", f"jobset.sigs.k8s.io/jobset-name={work.name}")
         assert len(pods["items"]) == 4 and {p["status"]["phase"] for p in pods["items"]} == {"Succeeded"}
+        # The Trainer's TrainJobStatus gate: rank 0's progress in the TrainJob's status, through a projected
+        # token of the status server's audience; the default API token stays unmounted.
+        reported = job["status"]["trainerStatus"]
+        metrics = {m["name"]: float(m["value"]) for m in reported["metrics"]}
+        assert reported["progressPercentage"] == 100 and metrics["epoch"] == 5
+        assert metrics["val/best_accuracy"] == pytest.approx(summary["best_val_acc"], abs=1e-5)
+        assert "progress: epoch 5/5 (100%)" in subprocess.run([petal[0], "status", work.name, *petal[1:]], env=env,
+                                                               capture_output=True, text=True).stdout  # fmt: skip
+        for pod in pods["items"]:
+            volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+            (token,) = [
+                s for s in volumes["kubeflow-trainer-token"]["projected"]["sources"] if "serviceAccountToken" in s
+            ]
+            assert token["serviceAccountToken"]["audience"].endswith(f"/trainjobs/{work.name}/status")
+            assert not any(name.startswith("kube-api-access") for name in volumes)
     else:
         assert job["spec"]["pytorchReplicaSpecs"]["Master"]["replicas"] == 1
         assert job["spec"]["pytorchReplicaSpecs"]["Worker"]["replicas"] == 3
