@@ -107,7 +107,7 @@ EOF
     --config "$dir/config.yaml" --kubeconfig "$(cluster_dir)/kubeconfig"
   wait_for "the Kubeflow trainer" 90 "$(cluster_dir)/trainer-controller-manager.log" healthy 18091
   # Its status server listens only once its OIDC discovery worked (readyz does not cover it): any answer.
-  wait_for "the Kubeflow trainer's status server" 60 "$(cluster_dir)/trainer-controller-manager.log" \
+  wait_for "the Kubeflow trainer's TrainJobStatus server" 60 "$(cluster_dir)/trainer-controller-manager.log" \
     curl -sS -o /dev/null --cacert "$certs/ca.crt" \
       --resolve "kubeflow-trainer-controller-manager.$TRAINER_NAMESPACE.svc:$STATUS_PORT:127.0.0.1" \
       "https://kubeflow-trainer-controller-manager.$TRAINER_NAMESPACE.svc:$STATUS_PORT/"
