@@ -106,9 +106,8 @@ class FaultyJob:
         assert (epoch, step) <= last or (epoch, step) == (last[0] + 1, 0), (fault, last, (epoch, step))
         lost = (last[0] - epoch) * per_epoch + last[1] - step
         assert 0 <= lost <= CHECKPOINT_EVERY, f"{fault}: {lost} steps recomputed, more than --checkpoint-every"
-        where = "the step it stopped" if lost == 0 else "the last periodic checkpoint"
-        self.rows.append((fault, policy, f"resumed from {where} (logged epoch {last[0]} step {last[1]}, resumed at "
-                                         f"epoch {epoch} step {step})", lost))  # fmt: skip
+        self.rows.append((fault, policy, f"last logged epoch {last[0]} step {last[1]}, resumed at epoch {epoch} "
+                                         f"step {step}", lost))  # fmt: skip
 
     def delete(self, *pods: str, force: bool = False) -> None:
         grace = ["--grace-period=0", "--force"] if force else []
