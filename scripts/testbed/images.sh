@@ -129,4 +129,15 @@ load_image() {
   ctr -a "$socket" -n k8s.io images tag --force "$ref" "$(containerd_name "$image")" >/dev/null
   mkdir -p "$(dirname "$marker")"
   echo "$id" > "$marker"
+  prune_replaced_images "$socket"
+}
+
+# The kubelet runs without image GC (cluster.sh), so an image a new load replaced would stay for good:
+# CRI keeps it under its ID (sha256:...) after its names have moved on, 3 GB per petal image.
+prune_replaced_images() {
+  local socket=$1 named orphans
+  named=$(ctr -a "$socket" -n k8s.io images ls | awk 'NR > 1 && $1 !~ /^sha256:/ {print $3}' | sort -u)
+  orphans=$(ctr -a "$socket" -n k8s.io images ls | awk 'NR > 1 && $1 ~ /^sha256:/ {print $1, $3}' \
+    | while read -r ref digest; do grep -qxF "$digest" <<< "$named" || echo "$ref"; done)
+  [ -z "$orphans" ] || ctr -a "$socket" -n k8s.io images rm --sync $orphans >/dev/null
 }
