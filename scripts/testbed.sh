@@ -9,7 +9,8 @@
 #                                                   Trainer v2, JobSet, Kueue, the image registry; base images (root)
 #   scripts/testbed.sh install packages|programs    of those, the Debian packages alone, or the Go-built programs alone
 #   scripts/testbed.sh cluster up|down|status       a one-node cluster from those programs
-#   scripts/testbed.sh build-image [IMAGE]          the Dockerfile on the local base (default petal:dev), loaded if a cluster is up
+#   scripts/testbed.sh build-image [IMAGE]          the Dockerfile on the local base (default petal:dev), pushed to the
+#                                                   registry once that is built, loaded if a cluster is up
 #   scripts/testbed.sh load-image IMAGE             a local Docker image into the cluster (skipped if already there),
 #                                                   through the test bed's registry: only changed layers travel
 #   scripts/testbed.sh minio up|down|status         a MinIO on a free port, data in the state dir; a running

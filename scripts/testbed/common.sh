@@ -15,7 +15,7 @@ EXTRAS="train,dataset,submit,augment,dev"
 # The image build-image makes by default and the test bed's ClusterTrainingRuntime runs.
 DEV_IMAGE=petal:dev
 
-say() { printf 'testbed: %s\n' "$*" >&2; }
+say() { printf 'testbed %(%T)T: %s\n' -1 "$*" >&2; }
 die() { say "error: $*"; exit 1; }
 
 # Keyed by the interpreter and the declared dependencies, not by the rest of pyproject.toml.

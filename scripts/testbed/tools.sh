@@ -170,13 +170,13 @@ install_cluster_packages() {
 }
 
 install_cluster_programs() {
+  install_registry  # first: a cold setup's image build pushes to it while the rest compiles
   install_kube
   if [ -x "$(coredns_bin)" ]; then say "coredns $COREDNS_VERSION is already built"; else
     say "building coredns $COREDNS_VERSION"
     GOBIN="$(dirname "$(coredns_bin)")" go install "github.com/coredns/coredns@$COREDNS_VERSION"
   fi
   install_trainer_programs
-  install_registry
   if [ -x "$(operator_bin)" ]; then say "training-operator $TRAINING_OPERATOR_VERSION is already built"; else
     say "building training-operator $TRAINING_OPERATOR_VERSION"
     GOBIN="$(dirname "$(operator_bin)")" go install "github.com/kubeflow/training-operator/cmd/training-operator.v1@$TRAINING_OPERATOR_VERSION"

@@ -1,11 +1,10 @@
 """Kubeflow Trainer v2 (TrainJob, on JobSet) and Kueue on the real test bed: a TrainJob one of whose
 nodes aborts (exit 134) is restarted whole by JobSet and resumes from its checkpoint, one that exits
-with a permanent code fails at once; under a queue whose quota fits
-one job, two jobs of either kind run one after the other, the second's pods made only once the first
-has finished (gang admission); a job of either kind asking for one host of the test bed's Kueue
-Topology is admitted with a topology assignment naming the node, and one that no host can hold
-waits, saying why; what the cluster lacks for them exits 3 naming it. (The 4-node TrainJob through
-scripts/smoke.sh is in test_delivery.py.)"""
+with a permanent code fails at once; under a queue whose quota fits one job, two jobs of either kind
+run one after the other, the second's pods made only once the first has finished (gang admission),
+each asking for one host of the test bed's Kueue Topology and admitted with a topology assignment
+naming the node; one that no host can hold waits, saying why; what the cluster lacks for them exits
+3 naming it. (The 4-node TrainJob through scripts/smoke.sh is in test_delivery.py.)"""
 
 from __future__ import annotations
 
@@ -159,13 +158,14 @@ def test_a_trainjob_fails_at_once_on_a_permanent_exit_code(cluster, petal_image,
 @pytest.fixture()
 def one_job_queue(cluster):
     """A Kueue ClusterQueue whose quota fits one 2-pod CPU job (100m CPU, 2Gi memory and a 1Gi cache
-    each) and not two, with its LocalQueue in petal's namespace."""
+    each) and not two, on the test bed's topology-aware flavor, with its LocalQueue in petal's
+    namespace."""
     name = f"gang-{uuid.uuid4().hex[:5]}"
     cluster.apply(
         {"apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "ClusterQueue", "metadata": {"name": name},
          "spec": {"namespaceSelector": {}, "resourceGroups": [{
              "coveredResources": ["cpu", "memory", "ephemeral-storage"],
-             "flavors": [{"name": "default-flavor", "resources": [
+             "flavors": [{"name": "topology-flavor", "resources": [
                  {"name": "cpu", "nominalQuota": "300m"}, {"name": "memory", "nominalQuota": "6Gi"},
                  {"name": "ephemeral-storage", "nominalQuota": "3Gi"}]}]}]}},
         {"apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "LocalQueue",
@@ -177,16 +177,27 @@ def one_job_queue(cluster):
     cluster.kubectl("delete", "clusterqueue", name, check=False)
 
 
+def workload_of(cluster, api: str, name: str) -> dict:
+    job = cluster.get("-n", PETAL_NAMESPACE, api, name)
+    (workload,) = cluster.get("-n", PETAL_NAMESPACE, "workloads", "-l",
+                              f"kueue.x-k8s.io/job-uid={job['metadata']['uid']}")["items"]  # fmt: skip
+    return workload
+
+
 def timestamp(text: str) -> datetime:
     return datetime.fromisoformat(text.replace("Z", "+00:00"))
 
 
 @pytest.mark.parametrize(("api", "done"), [("pytorchjob", "Succeeded"), ("trainjob", "Complete")])
-def test_a_queue_that_fits_one_job_runs_two_one_after_the_other(cluster, petal_image, synthetic_dataset,
-                                                                  one_job_queue, tmp_path, api, done):  # fmt: skip
+def test_a_queue_that_fits_one_job_runs_two_one_after_the_other_each_on_the_host_it_asked_for(
+    cluster, petal_image, synthetic_dataset, one_job_queue, tmp_path, api, done
+):
+    """Kueue admits whole jobs, one at a time when only one fits, and places each on the topology level
+    it asked for (`--topology kubernetes.io/hostname`): its Workload's topologyAssignment names the node."""
     names = [f"gang-{api[:5]}-{i}-{uuid.uuid4().hex[:4]}" for i in (1, 2)]
     label = "training.kubeflow.org/job-name" if api == "pytorchjob" else "jobset.sigs.k8s.io/jobset-name"
-    queued = ["--api", api, "--queue", one_job_queue, "--epochs", "1"]
+    node = cluster.get("nodes")["items"][0]["metadata"]["name"]
+    queued = ["--api", api, "--queue", one_job_queue, "--topology", "kubernetes.io/hostname", "--epochs", "1"]
     submits = [petal_submit(cluster, name, synthetic_dataset, tmp_path, *queued) for name in names]
     try:
         results = [finished(submit) for submit in submits]
@@ -205,37 +216,17 @@ def test_a_queue_that_fits_one_job_runs_two_one_after_the_other(cluster, petal_i
             created[name] = min(timestamp(p["metadata"]["creationTimestamp"]) for p in pods)
         first, second = sorted(names, key=ended.get)
         assert created[second] >= ended[first], f"{second}'s pods were made before {first} finished"
+
+        for name in names:
+            assignments = workload_of(cluster, api, name)["status"]["admission"]["podSetAssignments"]
+            assert assignments and all(a["count"] > 0 for a in assignments)
+            for assignment in assignments:
+                placed = assignment["topologyAssignment"]
+                assert placed["levels"] == ["kubernetes.io/hostname"] and node in json.dumps(placed["slices"]), placed
     finally:
         for submit, name in zip(submits, names, strict=True):
             submit.kill()
             cluster.kubectl("-n", PETAL_NAMESPACE, "delete", api, name, "--ignore-not-found", check=False)
-
-
-def workload_of(cluster, api: str, name: str) -> dict:
-    job = cluster.get("-n", PETAL_NAMESPACE, api, name)
-    (workload,) = cluster.get("-n", PETAL_NAMESPACE, "workloads", "-l",
-                              f"kueue.x-k8s.io/job-uid={job['metadata']['uid']}")["items"]  # fmt: skip
-    return workload
-
-
-@pytest.mark.parametrize(("api", "done"), [("pytorchjob", "Succeeded"), ("trainjob", "Complete")])
-def test_a_job_asking_for_one_host_is_admitted_onto_it_and_succeeds(cluster, petal_image, synthetic_dataset,
-                                                                      tmp_path, api, done):  # fmt: skip
-    name = f"tas-{api[:5]}-{uuid.uuid4().hex[:4]}"
-    node = cluster.get("nodes")["items"][0]["metadata"]["name"]
-    submit = petal_submit(cluster, name, synthetic_dataset, tmp_path, "--api", api, "--queue", TOPOLOGY_QUEUE,
-                          "--topology", "kubernetes.io/hostname", "--epochs", "1")  # fmt: skip
-    try:
-        code, stderr = finished(submit)
-        assert code == 0, stderr[-4000:]
-        assignments = workload_of(cluster, api, name)["status"]["admission"]["podSetAssignments"]
-        assert assignments and all(a["count"] > 0 for a in assignments)
-        for assignment in assignments:
-            placed = assignment["topologyAssignment"]
-            assert placed["levels"] == ["kubernetes.io/hostname"] and node in json.dumps(placed["slices"]), placed
-    finally:
-        submit.kill()
-        cluster.kubectl("-n", PETAL_NAMESPACE, "delete", api, name, "--ignore-not-found", check=False)
 
 
 def test_a_job_no_host_can_hold_waits_and_petal_status_says_why(cluster, petal_image):
