@@ -183,6 +183,49 @@ def test_the_gpu_path_makes_the_cpu_paths_training_view_of_an_asymmetric_image()
     assert (gpu_path - cpu_path(None)).abs().mean() > 3 * distance
 
 
+def test_the_gpu_paths_training_views_are_made_together_and_their_geometry_crosses_over_once():
+    """The training views of a batch are rotated and cropped in one grid_sample: pixel for pixel what
+    `view` makes one image at a time (torchvision's F.rotate and F.center_crop), but with one copy to the
+    device per batch where F.rotate makes each image's affine matrix on the host and copies it over.
+    (On the CPU device; a TorchFunctionMode counts tensors made with a device and moves to one.)"""
+    import torch
+    from PIL import Image
+    from torch.overrides import TorchFunctionMode
+
+    from training.views import DecodeOnGpu, decode_image, encoded_batch, normalize, pixels, rotation, view, views
+
+    images = [torch.randint(0, 256, (3, height, width), dtype=torch.uint8, generator=torch.Generator().manual_seed(i))
+              for i, (height, width) in enumerate([(240, 360), (300, 200), (97, 131), (64, 64), (500, 120)])]  # fmt: skip
+    angles = [rotation(7, 1, f"key{i}") for i in range(len(images))]
+    together = views(images, 48, angles)
+    one_by_one = torch.stack([view(image, 48, angle) for image, angle in zip(images, angles, strict=True)])
+    assert together.dtype == torch.uint8 and torch.equal(together, one_by_one)
+    assert torch.equal(views(images, 48, None), torch.stack([view(image, 48, None) for image in images]))
+
+    class Transfers(TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.count = 0
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if "device" in kwargs or (func is torch.Tensor.to and any(isinstance(a, torch.device) for a in args)):
+                self.count += 1
+            return func(*args, **kwargs)
+
+    def transfers(size: int) -> int:
+        blobs = [encoded_image(Image.new("RGB", (90 + 7 * i, 60), (9 * i, 99, 199)), "JPEG") for i in range(size)]
+        batch = encoded_batch([(blob, 0, f"key{i}", 1) for i, blob in enumerate(blobs)])
+        with Transfers() as mode:
+            (made, _, _), = DecodeOnGpu([batch], 32, torch.device("cpu"), seed=0, augment=True)
+        first = pixels(view(decode_image(blobs[0]), 32, rotation(0, 1, "key0")))
+        assert made.shape == (size, 3, 32, 32) and torch.equal(made[0], normalize(first[None])[0])
+        return mode.count
+
+    transfers(1)  # what is made once per device (the normalising constants, the crop's pixel steps)
+    assert transfers(8) == transfers(1) <= 2
+
+
 def test_the_gpu_path_decodes_ahead_on_a_side_stream_it_drains_first_and_never_takes_oom_for_a_format(monkeypatch):
     """nvJPEG writes on a stream of its own into memory allocated on the caller's, without waiting for it
     (vision#9606): each batch is decoded on a side stream that is drained first, one batch ahead of

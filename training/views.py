@@ -1,6 +1,7 @@
 """What the model sees of an image: decoded, its short side resized, rotated (training only),
 centre-cropped, normalised. One geometry (`view`) whether PIL runs it in a DataLoader worker or
-torchvision on the GPU after nvJPEG (`DecodeOnGpu`).
+torchvision on the GPU after nvJPEG (`DecodeOnGpu`, through `views`: a batch's rotations and crops
+in one grid_sample).
 
 Workers hand over uint8 pixels — a quarter of float32's bytes through /dev/shm and the host-to-device
 copy — and the rank normalises each batch on its device with constants made once (`normalize`).
@@ -11,6 +12,7 @@ too, and which process decodes a sample must not matter.
 
 from __future__ import annotations
 
+import math
 import random
 from functools import cache
 from io import BytesIO
@@ -51,6 +53,47 @@ def view(image, image_size: int, angle: float | None):
     if angle is not None:
         image = F.rotate(image, angle)
     return F.center_crop(image, [image_size, image_size])
+
+
+def views(images: list[torch.Tensor], image_size: int, angles: list[float] | None) -> torch.Tensor:
+    """`view` of each CHW uint8 image (all on one device) as one NCHW batch, the training views' rotations
+    and centre crops done together: one grid_sample over the resized images on a zero canvas of the
+    largest, their geometry sent in one copy. Through `view` one by one, F.rotate makes every image's
+    affine matrix on the host and copies it over, with a dozen small kernels each."""
+    resized = [F.resize(image, [image_size], antialias=True) for image in images]
+    if angles is None:
+        return torch.stack([F.center_crop(image, [image_size, image_size]) for image in resized])
+    canvas = resized[0].new_zeros((len(resized), 3, max(r.shape[-2] for r in resized),
+                                   max(r.shape[-1] for r in resized)))  # fmt: skip
+    geometry = []
+    for i, (image, angle) in enumerate(zip(resized, angles, strict=True)):
+        height, width = image.shape[-2:]
+        canvas[i, :, :height, :width] = image
+        # F.rotate's inverse map (it turns by -angle about the image's centre) and F.center_crop's corner
+        turn = math.radians(-angle)
+        geometry.append([height, width, round((height - image_size) / 2), round((width - image_size) / 2),
+                         math.cos(turn), math.sin(turn)])  # fmt: skip
+    height, width, top, left, cos, sin = _on(torch.tensor(geometry), canvas.device).unbind(1)
+    steps = _steps(image_size, canvas.device)
+    x = (left[:, None] + steps - (width[:, None] - 1) / 2)[:, None, :]  # the crop's pixels about the centre
+    y = (top[:, None] + steps - (height[:, None] - 1) / 2)[:, :, None]
+    cos, sin = cos[:, None, None], sin[:, None, None]
+    source_x = cos * x + sin * y + ((width - 1) / 2)[:, None, None]
+    source_y = cos * y - sin * x + ((height - 1) / 2)[:, None, None]
+    grid = torch.stack(((2 * source_x + 1) / canvas.shape[-1] - 1, (2 * source_y + 1) / canvas.shape[-2] - 1), -1)
+    sampled = torch.nn.functional.grid_sample(canvas.float(), grid, mode="nearest", padding_mode="zeros",
+                                              align_corners=False)  # fmt: skip
+    return sampled.to(torch.uint8)
+
+
+def _on(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small host tensor on `device` without the host waiting for the copy (pinned first on a GPU)."""
+    return host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host.to(device)
+
+
+@cache
+def _steps(size: int, device: torch.device) -> torch.Tensor:
+    return torch.arange(size, dtype=torch.float32, device=device)
 
 
 def pixels(image: Image.Image) -> torch.Tensor:
@@ -159,10 +202,8 @@ class DecodeOnGpu:
             raise
         except RuntimeError:  # a PNG, GIF, CMYK JPEG, ... among them: one by one, those by PIL
             images = [self._decode_one(blob, decode_jpeg, ImageReadMode.RGB) for blob in blobs]
-        angles = [rotation(self.seed, epoch, key) if self.augment else None
-                  for key, epoch in zip(keys, epochs, strict=True)]  # fmt: skip
-        batch = torch.stack([view(image, self.image_size, angle) for image, angle in zip(images, angles, strict=True)])
-        return normalize(batch), labels, keys
+        angles = [rotation(self.seed, epoch, key) for key, epoch in zip(keys, epochs, strict=True)]
+        return normalize(views(images, self.image_size, angles if self.augment else None)), labels, keys
 
     def _decode_one(self, blob: torch.Tensor, decode_jpeg, mode) -> torch.Tensor:
         try:
