@@ -194,8 +194,9 @@ def test_the_gpu_paths_training_views_are_made_together_and_their_geometry_cross
 
     from training.views import DecodeOnGpu, decode_image, encoded_batch, normalize, pixels, rotation, view, views
 
-    images = [torch.randint(0, 256, (3, height, width), dtype=torch.uint8, generator=torch.Generator().manual_seed(i))
-              for i, (height, width) in enumerate([(240, 360), (300, 200), (97, 131), (64, 64), (500, 120)])]  # fmt: skip
+    sizes = [(240, 360), (300, 200), (97, 131), (64, 64), (500, 120)]
+    images = [torch.randint(0, 256, (3, *size), dtype=torch.uint8, generator=torch.Generator().manual_seed(i))
+              for i, size in enumerate(sizes)]  # fmt: skip
     angles = [rotation(7, 1, f"key{i}") for i in range(len(images))]
     together = views(images, 48, angles)
     one_by_one = torch.stack([view(image, 48, angle) for image, angle in zip(images, angles, strict=True)])
