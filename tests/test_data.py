@@ -218,7 +218,7 @@ def test_the_gpu_paths_training_views_are_made_together_and_their_geometry_cross
         blobs = [encoded_image(Image.new("RGB", (90 + 7 * i, 60), (9 * i, 99, 199)), "JPEG") for i in range(size)]
         batch = encoded_batch([(blob, 0, f"key{i}", 1) for i, blob in enumerate(blobs)])
         with Transfers() as mode:
-            (made, _, _), = DecodeOnGpu([batch], 32, torch.device("cpu"), seed=0, augment=True)
+            ((made, _, _),) = DecodeOnGpu([batch], 32, torch.device("cpu"), seed=0, augment=True)
         first = pixels(view(decode_image(blobs[0]), 32, rotation(0, 1, "key0")))
         assert made.shape == (size, 3, 32, 32) and torch.equal(made[0], normalize(first[None])[0])
         return mode.count
