@@ -129,8 +129,15 @@ CONSTANTS = {
             r"secret generic ([\w.-]+)[\s\\]*--from-literal=AWS_",
             r"get secret ([\w.-]+) -o jsonpath='\{\.data\.AWS_",
             r"secretKeyRef: \{name: ([\w.-]+), key: AWS_",
+            r"secretRef: \{name: ([\w.-]+)",
         ],
-        ["docs/production.md", "manifests/README.md", "manifests/minio-dev.yaml", ".github/workflows/ci.yml"],
+        [
+            "docs/production.md",
+            "manifests/README.md",
+            "manifests/minio-dev.yaml",
+            "manifests/trainer-runtime.yaml",
+            ".github/workflows/ci.yml",
+        ],
     ),
     # The chart runs petal's pods as the user the image's files belong to (other images, MinIO's, and the
     # chart's tests have other users: only petal's files are looked at).
@@ -144,13 +151,25 @@ CONSTANTS = {
             r"(?:runAsUser|runAsGroup|fsGroup): (\d+)",
             r"UID (\d+)",
         ],
-        ["Dockerfile", "manifests/pytorchjob.yaml", "manifests/trainjob.yaml", "docs/kubernetes.md"],
+        [
+            "Dockerfile",
+            "manifests/pytorchjob.yaml",
+            "manifests/trainjob.yaml",
+            "manifests/trainer-runtime.yaml",
+            "docs/kubernetes.md",
+        ],
         everywhere=False,
     ),
     "MinIO endpoint in the cluster": Constant(
         urlparse(VALUES["s3"]["endpoint"]).netloc,
         [r"(minio\.[\w.-]+\.svc\.cluster\.local:[0-9]+)"],
-        ["docs/testbed.md", "manifests/minio-dev.yaml", ".github/workflows/ci.yml", "scripts/smoke.sh"],
+        [
+            "docs/testbed.md",
+            "manifests/minio-dev.yaml",
+            "manifests/trainer-runtime.yaml",
+            ".github/workflows/ci.yml",
+            "scripts/smoke.sh",
+        ],
     ),
 }
 

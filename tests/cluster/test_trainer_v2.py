@@ -155,6 +155,48 @@ def test_a_trainjob_fails_at_once_on_a_permanent_exit_code(cluster, petal_image,
         cluster.kubectl("-n", PETAL_NAMESPACE, "delete", "trainjob", name, "--ignore-not-found", check=False)
 
 
+def test_the_kubeflow_sdk_starts_a_petal_run_follows_it_and_petal_collects_it(cluster, petal_image, synthetic_dataset,
+                                                                              tmp_path):  # fmt: skip
+    """A notebook's way in: Kubeflow's own SDK (TrainerClient) lists petal's runtime and starts a 2-node
+    run on it with nothing but an image and PETAL_* options in the environment (the runtime runs the
+    trainer with no arguments, as non-root, with the Secret's credentials); the SDK's logs, job and
+    status say what the cluster says, and `petal collect` fetches the run's results. (Not list_jobs: SDK
+    0.5 raises on any TrainJob whose containers limit memory alone, as petal's CPU jobs do — kubeflow/sdk#516.)"""
+    from kubeflow.common.types import KubernetesBackendConfig
+    from kubeflow.trainer import CustomTrainerContainer, TrainerClient
+
+    client = TrainerClient(KubernetesBackendConfig(namespace=PETAL_NAMESPACE, config_file=cluster.env["KUBECONFIG"]))
+    assert "petal" in [runtime.name for runtime in client.list_runtimes()]
+    output = s3(f"runs/sdk-{uuid.uuid4().hex[:6]}")
+    options = {"PETAL_DATA": synthetic_dataset, "PETAL_OUTPUT": output, "PETAL_EPOCHS": "2", "PETAL_ARCH": "resnet18",
+               "PETAL_FREEZE": "none", "PETAL_PRETRAINED": "none", "PETAL_IMAGE_SIZE": "48", "PETAL_BATCH_SIZE": "16",
+               "PETAL_WORKERS": "0"}  # fmt: skip
+    name = client.train(runtime="petal", trainer=CustomTrainerContainer(image=petal_image, num_nodes=2, env=options))
+    try:
+        client.wait_for_job_status(name, status={"Running", "Complete"}, timeout=300, polling_interval=1)
+        logs = list(client.get_job_logs(name, follow=True))  # node 0's, to its end
+        job = client.wait_for_job_status(name, status={"Complete"}, timeout=600, polling_interval=1)
+        assert job.status == "Complete" and job.num_nodes == 2 and job.runtime.name == "petal"
+        assert sorted(step.name for step in job.steps if step.name.startswith("node")) == ["node-0", "node-1"]
+        assert client.get_job(name).status == "Complete"
+        said = json.loads(next(line for line in reversed(logs) if line.startswith('{"event": "done"')))
+        assert said["epochs"] == 2, said  # the options reached the trainer from the environment
+
+        pods = cluster.get("-n", PETAL_NAMESPACE, "pods", "-l", f"jobset.sigs.k8s.io/jobset-name={name}")["items"]
+        assert len(pods) == 2 and all(p["spec"]["securityContext"]["runAsNonRoot"] for p in pods)
+        assert all("args" not in p["spec"]["containers"][0] for p in pods)  # the options came from the environment
+
+        dest = tmp_path / name
+        collected = subprocess.run(["petal", "collect", name, str(dest), "--namespace", PETAL_NAMESPACE],
+                                   env=cluster.env, capture_output=True, text=True, timeout=300)  # fmt: skip
+        assert collected.returncode == 0, collected.stderr
+        summary = json.loads((dest / "summary.json").read_text())
+        assert summary["output"] == output and summary["epochs"] == 2
+        assert summary["best_val_acc"] == said["best_val_acc"] and "best.pt" in summary["artifacts"]
+    finally:
+        client.delete_job(name)
+
+
 @pytest.fixture()
 def one_job_queue(cluster):
     """A Kueue ClusterQueue whose quota fits one 2-pod CPU job (100m CPU, 2Gi memory and a 1Gi cache
