@@ -179,6 +179,23 @@ def test_manifests_have_not_drifted_from_the_chart(api):
     )
 
 
+def test_the_runtimes_pod_defaults_are_the_charts():
+    """A TrainJob that patches nothing (one the Kubeflow SDK makes) runs the pod a default chart TrainJob
+    patches in: the same security contexts, volumes, mounts and the chart's env (manifests/trainer-runtime.yaml
+    repeats them, as a runtime cannot read values.yaml)."""
+    runtime = yaml.safe_load((ROOT / "manifests" / "trainer-runtime.yaml").read_text())
+    theirs = runtime["spec"]["template"]["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]["spec"]
+    (job,) = [d for d in yaml.safe_load_all(submit("--dry-run", "--api", "trainjob", "--name", "tj").stdout) if d]
+    (patch,) = job["spec"]["runtimePatches"]
+    ours = patch["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]["spec"]
+    assert theirs["securityContext"] == ours["securityContext"] and theirs["volumes"] == ours["volumes"]
+    (container,), (node,) = ours["containers"], theirs["containers"]
+    assert node["securityContext"] == container["securityContext"] and node["volumeMounts"] == container["volumeMounts"]
+    chart_env = {e["name"]: e.get("value") for e in job["spec"]["trainer"]["env"]}
+    assert all(chart_env[e["name"]] == e["value"] for e in node["env"]), (node["env"], chart_env)
+    assert node["envFrom"] == [{"secretRef": {"name": VALUES["s3"]["existingSecret"], "optional": True}}]
+
+
 def test_the_dry_run_imports_neither_torch_nor_the_kubernetes_client():
     result = subprocess.run([sys.executable, "-X", "importtime", str(ROOT / "scripts" / "submit.py"), "--dry-run",
                              *BUCKET_VALUES],
