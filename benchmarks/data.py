@@ -71,11 +71,11 @@ class Rate(NamedTuple):
     read_mb: float
 
 
-def delivered(open_loader: Callable[[], Iterable], count: int, read_bytes: Callable[[], int]) -> Rate:
+def delivered(open_loader: Callable[[], Iterable], count: int, read_bytes: int) -> Rate:
     """Images/s and MB/s of a loader from the moment it is opened (whatever it fetches before its first
     batch is on the clock) to its last batch, each batch as the model takes it: uint8 batches (petal's)
     are normalised here, as OnDevice does before the model; the seed's come normalised from the
-    workers. read_bytes: what it read, asked once it is done."""
+    workers."""
 
     def drain() -> None:
         for images, *_ in open_loader():
@@ -83,8 +83,7 @@ def delivered(open_loader: Callable[[], Iterable], count: int, read_bytes: Calla
                 normalize(images)
 
     seconds = timed(drain)
-    read_mb = read_bytes() / 1e6
-    return Rate(count / seconds, read_mb / seconds, read_mb)
+    return Rate(count / seconds, read_bytes / 1e6 / seconds, read_bytes / 1e6)
 
 
 def stored_images(stream: SplitStream) -> tuple[list[bytes], list[int]]:
@@ -114,33 +113,27 @@ def run(args, work: Path) -> dict:
                                 T.CenterCrop(IMAGE_SIZE), T.ToDtype(torch.float32, scale=True),
                                 T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])  # fmt: skip
     common = dict(batch_size=32, num_workers=args.workers, prefetch_factor=4 if args.workers else None)
-    cache = work / "cache"
     stored_bytes, file_bytes = sum(map(len, stored)), sum(f.stat().st_size for f in files)
+    shard_bytes = sum(shard["bytes"] for shard in index["splits"]["train"]["shards"])
 
     def shards(through: Storage) -> Callable[[], Rate]:
         def measure() -> Rate:
-            shutil.rmtree(cache, ignore_errors=True)  # cold: fetching the shards is part of the cost
-            opened = []
-
-            def open_loader() -> DataLoader:
-                cold = SplitStream(through, dataset, index, ["train"], cache)
-                opened.append(SplitLoader(cold, IMAGE_SIZE, seed=0, augment=True, batch_size=32,
-                                          workers=args.workers, pin_memory=False))  # fmt: skip
-                return opened[-1].for_epoch(1, cold.assignment(0, 1, 1, shuffle=True)[0])
-
-            try:
-                return delivered(open_loader, len(stored), lambda: sum(
-                    f.stat().st_size for f in cache.rglob("*") if f.is_file()))  # fmt: skip
+            shutil.rmtree(work / "cache", ignore_errors=True)  # cold: fetching the shards is part of the cost
+            cold = SplitStream(through, dataset, index, ["train"], work / "cache")  # no I/O until for_epoch
+            batches = SplitLoader(cold, IMAGE_SIZE, seed=0, augment=True, batch_size=32, workers=args.workers,
+                                  pin_memory=False)  # fmt: skip
+            numbers = cold.assignment(0, 1, 1, shuffle=True)[0]
+            try:  # for_epoch downloads and verifies the epoch's shards: on the clock
+                return delivered(lambda: batches.for_epoch(1, numbers), len(stored), shard_bytes)
             finally:
-                for batches in opened:
-                    batches.close()
+                batches.close()
 
         return measure
 
     def per_object(through: Storage) -> Callable[[], Rate]:
         return lambda: delivered(
             lambda: DataLoader(ObjectPerImage(through, objects, labels, transform), shuffle=True, **common),
-            len(stored), lambda: stored_bytes,
+            len(stored), stored_bytes,
         )  # fmt: skip
 
     with Latency(storage.endpoint_url, milliseconds=5) as slow_endpoint:
@@ -150,13 +143,13 @@ def run(args, work: Path) -> dict:
             "imagefolder": lambda: delivered(
                 lambda: DataLoader(ImageFolder(str(images), transform=seed_transform), shuffle=True, **common),
                 len(files),
-                lambda: file_bytes,
+                file_bytes,
             ),
             "per_object_get": per_object(storage),
             "decode_limit": lambda: delivered(
                 lambda: DataLoader(InMemory(stored, labels, transform), shuffle=True, **common),
                 len(stored),
-                lambda: 0,
+                0,
             ),
             "shards_at_5ms": shards(slow),
             "per_object_get_at_5ms": per_object(slow),
@@ -193,7 +186,7 @@ def run(args, work: Path) -> dict:
              for name, value in ratios.items()]  # fmt: skip
     setup = {"images": len(stored), "workers": args.workers, "rounds": args.rounds,
              "stored_short_side": index["splits"]["train"].get("short_side")}  # fmt: skip
-    setup |= {"stored_mb": stored_bytes / 1e6, "original_mb": file_bytes / 1e6}
+    setup |= {"stored_mb": stored_bytes / 1e6, "shards_mb": shard_bytes / 1e6, "original_mb": file_bytes / 1e6}
     figures = {"setup": setup, "images_per_s": rate, "mb_per_s": mb_per_s, "read_mb": read_mb, "get_ms": get_ms,
                "decode_ms_per_image": decode_ms}  # fmt: skip
     return report("data", rows, figures | {"ratios": ratios, "goals": goals}, args.json)

@@ -60,9 +60,9 @@ def views(images: list[torch.Tensor], image_size: int, angles: list[float] | Non
     and centre crops done together: one grid_sample over the resized images on a zero canvas of the
     largest, their geometry sent in one copy. Through `view` one by one, F.rotate makes every image's
     affine matrix on the host and copies it over, with a dozen small kernels each."""
-    resized = [F.resize(image, [image_size], antialias=True) for image in images]
     if angles is None:
-        return torch.stack([F.center_crop(image, [image_size, image_size]) for image in resized])
+        return torch.stack([view(image, image_size, None) for image in images])
+    resized = [F.resize(image, [image_size], antialias=True) for image in images]
     canvas = resized[0].new_zeros((len(resized), 3, max(r.shape[-2] for r in resized),
                                    max(r.shape[-1] for r in resized)))  # fmt: skip
     geometry = []

@@ -147,9 +147,11 @@ load_image() {
 # The kubelet runs without image GC (cluster.sh), so an image a new load replaced would stay for good:
 # CRI keeps it under its ID (sha256:...) after its names have moved on, 3 GB per petal image.
 prune_replaced_images() {
-  local socket=$1 named orphans
-  named=$(ctr -a "$socket" -n k8s.io images ls | awk 'NR > 1 && $1 !~ /^sha256:/ {print $3}' | sort -u)
-  orphans=$(ctr -a "$socket" -n k8s.io images ls | awk 'NR > 1 && $1 ~ /^sha256:/ {print $1, $3}' \
-    | while read -r ref digest; do grep -qxF "$digest" <<< "$named" || echo "$ref"; done)
+  local socket=$1 orphans
+  # REF TYPE DIGEST ...: an image known only by its ID whose digest no name points at any more
+  orphans=$(ctr -a "$socket" -n k8s.io images ls | awk 'NR > 1 {
+      if ($1 ~ /^sha256:/) by_id[$1] = $3; else named[$3] = 1 }
+    END { for (ref in by_id) if (!(by_id[ref] in named)) print ref }')
+  # shellcheck disable=SC2086
   [ -z "$orphans" ] || ctr -a "$socket" -n k8s.io images rm --sync $orphans >/dev/null
 }
