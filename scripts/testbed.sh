@@ -5,12 +5,13 @@
 # commands share it: `up` leaves what already runs alone, `down` stops exactly what `up` started.
 #
 #   scripts/testbed.sh install [python|minio|helm|lint-tools|toxiproxy|all]   build what is missing (idempotent)
-#   scripts/testbed.sh install cluster              Debian packages; Kubernetes, CoreDNS, training-operator, Kubeflow
-#                                                   Trainer v2, JobSet, Kueue, the image registry; base images (root)
+#   scripts/testbed.sh install cluster              Debian packages (the image registry among them); Kubernetes,
+#                                                   CoreDNS, training-operator, Kubeflow Trainer v2, JobSet, Kueue;
+#                                                   base images (root)
 #   scripts/testbed.sh install packages|programs    of those, the Debian packages alone, or the Go-built programs alone
 #   scripts/testbed.sh cluster up|down|status       a one-node cluster from those programs
 #   scripts/testbed.sh build-image [IMAGE]          the Dockerfile on the local base (default petal:dev), pushed to the
-#                                                   registry once that is built, loaded if a cluster is up
+#                                                   registry once that is installed, loaded if a cluster is up
 #   scripts/testbed.sh load-image IMAGE             a local Docker image into the cluster (skipped if already there),
 #                                                   through the test bed's registry: only changed layers travel
 #   scripts/testbed.sh minio up|down|status         a MinIO on a free port, data in the state dir; a running

@@ -34,7 +34,7 @@ kubeconform_bin() { echo "$CACHE/kubeconform-$KUBECONFORM_VERSION/bin/kubeconfor
 actionlint_bin() { echo "$CACHE/actionlint-$ACTIONLINT_VERSION/bin/actionlint"; }
 helm_docs_bin() { echo "$CACHE/helm-docs-$HELM_DOCS_VERSION/bin/helm-docs"; }
 toxiproxy_bin() { echo "$CACHE/toxiproxy-$TOXIPROXY_VERSION/bin/toxiproxy-server"; }
-registry_bin() { echo "$CACHE/registry-$REGISTRY_VERSION/bin/registry"; }
+registry_bin() { echo /usr/bin/docker-registry; }  # Debian's docker-registry package
 schema_dir() { echo "$CACHE/schemas-training-operator-$TRAINING_OPERATOR_VERSION-trainer-$KUBEFLOW_TRAINER_VERSION"; }
 kube_dir() { echo "$CACHE/kubernetes-$KUBERNETES_VERSION"; }
 kbin() { echo "$(kube_dir)/bin/$1"; }

@@ -67,7 +67,7 @@ build_image() {
   if [ -n "$previous" ] && [ "$previous" != "$(docker image inspect -f '{{.Id}}' "$image")" ]; then
     docker rmi "$previous" >/dev/null 2>&1 || true
   fi
-  # Pushed now if the registry is built, cluster or not: the push compresses every new layer (4 minutes
+  # Pushed now if the registry is installed, cluster or not: the push compresses every new layer (4 minutes
   # for a fresh 6 GB image), and a cold setup does it here, beside the Go builds, not when the first
   # cluster test waits for the image.
   if [ -x "$(registry_bin)" ]; then push_image "$image" >/dev/null; fi
@@ -90,7 +90,7 @@ registry_port() { cat "$(registry_dir)/port"; }
 registry_up() {
   local dir; dir=$(registry_dir)
   if pid_alive "$dir/pid" && curl -fsS "http://127.0.0.1:$(registry_port)/v2/" >/dev/null 2>&1; then return; fi
-  [ -x "$(registry_bin)" ] || die "the registry is not built: run scripts/testbed.sh install cluster"
+  [ -x "$(registry_bin)" ] || die "the registry is not installed: run scripts/testbed.sh install packages"
   mkdir -p "$dir/store"
   local port; port=$(cat "$dir/port" 2>/dev/null || free_port)
   echo "$port" > "$dir/port"
