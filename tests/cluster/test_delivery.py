@@ -76,20 +76,6 @@ def test_smoke_submits_four_replicas_collects_and_predicts(cluster, petal_image,
         assert job["spec"]["pytorchReplicaSpecs"]["Worker"]["replicas"] == 3
 
 
-def test_several_processes_per_pod_are_ranked_by_torchrun(cluster, petal_image, synthetic_dataset, tmp_path):
-    """nprocPerNode 2 on 2 pods is a world of 4: the operator's WORLD_SIZE counts pods, torchrun fixes it."""
-    name = f"nproc-{uuid.uuid4().hex[:6]}"
-    submit = subprocess.run(
-        ["python", str(ROOT / "scripts" / "submit.py"), "--name", name, "--replicas", "2", "--image", petal_image,
-         "--values", str(CPU_VALUES), "--set", "nprocPerNode=2", "--dataset", synthetic_dataset, "--epochs", "1",
-         "--collect", str(tmp_path / name), "--timeout", "900", "--set", f"outputPrefix={s3('runs')}"],
-        env=cluster.env, capture_output=True, text=True, timeout=1000,
-    )  # fmt: skip
-    assert submit.returncode == 0, submit.stderr[-5000:]
-    assert "petal: 4 process(es), gloo on cpu" in cluster.logs(f"{name}-master-0", PETAL_NAMESPACE)
-    assert json.loads((tmp_path / name / "summary.json").read_text())["epochs"] == 1
-
-
 @pytest.mark.parametrize("missing", ["namespace", "Secret"])
 def test_a_missing_namespace_or_secret_exits_3_and_applies_nothing(cluster, namespace, missing):
     target = f"{namespace}-absent" if missing == "namespace" else namespace  # the fixture's has no Secret

@@ -4,7 +4,10 @@ proxy of the test's, goes away and comes back) — under restartPolicy ExitCode 
 job `helm install` made. Each job ends Succeeded with every pod kept and the fault-free run's result
 (the session's reference run: the same recipe on this host's torchrun), every restart resumes within
 --checkpoint-every steps of where the killed master had logged it was, and the chart's `helm test`
-passes.
+passes. The `petal` command looks on, as a user would: list and status while the job runs (its live
+progress and ETA), its logs followed across every recreated master to the trainer's last line, the
+collected TensorBoard events (every logged step) read back with TensorBoard's own reader, and cancel
+leaving the outputs in storage.
 
 Each scenario measures its row of the fault table in docs/faults.md, which the run prints at its end
 (tests/conftest.py): the steps recomputed are counted from the last step the stopped master logged (its
@@ -19,9 +22,10 @@ import uuid
 
 import pytest
 from conftest import PETAL_NAMESPACE
-from support import ROOT, SMALL_TRAINING, s3
+from support import ROOT, SMALL_TRAINING, Watched, s3
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from training.storage import parse_url
+from training.storage import StorageError, parse_url
 
 CHART = ROOT / "charts" / "petal"
 CHECKPOINT_EVERY = 3
@@ -133,12 +137,66 @@ class FaultyJob:
     def uninstall(self) -> None:
         self.helm("uninstall", self.release)
 
+    def petal(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        result = subprocess.run(["petal", *args], env=self.cluster.env, capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0 or not check, f"petal {' '.join(args)}: {result.returncode}\n{result.stderr}"
+        return result
 
-def the_reference_result(records: list[dict], reference_run) -> None:
+    def status(self) -> dict:
+        return json.loads(self.petal("status", self.release, "--json").stdout)
+
+    def shown_while_running(self, storage) -> None:
+        """`petal status` and `petal list` show the run's live progress record, ETA included."""
+
+        def estimated() -> dict | None:
+            try:
+                record = json.loads(storage.read_bytes(parse_url(f"{self.output}/progress.json")))
+            except StorageError:
+                return None
+            return record if record.get("eta_seconds") is not None else None
+
+        record = self.cluster.wait_until("a progress record with an ETA", estimated, PETAL_NAMESPACE, timeout=600)
+        first = self.status()
+        assert first["state"] == "Running" and first["epochs"] == self.epochs and first["output"] == self.output
+        assert (first["epoch"], first["step"]) >= (record["epoch"], record["step"]) and first["eta_seconds"] is not None
+        assert [p["name"] for p in first["pods"]] == [self.master, self.worker]
+        listed = {j["name"]: j for j in json.loads(self.petal("list", "--json").stdout)}
+        assert listed[self.release]["state"] == "Running" and listed[self.release]["eta_seconds"] is not None
+        assert self.release in self.petal("list").stdout
+
+    def shown_when_done(self, follower: Watched, storage, collected) -> None:
+        """The follower ended with the job on the last master's last line; status, list, the collected
+        TensorBoard events and cancel say what the run did."""
+        assert follower.wait(300) == 0
+        assert any('"event": "resumed"' in line for line in follower.stdout)  # a recreated master's log, same stream
+        last = next(line for line in reversed(follower.stdout) if '{"event": "done"' in line)
+        trainer_said = json.loads(last[last.index("{") :])
+        done = self.status()
+        assert done["state"] == "Succeeded" and done["epoch"] == done["epochs"] == self.epochs
+        assert done["best_val_acc"] == trainer_said["best_val_acc"]
+        row = next(line for line in self.petal("list").stdout.splitlines() if line.startswith(self.release))
+        assert "Succeeded" in row and f"{done['best_val_acc']:.4f}" in row
+
+        self.petal("collect", self.release, str(collected))
+        events = EventAccumulator(str(collected / "tensorboard"))
+        events.Reload()
+        tags = events.Tags()["scalars"]
+        assert {"train/loss", "train/lr", "train/images_per_s", "val/loss", "val/accuracy"} <= set(tags)
+        assert sorted({e.step for e in events.Scalars("val/accuracy")}) == list(range(1, self.epochs + 1))
+        # Every step was logged (--log-every 1), by a master that was stopped or by the one that resumed.
+        assert sorted({e.step for e in events.Scalars("train/loss")}) == list(range(1, self.epochs * done["steps"] + 1))
+        assert "val/per_class_accuracy" in events.Tags()["images"]
+
+        cancelled = self.petal("cancel", self.release)
+        assert f"its outputs stay in {self.output}" in cancelled.stderr
+        assert self.petal("status", self.release, check=False).returncode == 5
+        assert storage.exists(parse_url(f"{self.output}/best.pt"))
+
+
+def the_reference_result(records: list[dict], reference_result: dict) -> None:
     """Every epoch trained all 200 samples, and the result is the uninterrupted run's."""
-    _, reference = reference_run
     assert [(r["epoch"], r["train_samples"]) for r in records] == [(e, 200) for e in range(1, len(records) + 1)]
-    best = json.loads(reference.stdout[-1])["best_val_acc"]
+    best = reference_result["best_val_acc"]
     assert round(abs(max(r["val_acc"] for r in records) - best), 6) <= 0.01, (records, best)  # one sample of 100
 
 
@@ -158,38 +216,44 @@ def faulty(cluster, timeline, petal_image, synthetic_dataset, storage_outage, re
 
 
 @pytest.mark.parametrize("faulty", ["ExitCode"], indirect=True)
-def test_pods_deleted_lost_and_storage_restarted_under_exitcode(
-    faulty, storage_outage, storage, reference_run, record_property
+def test_pods_deleted_lost_and_storage_restarted_under_exitcode_as_petal_shows_it(
+    faulty, storage_outage, storage, reference_result, record_property, tmp_path
 ):
     job, policy, (outage, _) = faulty, "ExitCode", storage_outage
-    before = job.wait_for_step(1, 4)
-    job.delete(job.worker)  # SIGTERM: the ranks agree on a step, checkpoint, exit 143
-    job.resumed_after("worker pod deleted (SIGTERM)", policy, before)
-
-    before = job.wait_for_step(2, 5)
-    job.delete(job.master)
-    job.resumed_after("master pod deleted (SIGTERM)", policy, before)
-
-    before = job.wait_for_step(3, 5)
-    job.delete(job.worker, force=True)  # SIGKILL: back to the last periodic checkpoint
-    job.resumed_after("worker pod lost (SIGKILL)", policy, before)
-
-    instances = job.wait_for_step(4, 2)
-    outage.down()  # storage gone, as when MinIO restarts
+    job.shown_while_running(storage)
+    follower = Watched(["petal", "logs", job.release, "-f"], job.cluster.env)
     try:
-        retrying = lambda: any("retrying in" in line for line in job.runs()[-1][1].lines)  # noqa: E731
-        job.timeline.wait_for("the master retrying storage", retrying, timeout=300)
+        before = job.wait_for_step(1, 4)
+        job.delete(job.worker)  # SIGTERM: the ranks agree on a step, checkpoint, exit 143
+        job.resumed_after("worker pod deleted (SIGTERM)", policy, before)
+
+        before = job.wait_for_step(2, 5)
+        job.delete(job.master)
+        job.resumed_after("master pod deleted (SIGTERM)", policy, before)
+
+        before = job.wait_for_step(3, 5)
+        job.delete(job.worker, force=True)  # SIGKILL: back to the last periodic checkpoint
+        job.resumed_after("worker pod lost (SIGKILL)", policy, before)
+
+        instances = job.wait_for_step(4, 2)
+        outage.down()  # storage gone, as when MinIO restarts
+        try:
+            retrying = lambda: any("retrying in" in line for line in job.runs()[-1][1].lines)  # noqa: E731
+            job.timeline.wait_for("the master retrying storage", retrying, timeout=300)
+        finally:
+            outage.up()
+        records = job.finish(storage)
+        assert job.position()[1] == instances, "storage came back: no restart"
+        job.rows.append(("MinIO restarted mid-job", policy, "storage calls retried, no restart", 0))
+        the_reference_result(records, reference_result)
+        report(job.rows, record_property)
+        job.shown_when_done(follower, storage, tmp_path / job.release)
     finally:
-        outage.up()
-    records = job.finish(storage)
-    assert job.position()[1] == instances, "storage came back: no restart"
-    job.rows.append(("MinIO restarted mid-job", policy, "storage calls retried, no restart", 0))
-    the_reference_result(records, reference_run)
-    report(job.rows, record_property)
+        follower.kill()
 
 
 @pytest.mark.parametrize("faulty", ["OnFailure"], indirect=True)
-def test_preemption_and_a_lost_master_under_onfailure(faulty, storage, reference_run, record_property):
+def test_preemption_and_a_lost_master_under_onfailure(faulty, storage, reference_result, record_property):
     job, policy = faulty, "OnFailure"
     before = job.wait_for_step(1, 6)
     job.delete(job.master, job.worker)  # preemption: every pod gets SIGTERM and its grace period
@@ -199,5 +263,5 @@ def test_preemption_and_a_lost_master_under_onfailure(faulty, storage, reference
     job.delete(job.master, force=True)
     job.resumed_after("master pod lost (SIGKILL)", policy, before)
 
-    the_reference_result(job.finish(storage), reference_run)
+    the_reference_result(job.finish(storage), reference_result)
     report(job.rows, record_property)

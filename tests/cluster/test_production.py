@@ -57,6 +57,8 @@ def gpu_node(cluster):
 def test_a_two_gpu_job_is_scheduled_through_the_gpu_taint_with_a_process_per_gpu(
     cluster, gpu_node, petal_image, synthetic_dataset, tmp_path
 ):
+    """2 pods of 2 GPUs are a world of 4 processes: the operator's WORLD_SIZE counts pods, torchrun (one
+    process per GPU) fixes it."""
     name = f"gpus-{uuid.uuid4().hex[:6]}"
     repository, tag = petal_image.split(":")
     submit = subprocess.run(
@@ -73,6 +75,7 @@ def test_a_two_gpu_job_is_scheduled_through_the_gpu_taint_with_a_process_per_gpu
     assert container["resources"]["limits"][GPU] == 2
     master_log = cluster.logs(f"{name}-master-0", PETAL_NAMESPACE)
     assert "petal: 4 process(es), gloo on cpu" in master_log, master_log[-2000:]  # no CUDA in the pods: CPU
+    assert json.loads((tmp_path / name / "summary.json").read_text())["epochs"] == 1
 
 
 def test_credentials_from_a_mounted_file_with_no_secret(cluster, petal_image, namespace, synthetic_dataset, minio):
