@@ -12,9 +12,9 @@ import pytest
 import timeline as measured
 from filelock import FileLock
 from minio.deleteobjects import DeleteObject
-from support import SMALL_TRAINING, TestbedService, run_script, s3, trainer, wait_ok
+from support import SMALL_TRAINING, Said, TestbedService, run_script, s3, trainer, wait_ok
 
-from training.storage import Storage, parse_url
+from training.storage import Storage, StorageError, parse_url
 
 # One CPU thread per torch process, here and in every trainer a test starts (none has imported torch
 # yet), as the chart and torchrun give processes that share a node's cores: the suite runs two pytest
@@ -96,40 +96,53 @@ def run_dir(storage, request) -> str:
         storage.delete(obj)
 
 
-def reference_said(tmp_path_factory) -> tuple[Path, FileLock]:
-    """Where a reference run's last line goes for the other pytest-xdist workers of this test run (their
+def shared_reference(tmp_path_factory) -> tuple[Path, FileLock]:
+    """Where the reference run's record goes for the other pytest-xdist workers of this test run (their
     shared directory), and the lock held while one is made."""
     shared = tmp_path_factory.getbasetemp()
     if os.environ.get("PYTEST_XDIST_WORKER"):
         shared = shared.parent
-    return shared / "reference-said.json", FileLock(shared / "reference.lock", timeout=1800)
+    return shared / "reference.json", FileLock(shared / "reference.lock", timeout=1800)
 
 
 @pytest.fixture(scope="session")
-def reference_run(s3_env, synthetic_dataset, storage, tmp_path_factory):
-    """One uninterrupted 2-rank run on the synthetic set, which several tests use or compare against."""
-    said, lock = reference_said(tmp_path_factory)
+def reference_run(s3_env, synthetic_dataset, storage, tmp_path_factory) -> tuple[str, Said]:
+    """One uninterrupted 2-rank run on the synthetic set, which several tests use or compare against:
+    (its output, what its trainer printed). Made once per test run: a worker after the first copies the
+    first one's output into its own bucket (server-side; the same seeded dataset and recipe give the
+    same run) and takes what it printed with the output's URL moved along, or trains its own if that
+    bucket has gone with its worker."""
+    record, lock = shared_reference(tmp_path_factory)
+    output = parse_url(s3("runs/reference"))
     with lock:
-        output = s3("runs/reference")
-        for obj in storage.list(parse_url(output)):
+        for obj in storage.list(output):
             storage.delete(obj)
-        proc = trainer(s3_env, ["--data", synthetic_dataset, "--output", output, *SMALL_TRAINING])
+        if record.exists():
+            made = json.loads(record.read_text())
+            source = parse_url(made["output"])
+            try:
+                for obj in storage.list(source):
+                    storage.copy(obj, output.join(obj.key[len(source.key) + 1 :]))
+                return str(output), Said([line.replace(made["output"], str(output)) for line in made["stdout"]])
+            except StorageError:
+                for obj in storage.list(output):
+                    storage.delete(obj)
+        proc = trainer(s3_env, ["--data", synthetic_dataset, "--output", str(output), *SMALL_TRAINING])
         wait_ok(proc)
-        said.write_text(proc.stdout[-1])
-    return output, proc
+        record.write_text(json.dumps({"output": str(output), "stdout": proc.stdout}))
+    return str(output), Said(proc.stdout)
 
 
 @pytest.fixture(scope="session")
 def reference_result(request, tmp_path_factory) -> dict:
     """What the reference run's trainer said at its end (best_val_acc, ...), for tests that need no more
-    of it: the run another worker made, if one did (waiting while it is made: the same seeded dataset and
-    recipe give the same result), else this worker's own."""
-    said, lock = reference_said(tmp_path_factory)
+    of it: another worker's, if one has made it (waiting while one is made), else this worker's own."""
+    record, lock = shared_reference(tmp_path_factory)
     with lock:
-        if said.exists():
-            return json.loads(said.read_text())
-    _, proc = request.getfixturevalue("reference_run")
-    return json.loads(proc.stdout[-1])
+        if record.exists():
+            return json.loads(json.loads(record.read_text())["stdout"][-1])
+    _, said = request.getfixturevalue("reference_run")
+    return json.loads(said.stdout[-1])
 
 
 def pytest_xdist_make_scheduler(config, log):

@@ -56,7 +56,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class Watched:
+class Said:
+    """What a process printed on stdout, line by line: its JSON records among them."""
+
+    def __init__(self, stdout: list[str]):
+        self.stdout = stdout
+
+    def json_lines(self) -> list[dict]:
+        return [json.loads(line) for line in self.stdout if line.startswith("{")]
+
+
+class Watched(Said):
     """A child process whose stdout and stderr lines are collected as they come, so a test can
     wait for a line (a condition) instead of sleeping."""
 
@@ -71,7 +81,7 @@ class Watched:
             text=True,
             start_new_session=True,
         )
-        self.stdout: list[str] = []
+        super().__init__([])
         self.stderr: list[str] = []
         self._lines: queue.Queue[tuple[str, str]] = queue.Queue()
         for name, stream in (("stdout", self.proc.stdout), ("stderr", self.proc.stderr)):
@@ -140,9 +150,6 @@ class Watched:
             if f"RANK={rank}".encode() in environ:
                 return pid
         raise AssertionError(f"no worker with RANK={rank} under torchrun pid {self.proc.pid}")
-
-    def json_lines(self) -> list[dict]:
-        return [json.loads(line) for line in self.stdout if line.startswith("{")]
 
 
 def wait_ok(proc: Watched, timeout: float = 900) -> None:
