@@ -1,13 +1,14 @@
 """Kubeflow Trainer v2 (TrainJob, on JobSet) and Kueue on the real test bed: a TrainJob one of whose
 nodes aborts (exit 134) is restarted whole by JobSet and resumes from its checkpoint, one that exits
-with a permanent code fails at once; under a queue whose quota fits one job, two jobs of either kind
-run one after the other, the second's pods made only once the first has finished (gang admission),
+with a permanent code fails at once; under a queue whose quota fits one job, three jobs of both kinds
+run one after the other, each one's pods made only once the one before has finished (gang admission),
 each asking for one host of the test bed's Kueue Topology and admitted with a topology assignment
 naming the node; one that no host can hold waits, saying why; what the cluster lacks for them exits
 3 naming it. (The 4-node TrainJob through scripts/smoke.sh is in test_delivery.py.)"""
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import subprocess
@@ -230,44 +231,58 @@ def timestamp(text: str) -> datetime:
     return datetime.fromisoformat(text.replace("Z", "+00:00"))
 
 
-@pytest.mark.parametrize(("api", "done"), [("pytorchjob", "Succeeded"), ("trainjob", "Complete")])
-def test_a_queue_that_fits_one_job_runs_two_one_after_the_other_each_on_the_host_it_asked_for(
-    cluster, petal_image, synthetic_dataset, one_job_queue, tmp_path, api, done
+POD_LABEL = {"pytorchjob": "training.kubeflow.org/job-name", "trainjob": "jobset.sigs.k8s.io/jobset-name"}
+DONE = {"pytorchjob": "Succeeded", "trainjob": "Complete"}
+
+
+def test_a_queue_that_fits_one_job_runs_three_one_after_the_other_each_on_the_host_it_asked_for(
+    cluster, petal_image, synthetic_dataset, one_job_queue, tmp_path
 ):
     """Kueue admits whole jobs, one at a time when only one fits, and places each on the topology level
-    it asked for (`--topology kubernetes.io/hostname`): its Workload's topologyAssignment names the node."""
-    names = [f"gang-{api[:5]}-{i}-{uuid.uuid4().hex[:4]}" for i in (1, 2)]
-    label = "training.kubeflow.org/job-name" if api == "pytorchjob" else "jobset.sigs.k8s.io/jobset-name"
+    it asked for (`--topology kubernetes.io/hostname`): its Workload's topologyAssignment names the node.
+    Each job is submitted once the one before it runs, so a TrainJob waits for a PyTorchJob and a
+    PyTorchJob for a TrainJob: each kind is held back, its pods made only once the job before ended."""
+    apis = ["pytorchjob", "trainjob", "pytorchjob"]
+    names = [f"gang-{api[:5]}-{i}-{uuid.uuid4().hex[:4]}" for i, api in enumerate(apis)]
     node = cluster.get("nodes")["items"][0]["metadata"]["name"]
-    queued = ["--api", api, "--queue", one_job_queue, "--topology", "kubernetes.io/hostname", "--epochs", "1"]
-    submits = [petal_submit(cluster, name, synthetic_dataset, tmp_path, *queued) for name in names]
+
+    def pods_of(api: str, name: str) -> list[dict]:
+        return cluster.get("-n", PETAL_NAMESPACE, "pods", "-l", f"{POD_LABEL[api]}={name}")["items"]
+
+    submits = []
     try:
+        for api, name in zip(apis, names, strict=True):
+            queued = ["--api", api, "--queue", one_job_queue, "--topology", "kubernetes.io/hostname", "--epochs", "1"]
+            submits.append(petal_submit(cluster, name, synthetic_dataset, tmp_path, *queued))
+            made = functools.partial(pods_of, api, name)
+            cluster.wait_until(f"{name} admitted (its pods made)", while_submitting(submits[-1], made), PETAL_NAMESPACE,
+                               timeout=600)  # fmt: skip
         results = [finished(submit) for submit in submits]
         for code, stderr in results:
             assert code == 0, stderr[-4000:]
-        waited = [stderr for _, stderr in results if "waiting for Kueue admission: " in stderr]
-        assert len(waited) == 1 and "insufficient unused quota" in waited[0], [r[1][-2000:] for r in results]
+        waited = ["waiting for Kueue admission: " in stderr for _, stderr in results]
+        assert waited == [False, True, True], [stderr[-2000:] for _, stderr in results]
+        assert all("insufficient unused quota" in stderr for _, stderr in results[1:])
 
-        ended, created = {}, {}
-        for name in names:
+        ended, created = [], []
+        for api, name in zip(apis, names, strict=True):
             job = cluster.get("-n", PETAL_NAMESPACE, api, name)
-            (condition,) = [c for c in job["status"]["conditions"] if c["type"] == done]
-            ended[name] = timestamp(condition["lastTransitionTime"])
-            pods = cluster.get("-n", PETAL_NAMESPACE, "pods", "-l", f"{label}={name}")["items"]
+            (condition,) = [c for c in job["status"]["conditions"] if c["type"] == DONE[api]]
+            ended.append(timestamp(condition["lastTransitionTime"]))
+            pods = pods_of(api, name)
             assert len(pods) == 2, [p["metadata"]["name"] for p in pods]
-            created[name] = min(timestamp(p["metadata"]["creationTimestamp"]) for p in pods)
-        first, second = sorted(names, key=ended.get)
-        assert created[second] >= ended[first], f"{second}'s pods were made before {first} finished"
-
-        for name in names:
+            created.append(min(timestamp(p["metadata"]["creationTimestamp"]) for p in pods))
             assignments = workload_of(cluster, api, name)["status"]["admission"]["podSetAssignments"]
             assert assignments and all(a["count"] > 0 for a in assignments)
             for assignment in assignments:
                 placed = assignment["topologyAssignment"]
                 assert placed["levels"] == ["kubernetes.io/hostname"] and node in json.dumps(placed["slices"]), placed
+        for before, after in ((0, 1), (1, 2)):
+            assert created[after] >= ended[before], f"{names[after]}'s pods were made before {names[before]} ended"
     finally:
-        for submit, name in zip(submits, names, strict=True):
+        for submit in submits:
             submit.kill()
+        for api, name in zip(apis, names, strict=True):
             cluster.kubectl("-n", PETAL_NAMESPACE, "delete", api, name, "--ignore-not-found", check=False)
 
 
