@@ -49,6 +49,12 @@ class Cluster(TestbedService):
             assert result.returncode == 0, f"kubectl {' '.join(args)} failed:\n{result.stderr}"
         return result
 
+    def petal(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        """The `petal` command against this cluster, as a user's shell runs it."""
+        result = subprocess.run(["petal", *args], env=self.env, capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0 or not check, f"petal {' '.join(args)}: {result.returncode}\n{result.stderr}"
+        return result
+
     def get(self, *args: str) -> dict:
         return json.loads(self.kubectl("get", *args, "-o", "json").stdout)
 

@@ -137,13 +137,8 @@ class FaultyJob:
     def uninstall(self) -> None:
         self.helm("uninstall", self.release)
 
-    def petal(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-        result = subprocess.run(["petal", *args], env=self.cluster.env, capture_output=True, text=True, timeout=120)
-        assert result.returncode == 0 or not check, f"petal {' '.join(args)}: {result.returncode}\n{result.stderr}"
-        return result
-
     def status(self) -> dict:
-        return json.loads(self.petal("status", self.release, "--json").stdout)
+        return json.loads(self.cluster.petal("status", self.release, "--json").stdout)
 
     def shown_while_running(self, storage) -> None:
         """`petal status` and `petal list` show the run's live progress record, ETA included."""
@@ -160,9 +155,9 @@ class FaultyJob:
         assert first["state"] == "Running" and first["epochs"] == self.epochs and first["output"] == self.output
         assert (first["epoch"], first["step"]) >= (record["epoch"], record["step"]) and first["eta_seconds"] is not None
         assert [p["name"] for p in first["pods"]] == [self.master, self.worker]
-        listed = {j["name"]: j for j in json.loads(self.petal("list", "--json").stdout)}
+        listed = {j["name"]: j for j in json.loads(self.cluster.petal("list", "--json").stdout)}
         assert listed[self.release]["state"] == "Running" and listed[self.release]["eta_seconds"] is not None
-        assert self.release in self.petal("list").stdout
+        assert self.release in self.cluster.petal("list").stdout
 
     def shown_when_done(self, follower: Watched, storage, collected) -> None:
         """The follower ended with the job on the last master's last line; status, list, the collected
@@ -174,10 +169,10 @@ class FaultyJob:
         done = self.status()
         assert done["state"] == "Succeeded" and done["epoch"] == done["epochs"] == self.epochs
         assert done["best_val_acc"] == trainer_said["best_val_acc"]
-        row = next(line for line in self.petal("list").stdout.splitlines() if line.startswith(self.release))
+        row = next(line for line in self.cluster.petal("list").stdout.splitlines() if line.startswith(self.release))
         assert "Succeeded" in row and f"{done['best_val_acc']:.4f}" in row
 
-        self.petal("collect", self.release, str(collected))
+        self.cluster.petal("collect", self.release, str(collected))
         events = EventAccumulator(str(collected / "tensorboard"))
         events.Reload()
         tags = events.Tags()["scalars"]
@@ -187,9 +182,9 @@ class FaultyJob:
         assert sorted({e.step for e in events.Scalars("train/loss")}) == list(range(1, self.epochs * done["steps"] + 1))
         assert "val/per_class_accuracy" in events.Tags()["images"]
 
-        cancelled = self.petal("cancel", self.release)
+        cancelled = self.cluster.petal("cancel", self.release)
         assert f"its outputs stay in {self.output}" in cancelled.stderr
-        assert self.petal("status", self.release, check=False).returncode == 5
+        assert self.cluster.petal("status", self.release, check=False).returncode == 5
         assert storage.exists(parse_url(f"{self.output}/best.pt"))
 
 

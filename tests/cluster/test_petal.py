@@ -4,21 +4,13 @@ ExitCode fault scenario in test_faults.py, and on a TrainJob in test_trainer_v2.
 
 from __future__ import annotations
 
-import subprocess
-
 from conftest import PETAL_NAMESPACE
-
-
-def petal(cluster, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run(["petal", *args], env=cluster.env, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0 or not check, f"petal {' '.join(args)}: {result.returncode}\n{result.stderr}"
-    return result
 
 
 def test_petal_says_one_line_for_a_job_that_is_not_there(cluster):
     for verb in (["status", "no-such-job"], ["logs", "no-such-job"], ["cancel", "no-such-job"],
                  ["collect", "no-such-job"]):  # fmt: skip
-        result = petal(cluster, *verb, check=False)
+        result = cluster.petal(*verb, check=False)
         assert result.returncode == 5 and result.stderr.strip() == (
             f"petal: error: no petal job 'no-such-job' in namespace '{PETAL_NAMESPACE}'"
         )
