@@ -247,6 +247,10 @@ class FaultyProxy:
         for connection in list(self.open):
             with contextlib.suppress(OSError):
                 connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # a reset
+                # close() alone frees nothing while a pipe thread waits in recv() on the socket: a client
+                # that had sent its whole request would wait out its read timeout, never told. shutdown()
+                # wakes that recv(); the socket's last close then resets.
+                connection.shutdown(socket.SHUT_RDWR)
                 connection.close()
 
     def _accept(self, server: socket.socket) -> None:

@@ -1,11 +1,14 @@
-"""The test bed's own promises (scripts/testbed.sh): it stops only what it started."""
+"""The test bed's own promises: scripts/testbed.sh stops only what it started, and the tests' storage
+outage (support.FaultyProxy) is one as its clients see it."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
 import subprocess
 
-from support import TESTBED
+from support import TESTBED, FaultyProxy
 
 
 def test_a_recorded_pid_now_held_by_another_process_is_left_alone(tmp_path):
@@ -24,3 +27,22 @@ def test_a_recorded_pid_now_held_by_another_process_is_left_alone(tmp_path):
     finally:
         bystander.kill()
         bystander.wait()
+
+
+def test_storage_going_down_tells_a_client_waiting_on_its_answer_at_once():
+    """As when MinIO restarts: a client that sent its whole request and waits on the answer learns at
+    once that the connection is gone (then retries), instead of waiting out its read timeout."""
+    silent = socket.create_server(("127.0.0.1", 0))  # a store that takes the request and never answers
+    proxy = FaultyProxy(silent.getsockname()[1])
+    client = socket.create_connection(("127.0.0.1", proxy.port), timeout=30)
+    try:
+        client.sendall(b"PUT /bucket/progress.json HTTP/1.1\r\nContent-Length: 0\r\n\r\n")
+        upstream, _ = silent.accept()
+        assert upstream.recv(100).startswith(b"PUT /bucket/progress.json")  # the request reached the store
+        proxy.down()
+        with contextlib.suppress(ConnectionResetError):  # reset, or else closed:
+            assert client.recv(100) == b""
+    finally:
+        proxy.close()
+        client.close()
+        silent.close()

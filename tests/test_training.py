@@ -100,20 +100,24 @@ def test_kill_during_checkpoint_upload_never_leaves_latest_on_a_torn_object(
 
 
 @pytest.mark.slow
-def test_training_rides_out_a_minio_restart(minio, s3_env, synthetic_dataset, run_dir):
-    storage = FaultyProxy(minio.port)  # MinIO as this run sees it: going away and coming back
-    proc = trainer(s3_env | {"S3_ENDPOINT_URL": storage.endpoint},
+def test_training_rides_out_a_minio_restart(minio, s3_env, synthetic_dataset, run_dir, storage):
+    outage = FaultyProxy(minio.port)  # MinIO as this run sees it: going away and coming back
+    proc = trainer(s3_env | {"S3_ENDPOINT_URL": outage.endpoint},
                    ["--data", synthetic_dataset, "--output", run_dir, *SMALL_TRAINING, "--epochs", "2"])  # fmt: skip
     try:
         proc.wait_for_line(r'"event": "epoch", "epoch": 1,', timeout=600)
-        storage.down()
+        outage.down()
         proc.wait_for_line(r"retrying in", timeout=300)
     finally:
-        storage.up()
+        outage.up()
     wait_ok(proc)
-    storage.close()
-    assert json.loads(proc.stdout[-1])["event"] == "done"
+    outage.close()
+    done = json.loads(proc.stdout[-1])
+    assert done["event"] == "done"
     assert [r["epoch"] for r in proc.json_lines() if r["event"] == "epoch"] == [1, 2]
+    # What `petal list` shows: the run's last word, not a record from before the outage.
+    progress = json.loads(storage.read_bytes(parse_url(run_dir).join("progress.json")))
+    assert (progress["state"], progress["epoch"], progress["best_val_acc"]) == ("done", 2, done["best_val_acc"])
 
 
 @pytest.mark.slow
