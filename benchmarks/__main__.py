@@ -4,15 +4,16 @@
     python -m benchmarks data --json runs/bench/data.json
     python -m benchmarks all --json runs/bench/all.json
 
-Names: data, feature_cache, ddp, submit, resized_accuracy, all. What each measures and its goal: benchmarks/data.py,
-benchmarks/trainer_runs.py, benchmarks/submitter.py. Ratios, not absolute numbers, are what to compare across machines.
+Names: data, feature_cache, ddp, submit, resized_accuracy, checkpoint, all. What each measures and its goal:
+benchmarks/data.py, benchmarks/trainer_runs.py, benchmarks/submitter.py, benchmarks/checkpoints.py. Ratios, not
+absolute numbers, are what to compare across machines.
 """
 
 import argparse
 import json
 from pathlib import Path
 
-from benchmarks import data, submitter, trainer_runs
+from benchmarks import checkpoints, data, submitter, trainer_runs
 
 BENCHMARKS = {
     "data": data.run,
@@ -20,6 +21,7 @@ BENCHMARKS = {
     "ddp": trainer_runs.ddp,
     "submit": submitter.run,
     "resized_accuracy": trainer_runs.resized_accuracy,
+    "checkpoint": checkpoints.run,
 }
 
 
@@ -28,11 +30,12 @@ def main() -> None:
     parser.add_argument("name", choices=[*BENCHMARKS, "all"])
     parser.add_argument("--json", type=Path, help="write the figures here")
     parser.add_argument("--workdir", help="scratch directory (default: a new temporary one)")
-    parser.add_argument("--rounds", type=int, default=3, help="data: rounds per contender, best kept")
+    parser.add_argument("--rounds", type=int, default=3, help="data, checkpoint: rounds per contender, best kept")
     parser.add_argument("--workers", type=int, default=2, help="data: DataLoader workers for every contender")
     parser.add_argument("--images", type=int, default=480, help="data: images in the set")
     parser.add_argument("--per-class", type=int, default=60, help="feature_cache, ddp: training images per class")
     parser.add_argument("--epochs", type=int, default=8, help="resized_accuracy: epochs of each run")
+    parser.add_argument("--arch", default="resnet152", help="checkpoint: the model whose training state is written")
     parser.add_argument("--seeds", type=int, default=3, help="resized_accuracy: seeds, each run on both contenders")
     args = parser.parse_args()
     if args.name != "all":

@@ -12,6 +12,7 @@ import pytest
 from support import ROOT, without_modules
 
 from benchmarks import network
+from training.storage import parse_url
 
 
 def test_the_data_benchmark_reports_every_contender_and_ratio(s3_env, tmp_path):
@@ -98,3 +99,14 @@ def test_the_submit_benchmark_times_the_dry_run_without_torch(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     figures = json.loads((tmp_path / "submit.json").read_text())
     assert figures["seconds"] > 0 and len(figures["all_seconds"]) == 5 and figures["imports_torch"] is False
+
+
+def test_the_checkpoint_benchmark_times_both_ways_and_leaves_nothing_behind(s3_env, storage, tmp_path):
+    argv = [sys.executable, "-m", "benchmarks", "checkpoint", "--arch", "resnet18", "--rounds", "1",
+            "--json", str(tmp_path / "checkpoint.json")]  # fmt: skip
+    result = subprocess.run(argv, cwd=ROOT, env=s3_env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    figures = json.loads((tmp_path / "checkpoint.json").read_text())
+    assert figures["bytes"] > 100e6  # resnet18's weights and Adam's two moments
+    assert figures["writer_stall_seconds"][0] <= figures["writer_landed_seconds"][0] and figures["stall_ratio"] > 0
+    assert not list(storage.list(parse_url("s3://petal/bench/checkpoints")))

@@ -5,8 +5,10 @@ a restart whether it can help. Real MinIO, real multi-process DDP
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import signal
 import sys
 
@@ -45,6 +47,7 @@ def test_sigkill_mid_epoch_then_rerun_resumes_at_the_step_and_matches_the_uninte
     args = ["--data", synthetic_dataset, "--output", run_dir, *SMALL_TRAINING, "--checkpoint-every", "5"]
     first = trainer(s3_env, args)
     first.wait_for_line(r"epoch 2/4 step 6/", timeout=600)
+    first.wait_for_line(r"checkpoints/epoch-0002-step-000005\.pt saved", timeout=120)  # uploads in the background
     os.kill(first.rank_pid(1), signal.SIGKILL)
     assert first.wait(120) != 0
     assert latest(storage, run_dir) == "checkpoints/epoch-0002-step-000005.pt"
@@ -76,6 +79,7 @@ def test_two_ranks_interrupted_mid_epoch_go_on_with_three_each_sample_once(s3_en
     ]
     first = trainer(s3_env, args, nproc=2)
     first.wait_for_line(r"epoch 2/3 step 5/", timeout=600)
+    first.wait_for_line(r"checkpoints/epoch-0002-step-000004\.pt saved", timeout=120)  # uploads in the background
     os.kill(first.rank_pid(0), signal.SIGKILL)
     assert first.wait(120) != 0
     assert latest(storage, run_dir) == "checkpoints/epoch-0002-step-000004.pt"
@@ -104,6 +108,38 @@ def test_sigterm_writes_a_checkpoint_exits_143_and_the_rerun_loses_no_step(s3_en
     wait_ok(second)
     assert resumed_event(second) == {"event": "resumed", "epoch": 1, "step": stopped_at[1]}
     assert [(r["epoch"], r["train_samples"]) for r in epochs_of(second)] == [(1, 200), (2, 200)]
+
+
+def test_training_goes_on_while_a_checkpoint_uploads_and_sigterm_waits_for_the_upload(minio, s3_env,
+                                                                                      synthetic_dataset, run_dir,
+                                                                                      storage):  # fmt: skip
+    """Storage slow to take a checkpoint (its answer 10 s late): rank 0 trains on meanwhile, `latest`
+    moves only once the checkpoint and its .sha256 have landed, the next checkpoint waits for it and
+    says so, and SIGTERM exits 143 only once the upload in flight and its own checkpoint have landed."""
+    out = parse_url(run_dir)
+    held = checkpoint.checkpoint_name(1, 2)
+    # A single PUT, or the first part of a multipart upload (a resnet18 with Adam is ~130 MB).
+    pattern = rf"PUT /{out.bucket}/{out.key}/{re.escape(held)}(\?partNumber=1&| )"
+    proxy = FaultyProxy(minio.port, pattern.encode(), fault=("delay", 10))
+    args = [sys.executable, "-m", "training", "--data", synthetic_dataset, "--output", run_dir, *SMALL_TRAINING,
+            "--epochs", "2", "--checkpoint-every", "2"]  # fmt: skip
+    proc = Watched(args, s3_env | {"S3_ENDPOINT_URL": proxy.endpoint})
+    try:
+        assert proxy.matched.wait(300), "\n".join(proc.stderr[-10:])
+        proc.wait_for_line(r"epoch 1/2 step 4/", timeout=60)  # two steps trained while the upload is held
+        assert not storage.exists(out.join(checkpoint.sidecar(held)))
+        assert not storage.exists(out.join(checkpoint.LATEST))
+        os.kill(proc.proc.pid, signal.SIGTERM)
+        assert proc.wait(120) == 143, "\n".join(proc.stderr[-10:])
+    finally:
+        proxy.close()
+    said = "\n".join(proc.stderr)
+    assert said.index("epoch 1/2 step 4/") < said.index(f"{held} saved")
+    assert f"{checkpoint.checkpoint_name(1, 4)} waited" in said and "for the checkpoint before it to upload" in said
+    stopped = latest(storage, run_dir)
+    assert checkpoint.position(stopped) >= (1, 4) and f"{stopped} saved" in said
+    pointer = json.loads(storage.read_bytes(out.join(checkpoint.LATEST)))
+    assert hashlib.sha256(storage.read_bytes(out.join(stopped))).hexdigest() == pointer["sha256"]
 
 
 @pytest.mark.parametrize("entry", ["python", "training.launch"])

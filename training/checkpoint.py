@@ -10,6 +10,13 @@ An S3 object becomes visible only when all of its bytes are stored, and `latest`
 after the checkpoint it names, with that checkpoint's sha256. A resume still trusts nothing: if
 `latest` is missing, unreadable, or names a checkpoint that is gone or fails its sha256, it falls
 back to the newest kept checkpoint whose own .sha256 matches, and says so.
+
+Rank 0 writes them off the training path (`Writer`): the loop stalls only to copy the state into host
+memory, and the upload runs in a thread of its own, one at a time — a checkpoint due while the one
+before is still uploading waits for it (and says so: --checkpoint-every is then shorter than an
+upload). Each says "<name> saved" once it and its .sha256 have landed and `latest` names it. The
+run's every way out (done, SIGTERM, a failure) waits for the upload in flight, and an upload that
+fails ends the run at the next checkpoint or at its end, as a failed write in the loop would.
 """
 
 from __future__ import annotations
@@ -19,6 +26,8 @@ import io
 import json
 import re
 import shutil
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -59,7 +68,8 @@ def deserialize(data: bytes, what: str = "checkpoint") -> dict:
     return state
 
 
-def save(storage: Storage, output: S3Url, state: dict, name: str, is_best: bool, keep: int) -> None:
+def save(storage: Storage, output: S3Url, state: dict, name: str, is_best: bool, keep: int) -> int:
+    """Writes the checkpoint, its .sha256, best.pt if it is the best, then `latest`; its size in bytes."""
     data = serialize(state)
     digest = hashlib.sha256(data).hexdigest()
     storage.write_bytes(output.join(name), data)
@@ -69,6 +79,67 @@ def save(storage: Storage, output: S3Url, state: dict, name: str, is_best: bool,
     pointer = {"checkpoint": name, "sha256": digest, "bytes": len(data)}
     storage.write_bytes(output.join(LATEST), json.dumps(pointer).encode(), content_type="application/json")
     prune(storage, output, keep, name)
+    return len(data)
+
+
+def to_host(value):
+    """A copy of a state dict that training can no longer change: every tensor copied to host memory,
+    every list and dict copied (the loop goes on appending to the history, updating the stretch)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {key: to_host(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(to_host(item) for item in value)
+    return value
+
+
+class Writer:
+    """Rank 0's checkpoint writes, one at a time, from a thread of their own."""
+
+    def __init__(self, storage: Storage, output: S3Url, keep: int, log: Callable[[str], None]):
+        self.storage, self.output, self.keep, self.log = storage, output, keep, log
+        self.uploading: threading.Thread | None = None
+        self.failure: BaseException | None = None
+
+    def save(self, state: dict, name: str, is_best: bool) -> None:
+        """Starts writing `state` as `name`; returns once it is copied to host memory."""
+        waited = self.wait()
+        if waited >= 1.0:
+            self.log(f"{name} waited {waited:.1f} s for the checkpoint before it to upload: --checkpoint-every "
+                     "is shorter than an upload takes")  # fmt: skip
+        snapshot = to_host(state)
+        self.uploading = threading.Thread(target=self._write, args=(snapshot, name, is_best),
+                                          name="petal-checkpoint", daemon=True)  # fmt: skip
+        self.uploading.start()
+
+    def _write(self, snapshot: dict, name: str, is_best: bool) -> None:
+        started = time.monotonic()
+        try:
+            size = save(self.storage, self.output, snapshot, name, is_best, self.keep)
+        except Exception as err:  # handed to the training thread, which raises it
+            self.failure = err
+            return
+        self.log(f"{name} saved ({size / 1e6:.1f} MB, {time.monotonic() - started:.1f} s in the background)")
+
+    def wait(self) -> float:
+        """Until the upload in flight, if any, has landed; the seconds waited. Raises what it failed with."""
+        started = time.monotonic()
+        if self.uploading is not None:
+            self.uploading.join()
+            self.uploading = None
+        if self.failure is not None:
+            failure, self.failure = self.failure, None
+            raise failure
+        return time.monotonic() - started
+
+    def close(self) -> None:
+        """On a failure's way out: waits for the upload in flight (a checkpoint a restart can use), and
+        says if it failed too instead of hiding the failure that ended the run."""
+        try:
+            self.wait()
+        except Exception as err:
+            self.log(f"the checkpoint upload in flight failed too: {type(err).__name__}: {err}")
 
 
 def sidecar(name: str) -> str:

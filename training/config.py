@@ -115,7 +115,8 @@ def build_parser() -> OneLineParser:
     p.add_argument("--seed", type=AtLeast(int, 0), default=0, help="data order and augmentation")
     p.add_argument("--checkpoint-every", type=AtLeast(int, 0), default=100,
                    help="also write a checkpoint every N optimizer steps, so a lost pod costs at most N steps "
-                        "(0: at epoch ends only; SIGTERM always writes one)")  # fmt: skip
+                        "and those of an upload still in flight (0: at epoch ends only; SIGTERM always writes "
+                        "one)")  # fmt: skip
     p.add_argument("--collective-timeout", type=AtLeast(float, 0.1), default=10.0,
                    help="minutes a collective may wait for the other ranks before this rank gives up "
                         "(exit 202, retried by restartPolicy ExitCode)")  # fmt: skip

@@ -150,8 +150,9 @@ def run(args: argparse.Namespace, inputs: RunInputs, preemption: Preemption) -> 
             gradient_as_bucket_view=True,  # gradients live in the all-reduce buckets: one copy fewer per step
         )
 
-        progress = None
+        progress = writer = None
         if world.is_main:
+            writer = checkpoint.Writer(storage, output, args.keep_checkpoints, log)
             events = args.cache_dir / "tensorboard" / hashlib.sha256(str(output).encode()).hexdigest()[:16]
             progress = Progress(storage, output, args.epochs, world.world_size * args.batch_size, events)
             startup.lap("model")
@@ -163,13 +164,20 @@ def run(args: argparse.Namespace, inputs: RunInputs, preemption: Preemption) -> 
         try:
             with preemption.deferred():
                 while state.epoch <= args.epochs:
-                    run_epoch(args, state, ddp, epochs, world, autocast, storage, output, preemption, progress)
+                    run_epoch(args, state, ddp, epochs, world, autocast, storage, output, preemption, progress,
+                              writer)  # fmt: skip
+                if writer is not None:
+                    writer.wait()  # the last epoch's checkpoint (and best.pt) has landed before the run is done
             outcome = "done"
         except Preempted:
+            if writer is not None:
+                writer.wait()  # the checkpoint SIGTERM asked for lands before the exit that says it did
             outcome = "stopped"
             raise
         finally:
             epochs.close()
+            if writer is not None:
+                writer.close()
             if progress is not None:
                 progress.close(outcome)
 
@@ -181,7 +189,7 @@ def run(args: argparse.Namespace, inputs: RunInputs, preemption: Preemption) -> 
 
 
 def run_epoch(args, state: TrainingState, ddp, epochs, world: World, autocast, storage: Storage, output: S3Url,
-              preemption: Preemption, progress: Progress | None) -> None:  # fmt: skip
+              preemption: Preemption, progress: Progress | None, writer: checkpoint.Writer | None) -> None:  # fmt: skip
     """Trains and evaluates the epoch in progress from where it stands, checkpointing on the way."""
     device, epoch, started = world.device, state.epoch, time.monotonic()
     torch.manual_seed(hash_seed(args.seed, epoch, world.rank))
@@ -221,7 +229,7 @@ def run_epoch(args, state: TrainingState, ddp, epochs, world: World, autocast, s
                 "stretches": [*state.stretches, dict(stretch)],
                 "train_sums": total.tolist(),
             }
-            checkpoint.save(storage, output, snapshot, name, False, args.keep_checkpoints)
+            writer.save(snapshot, name, is_best=False)
         return name
 
     def after_step(step: int, sums: torch.Tensor, seen: int, loss: torch.Tensor) -> bool:
@@ -256,8 +264,7 @@ def run_epoch(args, state: TrainingState, ddp, epochs, world: World, autocast, s
               "seconds": round(time.monotonic() - started, 3)}  # fmt: skip
     is_best = state.finish_epoch(record)
     if world.is_main:
-        checkpoint.save(storage, output, state.state_dict(), checkpoint.checkpoint_name(epoch), is_best,
-                        args.keep_checkpoints)  # fmt: skip
+        writer.save(state.state_dict(), checkpoint.checkpoint_name(epoch), is_best)
         metrics = "".join(json.dumps(r) + "\n" for r in state.history)
         storage.write_bytes(output.join("metrics.jsonl"), metrics.encode(), "application/x-ndjson")
         print(json.dumps({k: v for k, v in record.items() if k != "val_per_class_acc"}), flush=True)
