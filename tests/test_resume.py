@@ -47,9 +47,9 @@ def test_sigkill_mid_epoch_then_rerun_resumes_at_the_step_and_matches_the_uninte
     args = ["--data", synthetic_dataset, "--output", run_dir, *SMALL_TRAINING, "--checkpoint-every", "5"]
     first = trainer(s3_env, args)
     first.wait_for_line(r"epoch 2/4 step 6/", timeout=600)
-    first.wait_for_line(r"checkpoints/epoch-0002-step-000005\.pt saved", timeout=120)  # uploads in the background
     os.kill(first.rank_pid(1), signal.SIGKILL)
     assert first.wait(120) != 0
+    # Rank 0 fails at the next collective, waiting for its upload in flight on the way out.
     assert latest(storage, run_dir) == "checkpoints/epoch-0002-step-000005.pt"
 
     second = trainer(s3_env, args)
@@ -79,14 +79,16 @@ def test_two_ranks_interrupted_mid_epoch_go_on_with_three_each_sample_once(s3_en
     ]
     first = trainer(s3_env, args, nproc=2)
     first.wait_for_line(r"epoch 2/3 step 5/", timeout=600)
-    first.wait_for_line(r"checkpoints/epoch-0002-step-000004\.pt saved", timeout=120)  # uploads in the background
+    # Killing the writer loses an upload in flight: the one of step 4 is waited for, a later one may land too.
+    first.wait_for_line(r"checkpoints/epoch-0002-step-000004\.pt saved", timeout=120)
     os.kill(first.rank_pid(0), signal.SIGKILL)
     assert first.wait(120) != 0
-    assert latest(storage, run_dir) == "checkpoints/epoch-0002-step-000004.pt"
+    stopped = checkpoint.position(latest(storage, run_dir))
+    assert stopped[0] == 2 and stopped[1] >= 4, stopped
 
     second = trainer(s3_env, args, nproc=3)
     wait_ok(second)
-    assert resumed_event(second) == {"event": "resumed", "epoch": 2, "step": 4}
+    assert resumed_event(second) == {"event": "resumed", "epoch": 2, "step": stopped[1]}
     assert any("goes on with 3 ranks instead of 2" in line and "global batch is 48 instead of 32" in line
                for line in second.stderr)  # fmt: skip
     metrics = [json.loads(line) for line in storage.read_bytes(parse_url(run_dir).join("metrics.jsonl")).splitlines()]
