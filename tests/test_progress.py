@@ -23,7 +23,7 @@ def test_a_slow_send_never_holds_the_caller_and_what_arrives_meanwhile_goes_next
         started.set()
         release.wait(60)
 
-    sender = Background("test", send, merge=lambda older, newer: older + newer, errors=(StorageError,))
+    sender = Background("test", send, merge=lambda older, newer: older + newer)
     sender.submit([1])
     assert started.wait(60)
     for n in (2, 3, 4):
@@ -34,7 +34,9 @@ def test_a_slow_send_never_holds_the_caller_and_what_arrives_meanwhile_goes_next
 
 
 def test_a_failing_send_is_said_once_kept_and_sent_with_the_next_work_and_at_close(capsys):
-    failures, sent = [StorageError("storage down"), StorageError("storage down")], []
+    """Whatever it raised: an unforeseen error (last, here) is said and outlived like storage down."""
+    failures, sent = [ValueError("a record it cannot take"), StorageError("storage down"),
+                      StorageError("storage down")], []  # fmt: skip
     tried = threading.Semaphore(0)
 
     def send(work):
@@ -45,16 +47,16 @@ def test_a_failing_send_is_said_once_kept_and_sent_with_the_next_work_and_at_clo
         finally:
             tried.release()
 
-    sender = Background("test upload", send, merge=lambda older, newer: older + newer, errors=(StorageError,))
-    sender.submit(["a"])
-    assert tried.acquire(timeout=60)
-    sender.submit(["b"])
-    assert tried.acquire(timeout=60)
-    sender.submit(["c"])
+    sender = Background("test upload", send, merge=lambda older, newer: older + newer)
+    for work in ("a", "b", "c"):
+        sender.submit([work])
+        assert tried.acquire(timeout=60)
+    sender.submit(["d"])
     sender.close(60)
-    assert sent == [["a", "b", "c"]]
+    assert sent == [["a", "b", "c", "d"]]
     said = capsys.readouterr().err
-    assert said.count("petal: test upload failed (storage down); training goes on") == 1, said
+    assert said.count("petal: test upload failed (StorageError: storage down); training goes on") == 1, said
+    assert said.count("petal: test upload failed (ValueError: a record it cannot take); training goes on") == 1
 
 
 @pytest.mark.parametrize("outcome", ["stopped", "failed", "done"])

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 from training import plots
-from training.storage import S3Url, Storage, StorageError
+from training.storage import S3Url, Storage
 from training.tracking import Background, TrainerStatus
 
 PROGRESS_SECONDS = 10.0
@@ -43,7 +43,7 @@ class Uploads:
 
     def __init__(self, storage: Storage, output: S3Url, events_dir: Path):
         self.storage, self.output, self.events_dir = storage, output, events_dir
-        self.sender = Background("progress upload", self._upload, errors=(StorageError, OSError),
+        self.sender = Background("progress upload", self._upload,
                                  merge=lambda older, newer: (newer[0], older[1] or newer[1]))  # fmt: skip
 
     def submit(self, record: bytes, events: bool) -> None:

@@ -21,13 +21,14 @@ from typing import Any
 
 class Background:
     """Sends what is handed to `submit` from a thread of its own. Work handed over while a send is under
-    way is merged (`merge(older, newer)`) and sent next. A send that raises one of `errors` is said once
-    (until one works again) and its work kept, merged with what comes next, for the next try; `close`
+    way is merged (`merge(older, newer)`) and sent next. A send that raises is said once (until one
+    works again) and its work kept, merged with what comes next, for the next try — whatever it
+    raised: a thread that died of an unforeseen error would leave the run silently unreported; `close`
     sends what is left, waiting at most its timeout."""
 
     def __init__(self, name: str, send: Callable[[Any], None], merge: Callable[[Any, Any], Any],
-                 errors: tuple[type[BaseException], ...], min_interval: float = 0.0):  # fmt: skip
-        self.name, self.send, self.merge, self.errors = name, send, merge, errors
+                 min_interval: float = 0.0):  # fmt: skip
+        self.name, self.send, self.merge = name, send, merge
         self.min_interval = min_interval  # seconds between sends, except the last one
         self.pending: Any = None
         self.fresh = False  # work handed over since the last send
@@ -57,10 +58,11 @@ class Background:
             try:
                 self.send(work)
                 self.failing = None
-            except self.errors as err:
-                if self.failing != str(err):
-                    self.failing = str(err)
-                    print(f"petal: {self.name} failed ({err}); training goes on", file=sys.stderr, flush=True)
+            except Exception as err:
+                said = f"{type(err).__name__}: {err}"
+                if self.failing != said:
+                    self.failing = said
+                    print(f"petal: {self.name} failed ({said}); training goes on", file=sys.stderr, flush=True)
                 with self.changed:
                     if self.closing:
                         return  # one try on the way out
@@ -88,7 +90,7 @@ class TrainerStatus:
         self.url, self.token_file = url, token_file
         self.http = urllib3.PoolManager(ca_certs=ca_file, timeout=urllib3.Timeout(total=5), retries=False)
         self.sender = Background("TrainJob status update", self._post, lambda older, newer: newer,
-                                 (OSError, urllib3.exceptions.HTTPError, RuntimeError), STATUS_SECONDS)  # fmt: skip
+                                 STATUS_SECONDS)  # fmt: skip
 
     @classmethod
     def from_environment(cls, environ: dict[str, str] = os.environ) -> TrainerStatus | None:
