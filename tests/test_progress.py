@@ -59,6 +59,27 @@ def test_a_failing_send_is_said_once_kept_and_sent_with_the_next_work_and_at_clo
     assert said.count("petal: test upload failed (ValueError: a record it cannot take); training goes on") == 1
 
 
+def test_closing_while_a_send_fails_still_tries_once_with_what_came_after_it():
+    """The run's last record arrives while an older one is failing (storage coming back, say): closing
+    tries it once more, merged, instead of ending with the failure and losing the last word."""
+    tried, started = [], threading.Event()
+
+    def send(work):
+        tried.append(work)
+        started.set()
+        if len(tried) == 1:
+            with sender.changed:
+                assert sender.changed.wait_for(lambda: sender.closing, timeout=60)
+            raise StorageError("storage down")
+
+    sender = Background("test upload", send, merge=lambda older, newer: older + newer)
+    sender.submit(["older"])
+    assert started.wait(60)
+    sender.submit(["last"])  # while "older" is under way
+    sender.close(60)
+    assert tried == [["older"], ["older", "last"]]
+
+
 @pytest.mark.parametrize("outcome", ["stopped", "failed", "done"])
 def test_progress_rides_out_storage_down_and_ends_in_the_runs_final_state(outcome, minio, storage, tmp_path):
     """Storage down while the loop reports steps: every call returns (a send inline would hang for its

@@ -54,6 +54,7 @@ class Background:
                 work, self.pending, self.fresh = self.pending, None, False
                 if work is None:
                     return
+                last_try = self.closing  # what is sent once closing is asked for is all there is
             self.last_send = time.monotonic()
             try:
                 self.send(work)
@@ -64,8 +65,9 @@ class Background:
                     self.failing = said
                     print(f"petal: {self.name} failed ({said}); training goes on", file=sys.stderr, flush=True)
                 with self.changed:
-                    if self.closing:
+                    if last_try:
                         return  # one try on the way out
+                    # A send under way when closing was asked for gets one more try, with the work after it.
                     self.pending = work if self.pending is None else self.merge(work, self.pending)
 
     def close(self, timeout: float) -> None:
