@@ -235,6 +235,27 @@ def test_storage_that_cannot_work_fails_in_seconds_not_after_the_retry_window(
     assert expected in line and line.endswith("(exit 5)") and time.monotonic() - started < 30, line
 
 
+def test_a_cluster_dns_that_does_not_answer_is_waited_out_like_a_storage_outage(minio, run_dir, tmp_path):
+    """A busy cluster DNS times out (EAI_AGAIN): not a name that does not exist, so storage calls are
+    retried until it answers. Here the process's resolver answers nothing (its own mount namespace),
+    until its hosts file learns the name."""
+    hosts, resolver = tmp_path / "hosts", tmp_path / "resolv.conf"
+    hosts.write_text("127.0.0.1 localhost\n")
+    resolver.write_text("nameserver 127.0.0.1\noptions timeout:1 attempts:1\n")  # nobody answers there
+    env = minio.env
+    check = (f"from training.storage import Storage, parse_url; "
+             f"Storage('http://minio.petal.test:{minio.port}', {env['AWS_ACCESS_KEY_ID']!r}, "
+             f"{env['AWS_SECRET_ACCESS_KEY']!r}, retry_seconds=120)"
+             f".require_bucket(parse_url({run_dir!r}))")  # fmt: skip
+    namespaced = f'mount --bind {hosts} /etc/hosts && mount --bind {resolver} /etc/resolv.conf && exec "$@"'
+    proc = Watched(["unshare", "--mount", "sh", "-c", namespaced, "sh", sys.executable, "-c", check], os.environ)
+    line = proc.wait_for_line("retrying in", timeout=60)
+    assert "Temporary failure in name resolution" in line, line
+    with hosts.open("a") as appended:  # the same file the namespace sees
+        appended.write("127.0.0.1 minio.petal.test\n")
+    assert proc.wait(60) == 0, "\n".join(proc.stderr[-5:])
+
+
 @pytest.mark.slow
 def test_resuming_with_a_dataset_of_other_classes_is_refused(reference_run, s3_env, tmp_path):
     made = run_script(s3_env, "make_synthetic_dataset.py", str(tmp_path), "--classes", "3", "--per-class", "4")

@@ -30,6 +30,7 @@ import hashlib
 import io
 import os
 import re
+import socket
 import ssl
 import sys
 import time
@@ -99,8 +100,9 @@ def sha256_file(path: Path) -> str:
 
 
 def is_transient(err: Exception) -> bool:
-    """Worth retrying: the service may come back (refused, reset, timed out, 5xx). Not: a wrong key or
-    secret, a certificate that does not verify, a host name that does not resolve."""
+    """Worth retrying: the service may come back (refused, reset, timed out, 5xx, a DNS server that did
+    not answer). Not: a wrong key or secret, a certificate that does not verify, a host name that does
+    not exist."""
     import urllib3
     from minio.error import InvalidResponseError, S3Error, ServerError
 
@@ -115,7 +117,10 @@ def is_transient(err: Exception) -> bool:
         return err.code in TRANSIENT_S3_CODES
     if isinstance(err, urllib3.exceptions.MaxRetryError) and err.reason is not None:
         err = err.reason
-    if isinstance(err, urllib3.exceptions.SSLError | urllib3.exceptions.NameResolutionError | ssl.SSLError):
+    if isinstance(err, urllib3.exceptions.NameResolutionError):
+        # EAI_AGAIN is the resolver timing out (a busy cluster DNS), not a name that does not exist.
+        return getattr(err._reason, "errno", None) == socket.EAI_AGAIN
+    if isinstance(err, urllib3.exceptions.SSLError | ssl.SSLError):
         return False
     return isinstance(err, (urllib3.exceptions.HTTPError, ConnectionError, TimeoutError))
 
