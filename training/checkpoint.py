@@ -100,7 +100,7 @@ class Writer:
     def __init__(self, storage: Storage, output: S3Url, keep: int, log: Callable[[str], None]):
         self.storage, self.output, self.keep, self.log = storage, output, keep, log
         self.uploading: threading.Thread | None = None
-        self.failure: BaseException | None = None
+        self.failure: Exception | None = None
 
     def save(self, state: dict, name: str, is_best: bool) -> None:
         """Starts writing `state` as `name`; returns once it is copied to host memory."""

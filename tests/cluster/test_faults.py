@@ -115,6 +115,7 @@ class FaultyJob:
                      if (m := SAVED.search(line))), default=(1, 0))  # fmt: skip
         assert (epoch, step) >= saved, f"{fault}: resumed at {(epoch, step)}, before the checkpoint saved at {saved}"
         lost = (last[0] - epoch) * per_epoch + last[1] - step
+        assert lost >= 0, f"{fault}: resumed past the last step logged"
         self.rows.append((fault, policy, f"last logged epoch {last[0]} step {last[1]}, resumed at epoch {epoch} "
                                          f"step {step}", lost))  # fmt: skip
 
