@@ -223,3 +223,12 @@ def test_nothing_is_stopped_by_a_name_pattern():
     # Spelled in pieces so that this file is not itself a match for `grep -rn` of those commands.
     by_name = re.compile(r"\b(" + "p" + "kill|kill" + "all)\b")
     assert not [path for path, text in tracked_text_files().items() if by_name.search(text)]
+
+
+def test_the_test_beds_coredns_has_every_plugin_its_corefile_uses():
+    testbed = ROOT / "scripts" / "testbed"
+    plugins = re.search(r'^COREDNS_PLUGINS="([a-z ]+)"', (testbed / "common.sh").read_text(), re.M)[1]
+    corefile = re.search(r'"\$dir/Corefile" <<EOF\n(.*?)\nEOF', (testbed / "cluster.sh").read_text(), re.S)[1]
+    directives = set(re.findall(r"^    ([a-z]+)\b", corefile, re.M))
+    assert directives == {"bind", "errors", "health", "kubernetes", "cache"}  # the pattern still reads the Corefile
+    assert directives <= set(plugins.split())

@@ -276,10 +276,12 @@ stop_pods() {
 cluster_down() {
   local dir; dir=$(cluster_dir)
   if [ -f "$dir/pids" ]; then
-    # Reverse start order; containerd (started first) goes last, once it has stopped the pods.
+    # Reverse start order; containerd (started first) goes last, once it has stopped the pods. Two
+    # seconds' grace: the cluster's state is deleted next, so a graceful shutdown saves nothing, and
+    # Trainer's controller takes all of 30 s to end on SIGTERM (a minute of every CI run's teardown).
     tac "$dir/pids" | while read -r pid name start; do
       [ "$name" = containerd ] && same_process "$pid" "$start" && stop_pods
-      stop_pid "$pid" "$start"
+      stop_pid "$pid" "$start" 2
     done
   fi
   if [ -d "$dir" ]; then

@@ -150,6 +150,29 @@ install_trainer_programs() {
   fi
 }
 
+# CoreDNS's own main package with the plugins of COREDNS_PLUGINS, in a module of its own that
+# requires CoreDNS's release (its dependencies at the versions CoreDNS's go.mod selects).
+install_coredns() {
+  if [ -x "$(coredns_bin)" ]; then say "coredns $COREDNS_VERSION is already built"; return; fi
+  say "building coredns $COREDNS_VERSION with the plugins $COREDNS_PLUGINS"
+  local src; src="$(dirname "$(dirname "$(coredns_bin)")")/src"
+  mkdir -p "$src"
+  (
+    cd "$src"
+    printf 'module petal.local/coredns-build\n\ngo 1.24.0\n\nrequire github.com/coredns/coredns %s\n' "$COREDNS_VERSION" > go.mod
+    {
+      echo "package main"
+      echo 'import ('
+      echo '	"github.com/coredns/coredns/coremain"'
+      for plugin in $COREDNS_PLUGINS; do echo "	_ \"github.com/coredns/coredns/plugin/$plugin\""; done
+      echo ')'
+      echo 'func main() { coremain.Run() }'
+    } > main.go
+    go mod tidy
+    go build -o "$(coredns_bin)" .
+  )
+}
+
 # Everything the cluster runs as host programs: Debian's container runtime, etcd, CNI plugins and image
 # registry (install_cluster_packages); Kubernetes, CoreDNS, the training-operator, Trainer v2, JobSet
 # and Kueue built from their Go modules (install_cluster_programs).
@@ -167,10 +190,7 @@ install_cluster_packages() {
 
 install_cluster_programs() {
   install_kube
-  if [ -x "$(coredns_bin)" ]; then say "coredns $COREDNS_VERSION is already built"; else
-    say "building coredns $COREDNS_VERSION"
-    GOBIN="$(dirname "$(coredns_bin)")" go install "github.com/coredns/coredns@$COREDNS_VERSION"
-  fi
+  install_coredns
   install_trainer_programs
   if [ -x "$(operator_bin)" ]; then say "training-operator $TRAINING_OPERATOR_VERSION is already built"; else
     say "building training-operator $TRAINING_OPERATOR_VERSION"
