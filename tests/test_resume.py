@@ -174,35 +174,34 @@ def test_a_bad_latest_or_checkpoint_falls_back_to_the_newest_intact_one(s3_env, 
     assert kept == ["checkpoints/epoch-0001-step-000003.pt", "checkpoints/epoch-0001-step-000006.pt",
                     "checkpoints/epoch-0001.pt"]  # fmt: skip
 
-    # The newest checkpoint torn: the one before it is used.
+    # The newest checkpoint torn: the one before it is used (and the epoch's last step trained again).
     newest = storage.read_bytes(out.join(kept[-1]))
     storage.write_bytes(out.join(kept[-1]), newest[: len(newest) // 2])
-    torn = trainer(s3_env, [*args, "--epochs", "2"])
+    torn = trainer(s3_env, [*args, "--epochs", "1"])
     wait_ok(torn)
     assert resumed_event(torn) == {"event": "resumed", "epoch": 1, "step": 6}
     assert any("resuming from the newest intact checkpoint, checkpoints/epoch-0001-step-000006.pt" in line
                for line in torn.stderr)  # fmt: skip
 
-    # `latest` unreadable: the newest kept checkpoint whose .sha256 matches is used.
+    # `latest` unreadable: the newest kept checkpoint whose .sha256 matches is used. The same run is
+    # a compatible change of options, said and kept.
     storage.write_bytes(out.join(checkpoint.LATEST), b"{not json")
-    garbled = trainer(s3_env, [*args, "--epochs", "3"])
+    garbled = trainer(s3_env, [*args, "--epochs", "2", "--lr", "0.002"])
     wait_ok(garbled)
-    assert resumed_event(garbled) == {"event": "resumed", "epoch": 3, "step": 0}
+    assert resumed_event(garbled) == {"event": "resumed", "epoch": 2, "step": 0}
     assert any("is unreadable" in line for line in garbled.stderr)
-    assert [r["epoch"] for r in epochs_of(garbled)] == [3]
+    assert [r["epoch"] for r in epochs_of(garbled)] == [2]
+    said = "\n".join(garbled.stderr)
+    assert "--epochs changed from 1 to 2 on resume: the learning-rate schedule is recomputed" in said
+    assert "--lr changed from 0.001 to 0.002" in said
+    saved = checkpoint.deserialize(storage.read_bytes(out.join(checkpoint.checkpoint_name(2))))
+    assert {"scaler", "config", "classes", "stretches", "train_sums"} <= set(saved)
+    assert saved["config"]["lr"] == 0.002 and saved["config"]["epochs"] == 2
 
-    # An incompatible change is refused with every difference named; a compatible one is said.
+    # An incompatible change is refused with every difference named.
     refused = Watched([sys.executable, "-m", "training", *args, "--arch", "resnet34", "--optimizer", "sgd"], s3_env)
     assert refused.wait(120) == 4
     assert "--arch resnet34 (the checkpoint: resnet18); --optimizer sgd (the checkpoint: adam)" in refused.stderr[-1]
-    longer = trainer(s3_env, [*args, "--epochs", "4", "--lr", "0.002"])
-    wait_ok(longer)
-    said = "\n".join(longer.stderr)
-    assert "--epochs changed from 3 to 4 on resume: the learning-rate schedule is recomputed" in said
-    assert "--lr changed from 0.001 to 0.002" in said
-    saved = checkpoint.deserialize(storage.read_bytes(out.join(checkpoint.checkpoint_name(4))))
-    assert {"scaler", "config", "classes", "stretches", "train_sums"} <= set(saved)
-    assert saved["config"]["lr"] == 0.002 and saved["config"]["epochs"] == 4
 
 
 def test_every_rank_resumes_from_rank_zeros_choice(minio, s3_env, synthetic_dataset, run_dir, storage, tmp_path):
