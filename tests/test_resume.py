@@ -73,34 +73,34 @@ def test_two_ranks_interrupted_mid_epoch_go_on_with_three_each_sample_once(s3_en
         run_dir,
         *SMALL_TRAINING,
         "--epochs",
-        "3",
+        "2",
         "--checkpoint-every",
         "2",
     ]
     first = trainer(s3_env, args, nproc=2)
-    first.wait_for_line(r"epoch 2/3 step 5/", timeout=600)
+    first.wait_for_line(r"epoch 1/2 step 5/", timeout=600)
     # Killing the writer loses an upload in flight: the one of step 4 is waited for, a later one may land too.
-    first.wait_for_line(r"checkpoints/epoch-0002-step-000004\.pt saved", timeout=120)
+    first.wait_for_line(r"checkpoints/epoch-0001-step-000004\.pt saved", timeout=120)
     os.kill(first.rank_pid(0), signal.SIGKILL)
     assert first.wait(120) != 0
     stopped = checkpoint.position(latest(storage, run_dir))
-    assert stopped[0] == 2 and stopped[1] >= 4, stopped
+    assert stopped[0] == 1 and stopped[1] >= 4, stopped
 
     second = trainer(s3_env, args, nproc=3)
     wait_ok(second)
-    assert resumed_event(second) == {"event": "resumed", "epoch": 2, "step": stopped[1]}
+    assert resumed_event(second) == {"event": "resumed", "epoch": 1, "step": stopped[1]}
     assert any("goes on with 3 ranks instead of 2" in line and "global batch is 48 instead of 32" in line
                for line in second.stderr)  # fmt: skip
     metrics = [json.loads(line) for line in storage.read_bytes(parse_url(run_dir).join("metrics.jsonl")).splitlines()]
-    assert [(r["epoch"], r["train_samples"]) for r in metrics] == [(1, 200), (2, 200), (3, 200)]
+    assert [(r["epoch"], r["train_samples"]) for r in metrics] == [(1, 200), (2, 200)]
     assert [r["train_samples"] for r in epochs_of(second)] == [200, 200]
 
 
 def test_sigterm_writes_a_checkpoint_exits_143_and_the_rerun_loses_no_step(s3_env, synthetic_dataset, run_dir, storage):
     args = [sys.executable, "-m", "training", "--data", synthetic_dataset, "--output", run_dir, *SMALL_TRAINING,
-            "--epochs", "2", "--checkpoint-every", "0"]  # fmt: skip
+            "--epochs", "1", "--checkpoint-every", "0"]  # fmt: skip
     first = Watched(args, s3_env)
-    first.wait_for_line(r"epoch 1/2 step 3/", timeout=300)
+    first.wait_for_line(r"epoch 1/1 step 3/", timeout=300)
     os.kill(first.proc.pid, signal.SIGTERM)
     assert first.wait(120) == 143
     stopped_at = checkpoint.position(latest(storage, run_dir))
@@ -109,7 +109,7 @@ def test_sigterm_writes_a_checkpoint_exits_143_and_the_rerun_loses_no_step(s3_en
     second = Watched(args, s3_env)
     wait_ok(second)
     assert resumed_event(second) == {"event": "resumed", "epoch": 1, "step": stopped_at[1]}
-    assert [(r["epoch"], r["train_samples"]) for r in epochs_of(second)] == [(1, 200), (2, 200)]
+    assert [(r["epoch"], r["train_samples"]) for r in epochs_of(second)] == [(1, 200)]
 
 
 def test_training_goes_on_while_a_checkpoint_uploads_and_sigterm_waits_for_the_upload(minio, s3_env,
@@ -208,7 +208,7 @@ def test_every_rank_resumes_from_rank_zeros_choice(minio, s3_env, synthetic_data
     """Rank 1 here may not even read `latest` (a MinIO policy denies it): it must take rank 0's word
     for where to resume, as a replacement worker must, whatever it would have found itself."""
     args = ["--data", synthetic_dataset, "--output", run_dir, *SMALL_TRAINING]
-    wait_ok(trainer(s3_env, [*args, "--epochs", "2"]))
+    wait_ok(trainer(s3_env, [*args, "--epochs", "1"]))
 
     out = parse_url(run_dir)
     root = StaticProvider(s3_env["AWS_ACCESS_KEY_ID"], s3_env["AWS_SECRET_ACCESS_KEY"])
@@ -224,14 +224,14 @@ def test_every_rank_resumes_from_rank_zeros_choice(minio, s3_env, synthetic_data
     admin.attach_policy([user], user=user)
     try:
         denied = {"AWS_ACCESS_KEY_ID": user, "AWS_SECRET_ACCESS_KEY": secret}
-        ranks = pods(s3_env, [*args, "--epochs", "3"], [{}, denied], tmp_path)
+        ranks = pods(s3_env, [*args, "--epochs", "2"], [{}, denied], tmp_path)
         for proc in ranks:
             wait_ok(proc, timeout=600)
     finally:
         admin.user_remove(user)
         admin.policy_remove(user)
-    assert resumed_event(ranks[0]) == {"event": "resumed", "epoch": 3, "step": 0}
-    assert [r["epoch"] for r in epochs_of(ranks[0])] == [3]
+    assert resumed_event(ranks[0]) == {"event": "resumed", "epoch": 2, "step": 0}
+    assert [r["epoch"] for r in epochs_of(ranks[0])] == [2]
     assert any(path.suffix == ".pt" for path in (tmp_path / "pod1" / "checkpoints").rglob("*"))
 
 
