@@ -145,6 +145,13 @@ def reference_result(request, tmp_path_factory) -> dict:
     return json.loads(said.stdout[-1])
 
 
+def pytest_collection_modifyitems(items):
+    """The longest work is handed out first: the cluster tests (one worker's, below), then the slow
+    ones, so that the quick tests fill both workers' last minutes and the two end together, not one
+    idle while the other runs its last long test."""
+    items.sort(key=lambda item: (not item.nodeid.startswith("tests/cluster/"), not item.get_closest_marker("slow")))
+
+
 def pytest_xdist_make_scheduler(config, log):
     """The cluster tests run one after the other, on one pytest-xdist worker (they share one node, whose
     taints and capacity some of them change); the others spread over the remaining workers beside them.
