@@ -51,6 +51,9 @@ containerd_socket() { echo "$(cluster_dir)/containerd/containerd.sock"; }
 # containerd's image store outlives clusters (`cluster down` keeps it), so a 6 GB image is imported
 # once per digest, not once per cluster.
 image_store() { echo "$CACHE/containerd-store"; }
+# The Go toolchain with its collector at GOGC=400: a cold build is a fifth faster (helm: 133 s to
+# 109 s) for under 1 GB more per compile. Only the toolchain: the services keep Go's default.
+go() { GOGC=400 command go "$@"; }
 module_dir() { go mod download -json "$1" | sed -n 's/.*"Dir": "\(.*\)".*/\1/p'; }
 
 # A chart default (charts/petal/values.yaml), e.g. `chart_default s3.existingSecret`: the one place
