@@ -247,11 +247,16 @@ class FaultyProxy:
         for connection in list(self.open):
             with contextlib.suppress(OSError):
                 connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # a reset
-                # close() alone frees nothing while a pipe thread waits in recv() on the socket: a client
-                # that had sent its whole request would wait out its read timeout, never told. shutdown()
-                # wakes that recv(); the socket's last close then resets.
-                connection.shutdown(socket.SHUT_RDWR)
-                connection.close()
+            self._end(connection)
+
+    def _end(self, connection: socket.socket) -> None:
+        """Ends a proxied connection as its peer sees it, at once. close() alone frees nothing while the
+        other pipe thread waits in recv() on the socket: a client that had sent its whole request would
+        wait out its read timeout, never told. shutdown() wakes that recv() and tells the peer."""
+        with contextlib.suppress(OSError):
+            connection.shutdown(socket.SHUT_RDWR)
+        connection.close()
+        self.open.discard(connection)
 
     def _accept(self, server: socket.socket) -> None:
         while True:
@@ -293,9 +298,8 @@ class FaultyProxy:
             pass
         finally:
             if not held:
-                for s in (src, dst):
-                    s.close()
-                    self.open.discard(s)
+                for connection in (src, dst):
+                    self._end(connection)
 
     def close(self) -> None:
         self.down()
