@@ -29,6 +29,24 @@ def test_a_recorded_pid_now_held_by_another_process_is_left_alone(tmp_path):
         bystander.wait()
 
 
+def test_a_stopped_service_its_parent_has_not_reaped_yet_counts_as_stopped(tmp_path):
+    """The test bed's daemons outlive the shell that started them, and this machine's init reaps them
+    seconds after they end: `minio down` must take the zombie as stopped, not wait on it (it used to
+    wait out its SIGKILL deadline, then forever). Here pytest is the parent that has not reaped yet."""
+    service = subprocess.Popen(["sleep", "600"])
+    try:
+        started = open(f"/proc/{service.pid}/stat").read().rsplit(") ", 1)[1].split()[19]
+        (tmp_path / "minio").mkdir()
+        (tmp_path / "minio" / "pid").write_text(f"{service.pid} {started}\n")
+        env = os.environ | {"PETAL_STATE": str(tmp_path)}
+        down = subprocess.run([TESTBED, "minio", "down"], env=env, capture_output=True, text=True, timeout=20)
+        assert down.returncode == 0 and f"minio stopped (pid {service.pid})" in down.stderr, down.stderr
+        assert open(f"/proc/{service.pid}/stat").read().rsplit(") ", 1)[1][0] == "Z"  # ended, still unreaped
+    finally:
+        service.kill()
+        service.wait()
+
+
 def test_storage_going_down_tells_a_client_waiting_on_its_answer_at_once():
     """As when MinIO restarts: a client that sent its whole request and waits on the answer learns at
     once that the connection is gone (then retries), instead of waiting out its read timeout."""

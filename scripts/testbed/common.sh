@@ -74,7 +74,7 @@ free_port() { "$PYTHON" -c 'import socket; s=socket.socket(); s.bind(("", 0)); p
 # field) tells it from a later process that was given the same PID, so nothing else is ever signalled.
 # A zombie (state Z) has ended: the test bed's daemons are reparented to an init that may reap them
 # seconds later, and waiting on that made every stop take seconds.
-start_time() { [ -r "/proc/$1/stat" ] && sed 's/^.*) //' "/proc/$1/stat" 2>/dev/null | awk '$1 != "Z" {print $20}'; }
+start_time() { [ -r "/proc/$1/stat" ] && awk '{ sub(/^.*\) /, ""); if ($1 != "Z") print $20 }' "/proc/$1/stat" 2>/dev/null; }
 process_id() { echo "$1 $(start_time "$1")"; }
 same_process() { [ -n "$1" ] && [ -n "${2:-}" ] && [ "$(start_time "$1")" = "$2" ]; }
 pid_alive() { [ -f "$1" ] && same_process $(cat "$1"); }
