@@ -230,5 +230,5 @@ def test_the_test_beds_coredns_has_every_plugin_its_corefile_uses():
     plugins = re.search(r'^COREDNS_PLUGINS="([a-z ]+)"', (testbed / "common.sh").read_text(), re.M)[1]
     corefile = re.search(r'"\$dir/Corefile" <<EOF\n(.*?)\nEOF', (testbed / "cluster.sh").read_text(), re.S)[1]
     directives = set(re.findall(r"^    ([a-z]+)\b", corefile, re.M))
-    assert directives == {"bind", "errors", "health", "kubernetes", "cache"}  # the pattern still reads the Corefile
+    assert "kubernetes" in directives  # the pattern still reads the Corefile
     assert directives <= set(plugins.split())
