@@ -3,7 +3,7 @@ index, the output bucket), so that a bad argument, a missing dataset or refused 
 a second, before torch loads; then the trainer (training/train.py)."""
 
 from training.config import parse_args
-from training.exit_codes import failed
+from training.exit_codes import failed, leave
 from training.inputs import RunInputs
 
 args = parse_args()
@@ -14,4 +14,4 @@ except Exception as err:
 
 from training.train import main  # noqa: E402
 
-raise SystemExit(main(args, inputs))
+leave(main(args, inputs))

@@ -18,11 +18,12 @@ PETAL_TERMINATION_GRACE_SECONDS (the chart sets it), this gives them that long l
 from __future__ import annotations
 
 import os
-import sys
 
 from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.run import get_args_parser, run
+
+from training.exit_codes import leave
 
 # Seconds of the pod's grace period kept for the launcher itself to see its workers out and exit.
 GRACE_MARGIN = 10
@@ -44,4 +45,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    leave(main())
