@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import ssl
 import subprocess
@@ -80,23 +81,26 @@ def test_kill_during_checkpoint_upload_never_leaves_latest_on_a_torn_object(
     minio, s3_env, synthetic_dataset, run_dir, storage
 ):
     out = parse_url(run_dir)
-    proxy = FaultyProxy(minio.port, rf"PUT /{out.bucket}/{out.key}/checkpoints/epoch-0002\.pt".encode())
-    args = ["--data", synthetic_dataset, "--output", run_dir, *SMALL_TRAINING, "--epochs", "2"]
+    caught = checkpoint.checkpoint_name(1, 6)
+    proxy = FaultyProxy(minio.port, f"PUT /{out.bucket}/{out.key}/{re.escape(caught)}".encode())
+    args = ["--data", synthetic_dataset, "--output", run_dir, *SMALL_TRAINING, "--epochs", "1",
+            "--checkpoint-every", "3"]  # fmt: skip
     proc = trainer(s3_env | {"S3_ENDPOINT_URL": proxy.endpoint}, args)
-    assert proxy.matched.wait(600), "the epoch-2 checkpoint upload never started:\n" + "\n".join(proc.stderr[-20:])
+    assert proxy.matched.wait(600), f"the {caught} upload never started:\n" + "\n".join(proc.stderr[-20:])
     os.kill(proc.rank_pid(0), signal.SIGKILL)  # rank 0 is the writer, caught mid-upload
     assert proc.wait(120) != 0
     proxy.close()
 
     latest = json.loads(storage.read_bytes(out.join("latest")))
-    assert latest["checkpoint"] == "checkpoints/epoch-0001.pt"
+    assert latest["checkpoint"] == checkpoint.checkpoint_name(1, 3)
     named = storage.read_bytes(out.join(latest["checkpoint"]))
-    assert len(named) == latest["bytes"] and checkpoint.deserialize(named)["epoch"] == 2  # epoch 2 starts from it
-    assert not storage.exists(out.join("checkpoints/epoch-0002.pt"))
+    assert len(named) == latest["bytes"] and checkpoint.deserialize(named)["stretches"][-1]["steps"] == 3
+    assert not storage.exists(out.join(caught))
 
     rerun = trainer(s3_env, args)
     wait_ok(rerun)
-    assert [r["epoch"] for r in rerun.json_lines() if r["event"] == "epoch"] == [2]
+    assert [r for r in rerun.json_lines() if r["event"] == "resumed"] == [{"event": "resumed", "epoch": 1, "step": 3}]
+    assert [r["epoch"] for r in rerun.json_lines() if r["event"] == "epoch"] == [1]
 
 
 @pytest.mark.slow
