@@ -1,6 +1,6 @@
 """Images per second delivered to the training loop (decode + the 224 px training transform, same
-DataLoader worker count), on realistic photographs (benchmarks/photos.py: crops of scikit-image's
-photos, short side 500 px like Flowers-102), from:
+DataLoader worker count), on realistic photographs (benchmarks/photos.py: crops of every photo scikit-image and
+scikit-learn ship, at native resolution, short side at most 500 px like Flowers-102), from:
 
   shards          petal's way: upload_dataset.py's shards (images stored at short side 256, the
                   default), streamed from MinIO with a cold local cache, JPEGs decoded at reduced
@@ -34,7 +34,7 @@ from torchvision.transforms import v2 as T
 
 from benchmarks.common import in_workdir, report, run_script, storage_from_env, timed
 from benchmarks.network import Latency
-from benchmarks.photos import make_photos
+from benchmarks.photos import PHOTOS, jpeg_bytes_per_pixel, make_photos
 from training.data import SplitLoader, SplitStream
 from training.shards import read_image_bytes, read_index
 from training.storage import S3Url, Storage, parse_url
@@ -94,7 +94,7 @@ def stored_images(stream: SplitStream) -> tuple[list[bytes], list[int]]:
 @in_workdir("petal-bench-data-")
 def run(args, work: Path) -> dict:
     storage = storage_from_env()
-    images = make_photos(work / "photos-v2", classes=8, per_class=max(1, args.images // 8))
+    images = make_photos(work / "photos-v3", classes=len(PHOTOS), per_class=max(1, args.images // len(PHOTOS)))
     dataset = parse_url("s3://petal/bench/photo-shards")
     run_script("upload_dataset.py", str(images), str(dataset), "--min-shards", str(2 * args.workers))
     index = read_index(storage, dataset)
@@ -183,12 +183,19 @@ def run(args, work: Path) -> dict:
     rows = [(f"{name} images/s (MB/s read)", f"{value:8.1f} ({mb_per_s[name]:.1f})") for name, value in rate.items()]
     rows += [(f"one GET, {where} (ms, median)", f"{ms:8.2f}") for where, ms in get_ms.items()]
     rows += [(f"decode one {kind} image (ms)", f"{ms:8.2f}") for kind, ms in decode_ms.items()]
+    bytes_per_pixel = jpeg_bytes_per_pixel(files)
+    rows.append(("original JPEG bytes per pixel", f"{bytes_per_pixel:8.3f}"))
     rows += [(name, f"{value:8.2f}x" + ("" if goals[name] is None else
                                         f"  (goal >= {goals[name]}x{'' if value >= goals[name] else ', MISSED'})"))
              for name, value in ratios.items()]  # fmt: skip
     setup = {"images": len(stored), "workers": args.workers, "rounds": args.rounds,
              "stored_short_side": index["splits"]["train"].get("short_side")}  # fmt: skip
-    setup |= {"stored_mb": stored_bytes / 1e6, "shards_mb": shard_bytes / 1e6, "original_mb": file_bytes / 1e6}
+    setup |= {
+        "stored_mb": stored_bytes / 1e6,
+        "shards_mb": shard_bytes / 1e6,
+        "original_mb": file_bytes / 1e6,
+        "original_jpeg_bytes_per_pixel": bytes_per_pixel,
+    }
     figures = {"setup": setup, "images_per_s": rate, "mb_per_s": mb_per_s, "read_mb": read_mb, "get_ms": get_ms,
                "decode_ms_per_image": decode_ms}  # fmt: skip
     return report("data", rows, figures | {"ratios": ratios, "goals": goals}, args.json)

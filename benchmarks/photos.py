@@ -1,8 +1,10 @@
-"""A set of realistic photographs without the internet: crops of the real photos scikit-image ships
-(`skimage.data`), each scaled so that its short side is 500 px, as in Flowers-102, and saved as a
-JPEG of camera quality. Decode cost follows the images' entropy, which flat synthetic shapes lack.
+"""A set of realistic photographs without the internet: crops of every photograph scikit-image ships
+(`skimage.data`, the grey ones as RGB) and scikit-learn's two sample images, at their native
+resolution: downscaled where the short side is above 500 px (Flowers-102's), never upscaled, which
+would smooth them. Saved as JPEGs of camera quality. Decode cost follows the images' entropy, which
+flat synthetic shapes and upscaled photos lack; `jpeg_bytes_per_pixel` measures it.
 
-    python -m benchmarks.photos OUT --classes 8 --per-class 60
+    python -m benchmarks.photos OUT --classes 21 --per-class 20
 """
 
 from __future__ import annotations
@@ -15,26 +17,38 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry", "retina")
+# The first seven are colour photos, the classes of the `halves` set (benchmarks/trainer_runs.py).
+PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry", "retina",
+          "stereo_motorcycle", "china.jpg", "flower.jpg", "brick", "camera", "cell", "clock", "coins", "grass",
+          "gravel", "microaneurysms", "moon", "page", "text")  # fmt: skip
 
 
 def photo(name: str) -> Image.Image:
-    import skimage.data
+    if name.endswith(".jpg"):
+        from sklearn.datasets import load_sample_image
 
-    return Image.fromarray(np.asarray(getattr(skimage.data, name)())[..., :3])
+        pixels = load_sample_image(name)
+    else:
+        import skimage.data
+
+        pixels = getattr(skimage.data, name)()
+        pixels = pixels[0] if name == "stereo_motorcycle" else pixels  # (left, right, disparity): the left view
+    return Image.fromarray(np.asarray(pixels)).convert("RGB")
 
 
-def make_photos(out: Path, classes: int, per_class: int, short_side: int = 500, seed: int = 0,
+def make_photos(out: Path, classes: int, per_class: int, short_side: int = 500, upscale: bool = False, seed: int = 0,
                 halves: bool = False) -> Path:  # fmt: skip
     """OUT/<class>/*.jpg and OUT/cat_to_name.json (made once; kept for later runs). A class is one photo,
-    or with `halves` one half (left, right) of one: then only detail tells neighbouring classes apart."""
+    or with `halves` one half (left, right) of one: then only detail tells neighbouring classes apart.
+    Each crop's short side is scaled down to `short_side` where above it, and with `upscale` up to it
+    as well (to compare stored sizes below it with originals above)."""
     if (out / "cat_to_name.json").exists():
         return out
     rng = random.Random(seed)
-    sources = {name: photo(name) for name in PHOTOS}
+    used = [PHOTOS[(c // 2 if halves else c) % len(PHOTOS)] for c in range(classes)]
+    sources = {name: photo(name) for name in set(used)}
     names = {}
-    for c in range(classes):
-        source = PHOTOS[(c // 2 if halves else c) % len(PHOTOS)]
+    for c, source in enumerate(used):
         names[str(c + 1)] = f"{source} {'left right'.split()[c % 2]}" if halves else source
         folder = out / str(c + 1)
         folder.mkdir(parents=True, exist_ok=True)
@@ -52,16 +66,26 @@ def make_photos(out: Path, classes: int, per_class: int, short_side: int = 500, 
             if rng.random() < 0.5:
                 crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
             ratio = short_side / min(crop.size)
-            crop = crop.resize((round(crop.width * ratio), round(crop.height * ratio)), Image.Resampling.BICUBIC)
-            crop.save(folder / f"{source}_{i:04d}.jpg", quality=90)
+            if ratio < 1 or upscale:
+                crop = crop.resize((round(crop.width * ratio), round(crop.height * ratio)), Image.Resampling.BICUBIC)
+            crop.save(folder / f"{source.removesuffix('.jpg')}_{i:04d}.jpg", quality=90)
     (out / "cat_to_name.json").write_text(json.dumps(names))
     return out
+
+
+def jpeg_bytes_per_pixel(files: list[Path]) -> float:
+    """The set's compressed size per pixel: more entropy, more bytes, more decoding."""
+    pixels = 0
+    for file in files:
+        with Image.open(file) as image:  # the header only
+            pixels += image.width * image.height
+    return sum(file.stat().st_size for file in files) / pixels
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out", type=Path)
-    parser.add_argument("--classes", type=int, default=8)
-    parser.add_argument("--per-class", type=int, default=60)
+    parser.add_argument("--classes", type=int, default=len(PHOTOS))
+    parser.add_argument("--per-class", type=int, default=20)
     args = parser.parse_args()
     print(make_photos(args.out, args.classes, args.per_class))

@@ -117,7 +117,7 @@ def resized_accuracy(args, work: Path) -> dict:
     --seeds seeds, since training from scratch on a few hundred images moves by points from one seed
     (or one byte of input) to the next. The task is realistic photographs, each class one half of one
     of them, so fine detail counts. Goal: the mean paired difference within 0.5 points."""
-    images = make_photos(work / "halves", classes=14, per_class=40, halves=True)
+    images = make_photos(work / "halves", classes=14, per_class=40, upscale=True, halves=True)
     datasets = {"stored_256": "s3://petal/bench/halves-256", "original": "s3://petal/bench/halves-original"}
     run_script("upload_dataset.py", str(images), datasets["stored_256"], "--valid-fraction", "0.25")
     run_script("upload_dataset.py", str(images), datasets["original"], "--valid-fraction", "0.25", "--short-side", "0")

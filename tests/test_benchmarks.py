@@ -9,9 +9,11 @@ import subprocess
 import sys
 
 import pytest
+from PIL import Image
 from support import ROOT, without_modules
 
 from benchmarks import network
+from benchmarks.photos import PHOTOS, make_photos, photo
 from training.storage import parse_url
 
 
@@ -44,6 +46,18 @@ def test_the_data_benchmark_reports_every_contender_and_ratio(s3_env, tmp_path):
     assert figures["get_ms"]["at_5ms"] > figures["get_ms"]["loopback"]
     assert figures["decode_ms_per_image"]["stored"] < figures["decode_ms_per_image"]["original"]
     assert "shards_vs_imagefolder" in result.stdout
+    assert 0 < setup["original_jpeg_bytes_per_pixel"] < 3  # 24 bits per pixel before compression
+
+
+def test_the_benchmark_photos_are_every_shipped_photograph_cropped_never_upscaled(tmp_path):
+    out = make_photos(tmp_path / "photos", classes=len(PHOTOS), per_class=3)
+    names = json.loads((out / "cat_to_name.json").read_text())
+    assert sorted(names.values()) == sorted(PHOTOS)
+    for number, name in names.items():
+        source = photo(name)
+        for file in (out / number).glob("*.jpg"):
+            with Image.open(file) as image:
+                assert min(image.size) <= min(500, *source.size), (file.name, image.size, source.size)
 
 
 def test_a_latency_proxy_that_cannot_be_set_up_stops_its_server(monkeypatch, s3_env):
