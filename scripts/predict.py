@@ -19,6 +19,7 @@ import torch
 from PIL import UnidentifiedImageError
 
 from training import checkpoint
+from training.exit_codes import leave
 from training.model import load_checkpoint_model
 from training.storage import Storage, StorageError
 from training.views import decode_image, model_input
@@ -66,4 +67,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    leave(main())
