@@ -32,7 +32,8 @@ def main() -> None:
     parser.add_argument("--workdir", help="scratch directory (default: a new temporary one)")
     parser.add_argument("--rounds", type=int, default=3, help="data, checkpoint: rounds per contender, best kept")
     parser.add_argument("--workers", type=int, default=2, help="data: DataLoader workers for every contender")
-    parser.add_argument("--images", type=int, default=480, help="data: images in the set")
+    parser.add_argument("--images", type=int, default=462,
+                        help="data: images in the set, rounded down to a multiple of its 21 photos")  # fmt: skip
     parser.add_argument("--per-class", type=int, default=60, help="feature_cache, ddp: training images per class")
     parser.add_argument("--epochs", type=int, default=8, help="resized_accuracy: epochs of each run")
     parser.add_argument("--arch", default="resnet152", help="checkpoint: the model whose training state is written")

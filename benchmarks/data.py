@@ -34,7 +34,7 @@ from torchvision.transforms import v2 as T
 
 from benchmarks.common import in_workdir, report, run_script, storage_from_env, timed
 from benchmarks.network import Latency
-from benchmarks.photos import PHOTOS, jpeg_bytes_per_pixel, make_photos
+from benchmarks.photos import PHOTOS, jpeg_density, make_photos
 from training.data import SplitLoader, SplitStream
 from training.shards import read_image_bytes, read_index
 from training.storage import S3Url, Storage, parse_url
@@ -183,8 +183,8 @@ def run(args, work: Path) -> dict:
     rows = [(f"{name} images/s (MB/s read)", f"{value:8.1f} ({mb_per_s[name]:.1f})") for name, value in rate.items()]
     rows += [(f"one GET, {where} (ms, median)", f"{ms:8.2f}") for where, ms in get_ms.items()]
     rows += [(f"decode one {kind} image (ms)", f"{ms:8.2f}") for kind, ms in decode_ms.items()]
-    bytes_per_pixel = jpeg_bytes_per_pixel(files)
-    rows.append(("original JPEG bytes per pixel", f"{bytes_per_pixel:8.3f}"))
+    density = jpeg_density(files)
+    rows += [(f"originals: {name.replace('_', ' ')}", f"{value:8.3f}") for name, value in density.items()]
     rows += [(name, f"{value:8.2f}x" + ("" if goals[name] is None else
                                         f"  (goal >= {goals[name]}x{'' if value >= goals[name] else ', MISSED'})"))
              for name, value in ratios.items()]  # fmt: skip
@@ -194,7 +194,7 @@ def run(args, work: Path) -> dict:
         "stored_mb": stored_bytes / 1e6,
         "shards_mb": shard_bytes / 1e6,
         "original_mb": file_bytes / 1e6,
-        "original_jpeg_bytes_per_pixel": bytes_per_pixel,
+        **{f"original_{name}": value for name, value in density.items()},
     }
     figures = {"setup": setup, "images_per_s": rate, "mb_per_s": mb_per_s, "read_mb": read_mb, "get_ms": get_ms,
                "decode_ms_per_image": decode_ms}  # fmt: skip

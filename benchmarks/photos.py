@@ -2,7 +2,7 @@
 (`skimage.data`, the grey ones as RGB) and scikit-learn's two sample images, at their native
 resolution: downscaled where the short side is above 500 px (Flowers-102's), never upscaled, which
 would smooth them. Saved as JPEGs of camera quality. Decode cost follows the images' entropy, which
-flat synthetic shapes and upscaled photos lack; `jpeg_bytes_per_pixel` measures it.
+flat synthetic shapes and upscaled photos lack; `jpeg_density` measures it.
 
     python -m benchmarks.photos OUT --classes 21 --per-class 20
 """
@@ -49,7 +49,8 @@ def make_photos(out: Path, classes: int, per_class: int, short_side: int = 500, 
     sources = {name: photo(name) for name in set(used)}
     names = {}
     for c, source in enumerate(used):
-        names[str(c + 1)] = f"{source} {'left right'.split()[c % 2]}" if halves else source
+        name = source.removesuffix(".jpg")
+        names[str(c + 1)] = f"{name} {'left right'.split()[c % 2]}" if halves else name
         folder = out / str(c + 1)
         folder.mkdir(parents=True, exist_ok=True)
         for i in range(per_class):
@@ -68,18 +69,20 @@ def make_photos(out: Path, classes: int, per_class: int, short_side: int = 500, 
             ratio = short_side / min(crop.size)
             if ratio < 1 or upscale:
                 crop = crop.resize((round(crop.width * ratio), round(crop.height * ratio)), Image.Resampling.BICUBIC)
-            crop.save(folder / f"{source.removesuffix('.jpg')}_{i:04d}.jpg", quality=90)
+            crop.save(folder / f"{name}_{i:04d}.jpg", quality=90)
     (out / "cat_to_name.json").write_text(json.dumps(names))
     return out
 
 
-def jpeg_bytes_per_pixel(files: list[Path]) -> float:
-    """The set's compressed size per pixel: more entropy, more bytes, more decoding."""
+def jpeg_density(files: list[Path]) -> dict[str, float]:
+    """The set's compressed bytes per pixel (more entropy, more bytes, more decoding) and its mean
+    megapixels per image (Flowers-102's: about 0.25 to 0.5)."""
     pixels = 0
     for file in files:
         with Image.open(file) as image:  # the header only
             pixels += image.width * image.height
-    return sum(file.stat().st_size for file in files) / pixels
+    return {"jpeg_bytes_per_pixel": sum(file.stat().st_size for file in files) / pixels,
+            "megapixels_per_image": pixels / len(files) / 1e6}  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -81,7 +81,7 @@ def test_kill_during_checkpoint_upload_never_leaves_latest_on_a_torn_object(
     minio, s3_env, synthetic_dataset, run_dir, storage
 ):
     out = parse_url(run_dir)
-    caught = checkpoint.checkpoint_name(1, 6)
+    caught = checkpoint.checkpoint_name(1, 6)  # of the epoch's 7 steps (200 samples, 2 ranks of 16)
     proxy = FaultyProxy(minio.port, f"PUT /{out.bucket}/{out.key}/{re.escape(caught)}".encode())
     args = ["--data", synthetic_dataset, "--output", run_dir, *SMALL_TRAINING, "--epochs", "1",
             "--checkpoint-every", "3"]  # fmt: skip

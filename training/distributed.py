@@ -116,7 +116,8 @@ def process_group(world: World, timeout: timedelta = timedelta(minutes=30)) -> I
         torch.cuda.set_device(world.device)
     if world.backend == "nccl":
         # A collective that fails or outlives the timeout: NCCL's watchdog aborts the communicators, then
-        # the process (SIGABRT, exit 134, which restartPolicy ExitCode retries), rather than leaving it hung.
+        # the process (SIGABRT: exit 134, or 139 as a container's PID 1; restartPolicy ExitCode retries
+        # both), rather than leaving it hung.
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
     if world.world_size == 1:
         dist.init_process_group(world.backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)

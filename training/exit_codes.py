@@ -3,11 +3,16 @@
 
     0    done                                      134  SIGABRT: NCCL's watchdog, a collective failed
     1    an unexpected error (a bug; traceback)    137  SIGKILL (OOM killer, node lost)
-    2    bad arguments or launch environment       143  SIGTERM: stopped after writing a checkpoint
-    3    dataset missing or malformed              200  another rank was lost (collective failed)
-    4    checkpoint incompatible with this run     201  storage unreachable for PETAL_S3_RETRY_SECONDS
-    5    storage refused (credentials, TLS, host, bucket)  202  a collective timed out (--collective-timeout)
+    2    bad arguments or launch environment       139  SIGSEGV: a crash, or 134 as PID 1 (below)
+    3    dataset missing or malformed              143  SIGTERM: stopped after writing a checkpoint
+    4    checkpoint incompatible with this run     200  another rank was lost (collective failed)
+    5    storage refused (credentials, TLS, host,  201  storage unreachable for PETAL_S3_RETRY_SECONDS
+         bucket)                                   202  a collective timed out (--collective-timeout)
     6    pretrained weights unusable
+
+A PyTorchJob's pod of one process runs the trainer as its container's PID 1, from which the kernel
+drops every signal it has no handler for, the SIGABRT of abort() among them: glibc's abort() then
+ends it with a SIGSEGV (139). Retried all the same.
 
 The failures are declared here, not beside the torch code that raises them, so that this module loads
 no torch: a failure found before torch is imported (a missing dataset, refused credentials:
@@ -123,6 +128,9 @@ def leave(code: int) -> NoReturn:
     `code`, skipping the interpreter's teardown: that would garbage-collect the ~350,000 objects torch's
     compiler stack leaves (torchvision imports torch._dynamo, and it triton) several times over, about
     a second per rank, and a second more before a pod ends and its job moves on."""
-    sys.stdout.flush()
-    sys.stderr.flush()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a reader gone (`predict.py … | head -1`) or the stream closed
+            pass
     os._exit(code)
