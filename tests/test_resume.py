@@ -10,13 +10,14 @@ import json
 import os
 import re
 import signal
+import subprocess
 import sys
 
 import pytest
 import torch
 from minio.credentials import StaticProvider
 from minio.minioadmin import MinioAdmin
-from support import SMALL_TRAINING, FaultyProxy, Watched, launcher, pods, s3, trainer, wait_ok
+from support import ROOT, SMALL_TRAINING, FaultyProxy, Watched, launcher, pods, s3, trainer, wait_ok
 
 from training import checkpoint
 from training.storage import parse_url
@@ -164,6 +165,19 @@ def test_exit_codes_say_whether_a_restart_can_help(entry, s3_env, synthetic_data
     proc.proc.send_signal(signal.SIGTERM)
     assert proc.wait(120) == 143
     assert run(*base, "--arch", "resnet34") == 4  # the checkpoint SIGTERM wrote is of resnet18
+
+
+def test_a_process_whose_reader_is_gone_still_exits_with_its_own_code():
+    """`predict.py … | head -1`: what is left in stdout's buffer cannot be written, and the exit code is
+    still the one `leave` was given, not a traceback's 1."""
+    reader, writer = os.pipe()
+    os.close(reader)
+    script = "import sys\nfrom training.exit_codes import leave\nsys.stdout.write('unread')\nleave(3)"
+    buffered = {name: value for name, value in os.environ.items() if name != "PYTHONUNBUFFERED"}
+    ended = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=buffered, stdout=writer,
+                           stderr=subprocess.PIPE, text=True)  # fmt: skip
+    os.close(writer)
+    assert (ended.returncode, ended.stderr) == (3, "")
 
 
 def test_a_bad_latest_or_checkpoint_falls_back_to_the_newest_intact_one(s3_env, synthetic_dataset, run_dir, storage):
