@@ -15,7 +15,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import torch
-from support import SMALL_TRAINING, FaultyProxy, Watched, run_script, s3, trainer, wait_ok, without_modules
+from support import ROOT, SMALL_TRAINING, FaultyProxy, Watched, run_script, s3, trainer, wait_ok, without_modules
 
 from training import checkpoint
 from training.config import parse_args
@@ -190,6 +190,19 @@ def test_bad_input_gets_one_line_naming_the_problem(s3_env, synthetic_dataset, r
     base = ["--data", synthetic_dataset, "--output", run_dir, "--arch", "resnet18", "--pretrained", "none"]
     line = one_line_failure(env, *base, *(arg.format(s3=s3("").rstrip("/")) for arg in args))
     assert expected.format(s3=s3("").rstrip("/")) in line
+
+
+def test_a_process_whose_reader_is_gone_still_exits_with_its_own_code():
+    """`predict.py … | head -1`: what is left in stdout's buffer cannot be written, and the exit code is
+    still the one `leave` was given, not a traceback's 1."""
+    reader, writer = os.pipe()
+    os.close(reader)
+    script = "import sys\nfrom training.exit_codes import leave\nsys.stdout.write('unread')\nleave(3)"
+    buffered = {name: value for name, value in os.environ.items() if name != "PYTHONUNBUFFERED"}
+    ended = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=buffered, stdout=writer,
+                           stderr=subprocess.PIPE, text=True)  # fmt: skip
+    os.close(writer)
+    assert (ended.returncode, ended.stderr) == (3, "")
 
 
 def test_options_come_from_the_environment_where_no_flag_gives_them():

@@ -24,7 +24,6 @@ from __future__ import annotations
 import os
 import signal
 import sys
-from contextlib import contextmanager
 from typing import NoReturn
 
 from training.shards import DatasetError
@@ -58,9 +57,11 @@ class Preempted(Exception):
 
 
 class Preemption:
-    """SIGTERM (a pod deleted or preempted, torchrun stopping its workers). Outside the epoch loop it
-    ends the process at once; inside, it is only noted, and at the next step (or epoch end) every
-    rank learns of it, a checkpoint is written and all stop, so a restart loses no step."""
+    """SIGTERM (a pod deleted or preempted, torchrun stopping its workers). Before the epoch loop it
+    ends the process at once; from the loop on (`defer`), it is only noted: at the next step (or epoch
+    end) every rank learns of it, a checkpoint is written and all stop, so a restart loses no step. A
+    SIGTERM after that (a second one, or one as the run ends) is noted too, never interrupting the wait
+    for the checkpoint upload in flight: that checkpoint is what the restart resumes from."""
 
     def __init__(self):
         self.requested = False
@@ -72,15 +73,11 @@ class Preemption:
         if not self.deferring:
             raise Preempted("before training began, so nothing needed saving")
 
-    @contextmanager
-    def deferred(self):
+    def defer(self) -> None:
+        """From here to the process's end, SIGTERM is only noted (`requested`)."""
         self.deferring = True
-        try:
-            if self.requested:
-                raise Preempted("before training began, so nothing needed saving")
-            yield
-        finally:
-            self.deferring = False
+        if self.requested:
+            raise Preempted("before training began, so nothing needed saving")
 
 
 class PeerFailed(Exception):

@@ -162,15 +162,16 @@ def run(args: argparse.Namespace, inputs: RunInputs, preemption: Preemption) -> 
             log(str(startup))
         outcome = "failed"
         try:
-            with preemption.deferred():
-                while state.epoch <= args.epochs:
-                    run_epoch(args, state, ddp, epochs, world, autocast, storage, output, preemption, progress,
-                              writer)  # fmt: skip
-                if writer is not None:
-                    writer.wait()  # the last epoch's checkpoint (and best.pt) has landed before the run is done
+            preemption.defer()
+            while state.epoch <= args.epochs:
+                run_epoch(args, state, ddp, epochs, world, autocast, storage, output, preemption, progress,
+                          writer)  # fmt: skip
+            if writer is not None:
+                writer.wait()  # the last epoch's checkpoint (and best.pt) has landed before the run is done
             outcome = "done"
         except Preempted:
             if writer is not None:
+                log("SIGTERM: the checkpoint lands before this rank exits (further SIGTERMs are noted, not obeyed)")
                 writer.wait()  # the checkpoint SIGTERM asked for lands before the exit that says it did
             outcome = "stopped"
             raise
