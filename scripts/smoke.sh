@@ -13,6 +13,9 @@
 # PETAL_POD_S3_ENDPOINT storage endpoint as pods reach it (default: the chart's, minio.petal.svc.cluster.local:9000)
 # PETAL_QUEUE           Kueue LocalQueue to submit to (default: none)
 # PETAL_TOPOLOGY        Kueue topology level for --topology LEVEL[:preferred] (needs PETAL_QUEUE)
+# PETAL_GPUS            GPUs per pod (nvidia.com/gpu), one process each, NCCL (default: none, CPU and gloo);
+#                       each pod then asks for 6 GiB of memory per GPU: CUDA's host side outgrows the CPU run's
+# PETAL_MLFLOW_URI      MLflow tracking server as pods reach it: the run is logged to experiment "smoke"
 # PETAL_REPLICAS        pods (default 2)
 # PETAL_RUN_NAME        job and run name (default smoke-<date>-<time>)
 # PETAL_RUNS_DIR        where the run's <name>/ directory goes (default: the repo's runs/)
@@ -35,6 +38,8 @@ python scripts/submit.py --name "$name" --namespace "$namespace" --replicas "${P
   --set "outputPrefix=$prefix/runs" \
   ${PETAL_POD_S3_ENDPOINT:+--set "s3.endpoint=$PETAL_POD_S3_ENDPOINT"} \
   ${PETAL_QUEUE:+--queue "$PETAL_QUEUE"} ${PETAL_TOPOLOGY:+--topology "$PETAL_TOPOLOGY"} \
+  ${PETAL_GPUS:+--gpus-per-replica "$PETAL_GPUS" --set nprocPerNode=null --set "resources.requests.memory=$((6 * PETAL_GPUS))Gi"} \
+  ${PETAL_MLFLOW_URI:+--set "mlflow.trackingUri=$PETAL_MLFLOW_URI" --set training.mlflowExperiment=smoke} \
   --collect "$work" --timeout 1800 --follow
 
 python scripts/predict.py "$work/best.pt" "$work"/data/test/*/*.jpg --top-k 1 --json > "$work/predictions.jsonl"

@@ -22,7 +22,7 @@ if [ $quick = 1 ] || [ "${PETAL_SKIP_CLUSTER:-0}" = 1 ]; then
   set -- --ignore=tests/cluster "$@"
   [ $quick = 0 ] || set -- -m "not slow" "$@"
 else
-  services+=(cluster)
+  services+=(mlflow cluster)
   # The cluster's programs are mostly CPU (Go builds); the Python env, the base image and petal's
   # image mostly downloads: side by side, once Debian's packages (Docker among them) are in.
   scripts/testbed.sh install packages

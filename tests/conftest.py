@@ -38,10 +38,26 @@ def minio() -> MinioServer:
     server.release()
 
 
+class MlflowServer(TestbedService):
+    def __init__(self):
+        super().__init__("mlflow")
+        self.uri, self.pod_uri = self.env["MLFLOW_TRACKING_URI"], self.env["PETAL_MLFLOW_POD_URI"]
+        self.port = int(self.uri.rsplit(":", 1)[1])
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(minio) -> MlflowServer:
+    """The test bed's MLflow tracking server (it keeps artifacts in MinIO, so after it)."""
+    server = MlflowServer()
+    yield server
+    server.release()
+
+
 @pytest.fixture(scope="session")
 def s3_env(minio, storage) -> dict:
-    """The environment a user's shell has after `eval "$(scripts/testbed.sh env)"`."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "S3_"))}
+    """The environment a user's shell has after `eval "$(scripts/testbed.sh env)"`, MLflow tracking off:
+    the MLflow tests turn it on."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "S3_", "MLFLOW_"))}
     return env | minio.env | {"PETAL_S3_RETRY_SECONDS": "120"}
 
 

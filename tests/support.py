@@ -16,6 +16,8 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 # Every object a test session writes goes into a bucket of its own, removed at the end: the test bed's
 # MinIO is shared with the demo and with earlier sessions, and tests expect to start from nothing.
@@ -191,6 +193,23 @@ def without_modules(directory: Path, *names: str) -> dict:
         "sys.meta_path.insert(0, Absent())\n"
     )
     return {"PYTHONPATH": str(directory)}
+
+
+def tracked_run(uri: str, experiment: str, run_name: str, records: list[dict]):
+    """The one MLflow run of that name in the experiment, checked against what the run's metrics.jsonl
+    says (`records`): finished, every epoch's val/accuracy logged once, every artifact uploaded."""
+    from mlflow import MlflowClient
+
+    from training.artifacts import RUN_ARTIFACTS
+
+    client = MlflowClient(uri)
+    experiment_id = client.get_experiment_by_name(experiment).experiment_id
+    (run,) = client.search_runs([experiment_id], filter_string=f"attributes.run_name = '{run_name}'")
+    assert run.info.status == "FINISHED"
+    history = client.get_metric_history(run.info.run_id, "val/accuracy")
+    assert sorted((m.step, m.value) for m in history) == [(r["epoch"], pytest.approx(r["val_acc"])) for r in records]
+    assert sorted(a.path for a in client.list_artifacts(run.info.run_id)) == sorted(RUN_ARTIFACTS)
+    return run
 
 
 def run_script(env: dict, script: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:

@@ -147,6 +147,10 @@ def build_parser() -> OneLineParser:
     p.add_argument("--cache-dir", type=Path, default=Path("/tmp/petal-cache"),
                    help="pod-local shard cache (the chart sets PETAL_CACHE_DIR)")  # fmt: skip
     p.add_argument("--log-every", type=AtLeast(int, 1), default=20, help="progress line every N steps")
+    p.add_argument("--mlflow-experiment", default="petal",
+                   help="MLflow experiment rank 0 logs the run to (named after --output's last part), "
+                        "where MLFLOW_TRACKING_URI names a tracking server; a resumed run goes on in its "
+                        "MLflow run")  # fmt: skip
     return p
 
 

@@ -12,7 +12,8 @@
 `petal status`, `petal list` and `submit --follow` read progress.json; `petal collect` fetches the
 event files, so `tensorboard --logdir runs` shows every collected run. In a TrainJob whose Kubeflow
 Trainer gives it a status endpoint, each record also becomes the TrainJob's status.trainerStatus
-(tracking.py's TrainerStatus).
+(tracking.py's TrainerStatus); where MLFLOW_TRACKING_URI names a tracking server, every TensorBoard
+scalar is also an MLflow metric of the same name (tracking.py's MlflowRun).
 
 Both go up from a thread of their own (`Uploads`, on tracking.py's `Background`): a slow or failing
 storage call there never holds the other ranks at the next all-reduce, and never ends the run — it
@@ -29,13 +30,15 @@ from pathlib import Path
 
 from training import plots
 from training.storage import S3Url, Storage
-from training.tracking import Background, TrainerStatus
+from training.tracking import Background, MlflowRun, TrainerStatus
 
 PROGRESS_SECONDS = 10.0
 EVENTS_SECONDS = 60.0
 # How long the last uploads may take on the way out: within a pod's grace period after SIGTERM.
 FLUSH_SECONDS = 30.0
 STATUS_FLUSH_SECONDS = 10.0
+# A finished run's artifacts (best.pt among them) into MLflow: the pod is done, nothing else waits.
+MLFLOW_ARTIFACT_SECONDS = 120.0
 
 
 class Uploads:
@@ -56,13 +59,10 @@ class Uploads:
             for path in sorted(self.events_dir.iterdir()):
                 self.storage.upload(path, self.output.join("tensorboard", path.name))
 
-    def close(self, timeout: float = FLUSH_SECONDS) -> None:
-        """Sends what is pending and ends the thread, waiting at most `timeout` seconds."""
-        self.sender.close(timeout)
-
 
 class Progress:
-    def __init__(self, storage: Storage, output: S3Url, epochs: int, global_batch: int, events_dir: Path):
+    def __init__(self, storage: Storage, output: S3Url, epochs: int, global_batch: int, events_dir: Path,
+                 mlflow: MlflowRun | None = None):  # fmt: skip
         from torch.utils.tensorboard import SummaryWriter  # only rank 0 writes: only it needs tensorboard
 
         self.storage, self.output, self.epochs, self.global_batch = storage, output, epochs, global_batch
@@ -70,6 +70,7 @@ class Progress:
         self.writer = SummaryWriter(log_dir=str(events_dir))
         self.uploads = Uploads(storage, output, events_dir)
         self.trainer_status = TrainerStatus.from_environment()
+        self.mlflow = mlflow
         self.last_write = self.last_upload = 0.0
         self.last_step_time, self.last_step = time.monotonic(), None
         self.seconds_per_step: float | None = None
@@ -87,7 +88,7 @@ class Progress:
         self.last_step_time, self.last_step = now, step
         global_step = (epoch - 1) * steps + step
         if loss is not None:
-            self.writer.add_scalar("train/loss", loss, global_step)
+            self.scalar("train/loss", loss, global_step)
         eta = None
         if self.seconds_per_step is not None:
             steps_left = (steps - step) + (self.epochs - epoch) * steps
@@ -106,12 +107,10 @@ class Progress:
     def epoch_end(self, record: dict, best_val_acc: float, eval_seconds: float, classes: list[str]) -> None:
         epoch = record["epoch"]
         self.eval_seconds = eval_seconds
-        self.writer.add_scalar("train/lr", record["lr"], epoch)
-        self.writer.add_scalar(
-            "train/images_per_s", record["train_samples"] / max(record["train_seconds"], 1e-9), epoch
-        )
-        self.writer.add_scalar("val/loss", record["val_loss"], epoch)
-        self.writer.add_scalar("val/accuracy", record["val_acc"], epoch)
+        self.scalar("train/lr", record["lr"], epoch)
+        self.scalar("train/images_per_s", record["train_samples"] / max(record["train_seconds"], 1e-9), epoch)
+        self.scalar("val/loss", record["val_loss"], epoch)
+        self.scalar("val/accuracy", record["val_acc"], epoch)
         self.writer.add_figure("val/per_class_accuracy", plots.per_class_figure(classes, record["val_per_class_acc"],
                                                                                   epoch), epoch)  # fmt: skip
         left = self.epochs - epoch
@@ -125,6 +124,12 @@ class Progress:
         self.last_upload = 0.0  # the epoch's scalars go up now
         self.publish(time.monotonic())
 
+    def scalar(self, name: str, value: float, step: int) -> None:
+        """A TensorBoard scalar, and the MLflow metric of the same name."""
+        self.writer.add_scalar(name, value, step)
+        if self.mlflow:
+            self.mlflow.metric(name, value, step)
+
     def publish(self, now: float) -> None:
         events = now - self.last_upload >= EVENTS_SECONDS
         if events:
@@ -136,11 +141,21 @@ class Progress:
         self.last_write = now
 
     def close(self, outcome: str) -> None:
-        """The run's end — "done", "stopped" (SIGTERM) or "failed" — recorded, and everything uploaded."""
+        """The run's end — "done", "stopped" (SIGTERM) or "failed" — recorded, and everything uploaded (a
+        done run's artifacts already in --output), each sender finishing beside the others."""
         self.record = self.record | {"state": outcome, "eta_seconds": None if outcome != "done" else 0}
         self.writer.close()
         self.last_upload = 0.0
         self.publish(time.monotonic())
-        self.uploads.close()
+        if self.mlflow:
+            self.mlflow.finish(outcome)
+        senders = [(self.uploads.sender, FLUSH_SECONDS)]
         if self.trainer_status:
-            self.trainer_status.close(STATUS_FLUSH_SECONDS)
+            senders.append((self.trainer_status.sender, STATUS_FLUSH_SECONDS))
+        if self.mlflow:
+            senders.append((self.mlflow.sender, MLFLOW_ARTIFACT_SECONDS if outcome == "done" else FLUSH_SECONDS))
+        started = time.monotonic()
+        for sender, _ in senders:
+            sender.begin_close()
+        for sender, seconds in senders:
+            sender.join(started + seconds - time.monotonic())

@@ -23,7 +23,7 @@ from training.exit_codes import IncompatibleCheckpoint
 INCOMPATIBLE = ("arch", "freeze", "optimizer")
 # Options whose change means nothing to a resumed run (where files go, how fast it runs, logging).
 NO_EFFECT = {"output", "cache_dir", "feature_cache_dir", "workers", "log_every", "keep_checkpoints", "pretrained",
-             "overwrite_unresumable"}  # fmt: skip
+             "overwrite_unresumable", "mlflow_experiment"}  # fmt: skip
 FORMAT = "petal-checkpoint/2"
 
 

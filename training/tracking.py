@@ -5,6 +5,11 @@ failing call there never holds the other ranks at the next all-reduce and never 
                     its TrainJobStatus feature gate on, the controller gives each trainer pod
                     KUBEFLOW_TRAINER_SERVER_URL, _CA_CERT and _TOKEN (file paths), and a POST there fills
                     the TrainJob's status.trainerStatus. Nothing happens where they are absent.
+    MlflowRun       an MLflow tracking server's run, where MLFLOW_TRACKING_URI names one (MLflow's own
+                    variable, read by its client with MLFLOW_TRACKING_USERNAME/_PASSWORD or _TOKEN):
+                    every trainer option as a param, the TensorBoard scalars as metrics under the same
+                    names, the run's artifacts at its end. <output>/mlflow.json keeps the run's id, so
+                    a resumed run goes on in the same MLflow run without logging a step twice.
 """
 
 from __future__ import annotations
@@ -12,11 +17,15 @@ from __future__ import annotations
 import json
 import os
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
+
+from training.storage import S3Url, Storage
 
 
 class Background:
@@ -71,10 +80,17 @@ class Background:
                     self.pending = work if self.pending is None else self.merge(work, self.pending)
 
     def close(self, timeout: float) -> None:
+        self.begin_close()
+        self.join(timeout)
+
+    def begin_close(self) -> None:
+        """Sends what is left without waiting for it: several senders then finish side by side (`join`)."""
         with self.changed:
             self.closing = True
             self.changed.notify()
-        self.thread.join(timeout)
+
+    def join(self, timeout: float) -> None:
+        self.thread.join(max(timeout, 0))
         if self.thread.is_alive():
             print(f"petal: the last {self.name} did not finish within {timeout:.0f}s", file=sys.stderr, flush=True)
 
@@ -114,9 +130,6 @@ class TrainerStatus:
             message = answer.data.decode(errors="replace")[:200]
             raise RuntimeError(f"the trainer's status server answered {answer.status}: {message}")
 
-    def close(self, timeout: float) -> None:
-        self.sender.close(timeout)
-
 
 # A progress record's figures under the names its TensorBoard scalars have.
 STATUS_METRICS = {"epoch": "epoch", "loss": "train/loss", "images_per_s": "train/images_per_s",
@@ -135,3 +148,146 @@ def trainer_status(record: dict) -> dict:
     status["metrics"] = [{"name": name, "value": f"{record[key]:.6g}"}
                          for key, name in STATUS_METRICS.items() if record.get(key) is not None]  # fmt: skip
     return status
+
+
+# MLflow's client retries a failed call 7 times over minutes by default: a tracking server that is down
+# would hold every send that long. Fewer, shorter tries; each failure is said and retried with the next.
+# Nor may it print the run's URL on stdout, which carries the trainer's JSON records: the log line says it.
+MLFLOW_CLIENT_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+    "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
+}
+MLFLOW_RECORD = "mlflow.json"
+# MLflow's limits per log_batch call.
+PARAMS_PER_BATCH, METRICS_PER_BATCH = 100, 1000
+
+
+class MlflowRun:
+    """Rank 0's run in an MLflow tracking server. What is handed over (`params` once, `metric`s as they
+    come, `finish` last) is sent from a thread of its own, in order; a send that fails keeps what was not
+    sent yet for the next try. The run is created (or found again, on resume) at the first send."""
+
+    def __init__(self, uri: str, experiment: str, storage: Storage, output: S3Url, scratch: Path):
+        self.uri, self.experiment, self.storage, self.output = uri, experiment, storage, output
+        self.scratch = scratch  # where the artifacts are fetched to on their way: the pod's cache, not a small /tmp
+        self.client = self.run_id = None
+        self.logged: dict[str, int] = {}  # metric: the last step the run has, when it was resumed
+        self.sender = Background("MLflow tracking", self._send, lambda older, newer: older + newer)
+
+    @classmethod
+    def from_environment(cls, experiment: str, storage: Storage, output: S3Url, scratch: Path,
+                         environ: dict[str, str] = os.environ) -> MlflowRun | None:  # fmt: skip
+        uri = environ.get("MLFLOW_TRACKING_URI")
+        return cls(uri, experiment, storage, output, scratch) if uri else None
+
+    def params(self, options: dict) -> None:
+        self.sender.submit([("params", {key: str(value) for key, value in options.items()})])
+
+    def metric(self, name: str, value: float, step: int) -> None:
+        self.sender.submit([("metric", (name, float(value), step, int(time.time() * 1000)))])
+
+    def finish(self, outcome: str) -> None:
+        """The run's end: "done" also uploads its artifacts (artifacts.RUN_ARTIFACTS, from --output)."""
+        work = [("artifacts", None)] if outcome == "done" else []
+        status = {"done": "FINISHED", "stopped": "KILLED"}.get(outcome, "FAILED")
+        self.sender.submit([*work, ("status", status)])
+
+    def _send(self, work: list) -> None:
+        """Sends `work` from its front, removing each part once it is stored."""
+        if self.run_id is None:
+            self._start()
+        while work:
+            kind, payload = work[0]
+            if kind == "metric":
+                metrics = []
+                while work and work[0][0] == "metric" and len(metrics) < METRICS_PER_BATCH:
+                    metrics.append(work.pop(0)[1])
+                self._log_metrics(metrics)
+                continue
+            if kind == "params":
+                self._log_params(payload)
+            elif kind == "artifacts":
+                self._log_artifacts()
+            else:
+                self.client.set_terminated(self.run_id, payload)
+            work.pop(0)
+
+    def _start(self) -> None:
+        """The run this output's earlier attempts logged to (<output>/mlflow.json), or a new one."""
+        for name, value in MLFLOW_CLIENT_DEFAULTS.items():
+            os.environ.setdefault(name, value)
+        from mlflow import MlflowClient  # rank 0 alone, in this thread: training never waits for it
+
+        client = MlflowClient(self.uri)
+        record = self.output.join(MLFLOW_RECORD)
+        earlier = json.loads(self.storage.read_bytes(record)) if self.storage.exists(record) else {}
+        if earlier.get("tracking_uri") == self.uri and self._still_there(client, earlier["run_id"]):
+            run_id = earlier["run_id"]
+            client.update_run(run_id, status="RUNNING")
+            for name in ("train/loss", *EPOCH_SCALARS):
+                self.logged[name] = max((m.step for m in client.get_metric_history(run_id, name)), default=-1)
+        else:
+            experiment = client.get_experiment_by_name(self.experiment)
+            experiment_id = experiment.experiment_id if experiment else self._create_experiment(client)
+            run_name = self.output.key.rstrip("/").rsplit("/", 1)[-1]
+            run_id = client.create_run(experiment_id, run_name=run_name,
+                                       tags={"petal.output": str(self.output)}).info.run_id  # fmt: skip
+            self.storage.write_bytes(record, json.dumps({"tracking_uri": self.uri, "run_id": run_id}).encode(),
+                                     "application/json")  # fmt: skip
+        run = client.get_run(run_id).info
+        print(f"petal: MLflow run {run.run_name} ({run_id}) in experiment {self.experiment}: "
+              f"{self.uri.rstrip('/')}/#/experiments/{run.experiment_id}/runs/{run_id}", file=sys.stderr,
+              flush=True)  # fmt: skip
+        self.client, self.run_id = client, run_id  # started: the next send goes on from here
+
+    def _create_experiment(self, client) -> str:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return client.create_experiment(self.experiment)
+        except MlflowException:  # another run made it meanwhile
+            return client.get_experiment_by_name(self.experiment).experiment_id
+
+    @staticmethod
+    def _still_there(client, run_id: str) -> bool:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return client.get_run(run_id).info.lifecycle_stage == "active"
+        except MlflowException as err:
+            if err.error_code == "RESOURCE_DOES_NOT_EXIST":
+                return False
+            raise
+
+    def _log_params(self, options: dict[str, str]) -> None:
+        """Options as params; a resumed run keeps the values it began with and tags what changed."""
+        from mlflow.entities import Param, RunTag
+
+        before = self.client.get_run(self.run_id).data.params
+        params = [Param(key, value) for key, value in options.items() if key not in before]
+        tags = [RunTag(f"petal.changed_on_resume.{key}", value)
+                for key, value in options.items() if key in before and before[key] != value]  # fmt: skip
+        for start in range(0, max(len(params), len(tags)), PARAMS_PER_BATCH):
+            self.client.log_batch(self.run_id, params=params[start : start + PARAMS_PER_BATCH],
+                                  tags=tags[start : start + PARAMS_PER_BATCH])  # fmt: skip
+
+    def _log_metrics(self, metrics: list[tuple[str, float, int, int]]) -> None:
+        from mlflow.entities import Metric
+
+        fresh = [Metric(name, value, timestamp, step) for name, value, step, timestamp in metrics
+                 if step > self.logged.get(name, -1)]  # fmt: skip
+        if fresh:
+            self.client.log_batch(self.run_id, metrics=fresh)
+
+    def _log_artifacts(self) -> None:
+        from training.artifacts import collect
+
+        self.scratch.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix="mlflow-", dir=self.scratch) as directory:
+            collect(self.storage, self.output, Path(directory))
+            self.client.log_artifacts(self.run_id, directory)
+
+
+# What progress.py's TensorBoard writes once per epoch (train/loss is written per logged step).
+EPOCH_SCALARS = ("train/lr", "train/images_per_s", "val/loss", "val/accuracy")

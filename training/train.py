@@ -54,6 +54,7 @@ from training.progress import Progress
 from training.resume import on_node_leader_first, resume_point
 from training.state import TrainingState, run_config
 from training.storage import S3Url, Storage
+from training.tracking import MlflowRun
 from training.views import gpu_decode_works
 
 # torch 2.14 renamed DDP's broadcast_buffers; the Dockerfile's pinned base (torch 2.13) knows only the old name.
@@ -154,7 +155,10 @@ def run(args: argparse.Namespace, inputs: RunInputs, preemption: Preemption) -> 
         if world.is_main:
             writer = checkpoint.Writer(storage, output, args.keep_checkpoints, log)
             events = args.cache_dir / "tensorboard" / hashlib.sha256(str(output).encode()).hexdigest()[:16]
-            progress = Progress(storage, output, args.epochs, world.world_size * args.batch_size, events)
+            mlflow = MlflowRun.from_environment(args.mlflow_experiment, storage, output, args.cache_dir)
+            if mlflow:
+                mlflow.params(config)
+            progress = Progress(storage, output, args.epochs, world.world_size * args.batch_size, events, mlflow)
             startup.lap("model")
             batch = f"global batch {world.world_size * args.batch_size} ({args.batch_size} per rank)"
             log(f"{world.world_size} process(es), {world.backend} on {device.type}, {batch}; training {args.data} "
@@ -168,6 +172,8 @@ def run(args: argparse.Namespace, inputs: RunInputs, preemption: Preemption) -> 
                           writer)  # fmt: skip
             if writer is not None:
                 writer.wait()  # the last epoch's checkpoint (and best.pt) has landed before the run is done
+            if world.is_main:
+                best = write_results(storage, output, state.history, class_names)
             outcome = "done"
         except Preempted:
             if writer is not None:
@@ -183,7 +189,6 @@ def run(args: argparse.Namespace, inputs: RunInputs, preemption: Preemption) -> 
                 progress.close(outcome)
 
         if world.is_main:
-            best = write_results(storage, output, state.history, class_names)
             done = {"event": "done", "best_val_acc": best["val_acc"], "best_epoch": best["epoch"],
                     "epochs": args.epochs, "checkpoint": str(output.join(checkpoint.BEST))}  # fmt: skip
             print(json.dumps(done), flush=True)

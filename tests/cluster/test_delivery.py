@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import PETAL_NAMESPACE, S3_SECRET
-from support import BUCKET_VALUES, ROOT, s3
+from support import BUCKET_VALUES, ROOT, s3, tracked_run
 
 CHART = ROOT / "charts" / "petal"
 CPU_VALUES = CHART / "ci" / "cpu-values.yaml"
@@ -27,9 +27,11 @@ def submit_here(cluster, *args: str, env: dict | None = None, timeout: float = 1
 
 
 @pytest.mark.parametrize(("api", "done"), [("pytorchjob", "Succeeded"), ("trainjob", "Complete")])
-def test_smoke_submits_four_replicas_collects_and_predicts(cluster, petal_image, storage, tmp_path, api, done):
+def test_smoke_submits_four_replicas_collects_and_predicts(cluster, petal_image, storage, mlflow_server, tmp_path, api,
+                                                           done):  # fmt: skip
     env = cluster.env | {"PETAL_IMAGE": petal_image, "PETAL_REPLICAS": "4", "PETAL_RUNS_DIR": str(tmp_path),
-                         "PETAL_S3_PREFIX": s3("smoke"), "PETAL_API": api}  # fmt: skip
+                         "PETAL_S3_PREFIX": s3("smoke"), "PETAL_API": api,
+                         "PETAL_MLFLOW_URI": mlflow_server.pod_uri}  # fmt: skip
     smoke = subprocess.run([str(ROOT / "scripts" / "smoke.sh")], cwd=tmp_path, env=env, capture_output=True,
                            text=True, timeout=1800)  # fmt: skip
     assert smoke.returncode == 0, f"{smoke.stdout[-3000:]}\n{smoke.stderr[-5000:]}"
@@ -42,6 +44,9 @@ def test_smoke_submits_four_replicas_collects_and_predicts(cluster, petal_image,
     assert summary["artifacts"] == ["best.pt", "curves.png", "metrics.jsonl", "per_class.png"]
     assert summary["epochs"] == 5 and summary["conditions"][-1] == done
     assert list((work / "tensorboard").glob("events.out.tfevents.*"))
+    records = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
+    run = tracked_run(mlflow_server.uri, "smoke", work.name, records)  # PETAL_MLFLOW_URI, through the Service
+    assert run.data.params["epochs"] == "5"
 
     petal = ["petal", "-n", PETAL_NAMESPACE]
     listed = subprocess.run([petal[0], "list", *petal[1:], "--json"], env=env, capture_output=True, text=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import re
 import subprocess
 import uuid
@@ -19,7 +20,8 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import PETAL_NAMESPACE
-from support import BUCKET_VALUES, ROOT, s3
+from mlflow import MlflowClient
+from support import BUCKET_VALUES, ROOT, s3, tracked_run
 
 from training.storage import parse_url
 
@@ -73,14 +75,15 @@ for pid in filter(str.isdigit, os.listdir("/proc")):
 
 
 def test_a_trainjob_whose_node_aborts_is_restarted_whole_and_resumes(cluster, timeline, petal_image, synthetic_dataset,
-                                                                       storage, tmp_path):  # fmt: skip
+                                                                       storage, mlflow_server, tmp_path):  # fmt: skip
     """Exit 134 (SIGABRT, NCCL's watchdog on GPUs) is retryable: JobSet restarts every node, which resume
-    from the last checkpoint."""
+    from the last checkpoint, and go on in the run's one MLflow run."""
     name = f"tj-fault-{uuid.uuid4().hex[:5]}"
     epochs = 2
     submit = petal_submit(cluster, name, synthetic_dataset, tmp_path, "--api", "trainjob", "--epochs", str(epochs),
                           "--batch-size", "8", "--set", f"training.checkpointEvery={CHECKPOINT_EVERY}",
-                          "--set", "training.logEvery=1")  # fmt: skip
+                          "--set", "training.logEvery=1", "--set", f"mlflow.trackingUri={mlflow_server.pod_uri}",
+                          "--set", f"training.mlflowExperiment={name}")  # fmt: skip
     try:
 
         def position(lines: list[str]) -> tuple[int, int] | None:
@@ -118,6 +121,11 @@ def test_a_trainjob_whose_node_aborts_is_restarted_whole_and_resumes(cluster, ti
         records = [json.loads(line) for line in text.splitlines()]
         assert [r["epoch"] for r in records] == list(range(1, epochs + 1))
         assert {r["train_samples"] for r in records} == {records[0]["train_samples"]}  # each epoch trained whole
+        # The restarted nodes went on in the first ones' MLflow run, which the pods reach through a Service.
+        run = tracked_run(mlflow_server.uri, name, name, records)
+        history = MlflowClient(mlflow_server.uri).get_metric_history(run.info.run_id, "train/loss")
+        per_epoch = math.ceil(records[0]["train_samples"] / 2 / 8)  # 2 nodes of batch 8
+        assert sorted(m.step for m in history) == list(range(1, epochs * per_epoch + 1))  # each step once
 
         def petal(*args: str) -> subprocess.CompletedProcess:
             return cluster.petal(*args, name, "-n", PETAL_NAMESPACE)

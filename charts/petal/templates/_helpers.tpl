@@ -79,7 +79,8 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end -}}
 
 {{/* The container's environment: storage settings the way every petal tool reads them (credentials
-     only by secretKeyRef, or none: the pod's identity), then extraEnv. */}}
+     only by secretKeyRef, or none: the pod's identity), MLflow's the way its client reads them, then
+     extraEnv. */}}
 {{- define "petal.env" -}}
 - name: S3_ENDPOINT_URL
   value: {{ .Values.s3.endpoint | quote }}
@@ -108,6 +109,20 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- if or .Values.s3.caBundle.secret .Values.s3.caBundle.configMap }}
 - name: AWS_CA_BUNDLE
   value: {{ printf "/etc/petal/ca/%s" .Values.s3.caBundle.key | quote }}
+{{- end }}
+{{- with .Values.mlflow.trackingUri }}
+- name: MLFLOW_TRACKING_URI
+  value: {{ . | quote }}
+{{- end }}
+{{- with $secret := .Values.mlflow.existingSecret }}
+{{- range $key := list "MLFLOW_TRACKING_USERNAME" "MLFLOW_TRACKING_PASSWORD" "MLFLOW_TRACKING_TOKEN" }}
+- name: {{ $key }}
+  valueFrom:
+    secretKeyRef:
+      name: {{ $secret }}
+      key: {{ $key }}
+      optional: true
+{{- end }}
 {{- end }}
 {{- with .Values.extraEnv }}
 {{ toYaml . }}
