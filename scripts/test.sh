@@ -16,13 +16,14 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
 quick=0
 if [ "${1:-}" = --quick ]; then quick=1; shift; fi
-services=(minio)
+services=(minio)  # in this order: MLflow keeps its artifacts in MinIO
+[ $quick = 1 ] || services+=(mlflow)  # the MLflow tests are slow ones
 if [ $quick = 1 ] || [ "${PETAL_SKIP_CLUSTER:-0}" = 1 ]; then
   scripts/testbed.sh install all
   set -- --ignore=tests/cluster "$@"
   [ $quick = 0 ] || set -- -m "not slow" "$@"
 else
-  services+=(mlflow cluster)
+  services+=(cluster)
   # The cluster's programs are mostly CPU (Go builds); the Python env, the base image and petal's
   # image mostly downloads: side by side, once Debian's packages (Docker among them) are in.
   scripts/testbed.sh install packages
