@@ -171,6 +171,11 @@ CONSTANTS = {
             "scripts/smoke.sh",
         ],
     ),
+    "MLflow release (the test bed's server, the trainer's client)": Constant(
+        versions_env("MLFLOW_VERSION"),
+        [r"mlflow-skinny==([\w.]+)", r"`mlflow server` ([\w.]+)"],
+        ["pyproject.toml", "docs/testbed.md"],
+    ),
 }
 
 

@@ -95,7 +95,7 @@ def test_progress_rides_out_storage_down_and_ends_in_the_runs_final_state(outcom
     proxy.down()
     try:
         for step in range(1, 21):
-            progress.step(1, step, 20, loss=1.0 / step, best_val_acc=-1.0)
+            progress.step(1, step, 20, loss=1.0 / step, best_val_acc=-1.0, global_step=step)
     finally:
         proxy.up()
     progress.close(outcome)

@@ -181,6 +181,9 @@ BEFORE_TORCH, NEEDS_TORCH = True, False
         ({}, ["--decode", "gpu"], "--decode gpu needs a GPU; this rank runs on cpu", NEEDS_TORCH),
         ({"PETAL_EPOCHS": "0"}, [], "argument --epochs: '0' must be >= 1 (from PETAL_EPOCHS)", BEFORE_TORCH),
         ({"PETAL_FEATURE_CACHE": "maybe"}, [], "PETAL_FEATURE_CACHE='maybe': expected true or false", BEFORE_TORCH),
+        ({"MLFLOW_TRACKING_URI": "http://petal:hunter2@mlflow.example:5000"}, [],
+         "MLFLOW_TRACKING_URI carries credentials (user:password@): give them as MLFLOW_TRACKING_", BEFORE_TORCH),
+        ({}, ["--mlflow-experiment", ""], "argument --mlflow-experiment: must not be empty", BEFORE_TORCH),
     ],
 )  # fmt: skip
 def test_bad_input_gets_one_line_naming_the_problem(s3_env, synthetic_dataset, run_dir, tmp_path, change, args,
@@ -190,6 +193,7 @@ def test_bad_input_gets_one_line_naming_the_problem(s3_env, synthetic_dataset, r
     base = ["--data", synthetic_dataset, "--output", run_dir, "--arch", "resnet18", "--pretrained", "none"]
     line = one_line_failure(env, *base, *(arg.format(s3=s3("").rstrip("/")) for arg in args))
     assert expected.format(s3=s3("").rstrip("/")) in line
+    assert "hunter2" not in line  # a password given where it should not be is not repeated
 
 
 def test_a_process_whose_reader_is_gone_still_exits_with_its_own_code():

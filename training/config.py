@@ -41,6 +41,12 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}{source} (see --help)\n")
 
 
+def non_empty(text: str) -> str:
+    if not text:
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
+
+
 class AtLeast:
     """An argparse type for a finite number >= low; `schema` is its JSON schema for the chart."""
 
@@ -147,10 +153,9 @@ def build_parser() -> OneLineParser:
     p.add_argument("--cache-dir", type=Path, default=Path("/tmp/petal-cache"),
                    help="pod-local shard cache (the chart sets PETAL_CACHE_DIR)")  # fmt: skip
     p.add_argument("--log-every", type=AtLeast(int, 1), default=20, help="progress line every N steps")
-    p.add_argument("--mlflow-experiment", default="petal",
-                   help="MLflow experiment rank 0 logs the run to (named after --output's last part), "
-                        "where MLFLOW_TRACKING_URI names a tracking server; a resumed run goes on in its "
-                        "MLflow run")  # fmt: skip
+    p.add_argument("--mlflow-experiment", type=non_empty, default="petal",
+                   help="where MLFLOW_TRACKING_URI names a tracking server: the MLflow experiment rank 0 logs "
+                        "to, in a run named after --output's last part (a resumed run goes on in its run)")  # fmt: skip
     return p
 
 

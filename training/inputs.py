@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from training.shards import read_index, split_names
 from training.storage import S3Url, Storage, parse_url
+from training.tracking import tracking_uri
 
 
 @dataclass(frozen=True)
@@ -21,18 +22,20 @@ class RunInputs:
     index: dict
     train_splits: list[str]
     val_split: str
+    tracking_uri: str | None  # an MLflow tracking server's (MLFLOW_TRACKING_URI)
 
     @classmethod
     def open(cls, args: argparse.Namespace) -> RunInputs:
-        """The dataset's index and splits, and the output's bucket; a DatasetError or StorageError if any
-        of them is not as the run needs it."""
+        """The dataset's index and splits, the output's bucket and the MLflow tracking server; a
+        DatasetError, StorageError or LaunchError if any of them is not as the run needs it."""
+        uri = tracking_uri()
         storage = Storage.from_env()
         data, output = parse_url(args.data), parse_url(args.output)
         index = read_index(storage, data)
         train_splits = split_names(index, args.train_splits.split(","))
         (val_split,) = split_names(index, [args.val_split])
         storage.require_bucket(output)
-        return cls(storage, data, output, index, train_splits, val_split)
+        return cls(storage, data, output, index, train_splits, val_split, uri)
 
     @property
     def class_names(self) -> list[str]:

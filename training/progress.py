@@ -77,8 +77,10 @@ class Progress:
         self.eval_seconds = 0.0
         self.record: dict = {}
 
-    def step(self, epoch: int, step: int, steps: int, loss: float | None, best_val_acc: float) -> None:
-        """After an optimizer step (`loss` where it was read anyway, for the log): the rate, the ETA."""
+    def step(self, epoch: int, step: int, steps: int, loss: float | None, best_val_acc: float,
+             global_step: int) -> None:  # fmt: skip
+        """After optimizer step `step` of the epoch's `steps`, the run's `global_step`-th (`loss` where it was
+        read anyway, for the log): the rate, the ETA."""
         now = time.monotonic()
         first_estimate = False
         if self.last_step is not None and step > self.last_step:
@@ -86,7 +88,6 @@ class Progress:
             first_estimate = self.seconds_per_step is None
             self.seconds_per_step = per_step if first_estimate else 0.8 * self.seconds_per_step + 0.2 * per_step
         self.last_step_time, self.last_step = now, step
-        global_step = (epoch - 1) * steps + step
         if loss is not None:
             self.scalar("train/loss", loss, global_step)
         eta = None

@@ -24,7 +24,9 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
+from training.exit_codes import LaunchError
 from training.storage import S3Url, Storage
 
 
@@ -90,9 +92,11 @@ class Background:
             self.changed.notify()
 
     def join(self, timeout: float) -> None:
+        """Waits for the last send at most `timeout` seconds (none left: not at all)."""
         self.thread.join(max(timeout, 0))
         if self.thread.is_alive():
-            print(f"petal: the last {self.name} did not finish within {timeout:.0f}s", file=sys.stderr, flush=True)
+            print(f"petal: the last {self.name} did not finish in time; the process ends without it", file=sys.stderr,
+                  flush=True)  # fmt: skip
 
 
 # The controller's status server takes 5 writes a second in all; every 5 s is plenty for a person.
@@ -152,34 +156,43 @@ def trainer_status(record: dict) -> dict:
 
 # MLflow's client retries a failed call 7 times over minutes by default: a tracking server that is down
 # would hold every send that long. Fewer, shorter tries; each failure is said and retried with the next.
-# Nor may it print the run's URL on stdout, which carries the trainer's JSON records: the log line says it.
-MLFLOW_CLIENT_DEFAULTS = {
-    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
-    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
-    "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
-}
+MLFLOW_CLIENT_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+                          "MLFLOW_DISABLE_TELEMETRY": "true"}  # fmt: skip
 MLFLOW_RECORD = "mlflow.json"
 # MLflow's limits per log_batch call.
 PARAMS_PER_BATCH, METRICS_PER_BATCH = 100, 1000
 
 
+def tracking_uri(environ: dict[str, str] = os.environ) -> str | None:
+    """MLFLOW_TRACKING_URI, refused (one line, the URI not in it) where it carries credentials: they
+    would be in every log line and error that names the server."""
+    uri = environ.get("MLFLOW_TRACKING_URI") or None
+    if uri and (urlsplit(uri).username or urlsplit(uri).password):
+        raise LaunchError("MLFLOW_TRACKING_URI carries credentials (user:password@): give them as "
+                          "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, or MLFLOW_TRACKING_TOKEN (the "
+                          "chart's mlflow.existingSecret)")  # fmt: skip
+    return uri
+
+
 class MlflowRun:
     """Rank 0's run in an MLflow tracking server. What is handed over (`params` once, `metric`s as they
-    come, `finish` last) is sent from a thread of its own, in order; a send that fails keeps what was not
-    sent yet for the next try. The run is created (or found again, on resume) at the first send."""
+    come, `finish` last) is sent from a thread of its own, in order; each part leaves the queue only once
+    the server has it, so a failed send loses nothing. The run is made at the first send, or, when the
+    trainer resumed from a checkpoint, found again in <output>/mlflow.json: a fresh start in the same
+    output (before a first checkpoint, --overwrite-unresumable) is a new training, and a new run."""
 
-    def __init__(self, uri: str, experiment: str, storage: Storage, output: S3Url, scratch: Path):
+    def __init__(self, uri: str, experiment: str, storage: Storage, output: S3Url, scratch: Path, resumed: bool):
+        for name, value in MLFLOW_CLIENT_DEFAULTS.items():  # here, before any thread reads the environment
+            os.environ.setdefault(name, value)
+        # Never the run's URL on stdout, which carries the trainer's JSON records: the log line says it.
+        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
         self.uri, self.experiment, self.storage, self.output = uri, experiment, storage, output
         self.scratch = scratch  # where the artifacts are fetched to on their way: the pod's cache, not a small /tmp
+        self.resumed = resumed
         self.client = self.run_id = None
+        self.recorded = False  # mlflow.json names the run
         self.logged: dict[str, int] = {}  # metric: the last step the run has, when it was resumed
         self.sender = Background("MLflow tracking", self._send, lambda older, newer: older + newer)
-
-    @classmethod
-    def from_environment(cls, experiment: str, storage: Storage, output: S3Url, scratch: Path,
-                         environ: dict[str, str] = os.environ) -> MlflowRun | None:  # fmt: skip
-        uri = environ.get("MLFLOW_TRACKING_URI")
-        return cls(uri, experiment, storage, output, scratch) if uri else None
 
     def params(self, options: dict) -> None:
         self.sender.submit([("params", {key: str(value) for key, value in options.items()})])
@@ -188,22 +201,26 @@ class MlflowRun:
         self.sender.submit([("metric", (name, float(value), step, int(time.time() * 1000)))])
 
     def finish(self, outcome: str) -> None:
-        """The run's end: "done" also uploads its artifacts (artifacts.RUN_ARTIFACTS, from --output)."""
-        work = [("artifacts", None)] if outcome == "done" else []
+        """The run's end; "done" also uploads its artifacts (artifacts.RUN_ARTIFACTS, from --output). The
+        status goes first: an upload that fails or outlasts the process leaves the run ended, not RUNNING."""
         status = {"done": "FINISHED", "stopped": "KILLED"}.get(outcome, "FAILED")
-        self.sender.submit([*work, ("status", status)])
+        self.sender.submit([("status", status), *([("artifacts", None)] if outcome == "done" else [])])
 
     def _send(self, work: list) -> None:
         """Sends `work` from its front, removing each part once it is stored."""
         if self.run_id is None:
             self._start()
+        if not self.recorded:
+            record = {"tracking_uri": self.uri, "run_id": self.run_id}
+            self.storage.write_bytes(self.output.join(MLFLOW_RECORD), json.dumps(record).encode(), "application/json")
+            self.recorded = True
         while work:
             kind, payload = work[0]
             if kind == "metric":
-                metrics = []
-                while work and work[0][0] == "metric" and len(metrics) < METRICS_PER_BATCH:
-                    metrics.append(work.pop(0)[1])
-                self._log_metrics(metrics)
+                count = next((i for i, (k, _) in enumerate(work[:METRICS_PER_BATCH]) if k != "metric"),
+                             min(len(work), METRICS_PER_BATCH))  # fmt: skip
+                self._log_metrics([metric for _, metric in work[:count]])
+                del work[:count]
                 continue
             if kind == "params":
                 self._log_params(payload)
@@ -211,35 +228,32 @@ class MlflowRun:
                 self._log_artifacts()
             else:
                 self.client.set_terminated(self.run_id, payload)
-            work.pop(0)
+            del work[0]
 
     def _start(self) -> None:
-        """The run this output's earlier attempts logged to (<output>/mlflow.json), or a new one."""
-        for name, value in MLFLOW_CLIENT_DEFAULTS.items():
-            os.environ.setdefault(name, value)
         from mlflow import MlflowClient  # rank 0 alone, in this thread: training never waits for it
 
         client = MlflowClient(self.uri)
         record = self.output.join(MLFLOW_RECORD)
-        earlier = json.loads(self.storage.read_bytes(record)) if self.storage.exists(record) else {}
+        earlier = json.loads(self.storage.read_bytes(record)) if self.resumed and self.storage.exists(record) else {}
         if earlier.get("tracking_uri") == self.uri and self._still_there(client, earlier["run_id"]):
             run_id = earlier["run_id"]
             client.update_run(run_id, status="RUNNING")
             for name in ("train/loss", *EPOCH_SCALARS):
                 self.logged[name] = max((m.step for m in client.get_metric_history(run_id, name)), default=-1)
+            self.recorded = True
         else:
             experiment = client.get_experiment_by_name(self.experiment)
             experiment_id = experiment.experiment_id if experiment else self._create_experiment(client)
             run_name = self.output.key.rstrip("/").rsplit("/", 1)[-1]
             run_id = client.create_run(experiment_id, run_name=run_name,
                                        tags={"petal.output": str(self.output)}).info.run_id  # fmt: skip
-            self.storage.write_bytes(record, json.dumps({"tracking_uri": self.uri, "run_id": run_id}).encode(),
-                                     "application/json")  # fmt: skip
+        self.client, self.run_id = client, run_id  # made once: a failure after this retries the rest, not this
         run = client.get_run(run_id).info
-        print(f"petal: MLflow run {run.run_name} ({run_id}) in experiment {self.experiment}: "
+        experiment_name = client.get_experiment(run.experiment_id).name
+        print(f"petal: MLflow run {run.run_name} ({run_id}) in experiment {experiment_name}: "
               f"{self.uri.rstrip('/')}/#/experiments/{run.experiment_id}/runs/{run_id}", file=sys.stderr,
               flush=True)  # fmt: skip
-        self.client, self.run_id = client, run_id  # started: the next send goes on from here
 
     def _create_experiment(self, client) -> str:
         from mlflow.exceptions import MlflowException

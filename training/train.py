@@ -155,10 +155,11 @@ def run(args: argparse.Namespace, inputs: RunInputs, preemption: Preemption) -> 
         if world.is_main:
             writer = checkpoint.Writer(storage, output, args.keep_checkpoints, log)
             events = args.cache_dir / "tensorboard" / hashlib.sha256(str(output).encode()).hexdigest()[:16]
-            mlflow = MlflowRun.from_environment(args.mlflow_experiment, storage, output, args.cache_dir)
-            if mlflow:
-                mlflow.params(config)
+            mlflow = inputs.tracking_uri and MlflowRun(inputs.tracking_uri, args.mlflow_experiment, storage, output,
+                                                       args.cache_dir, resumed=saved is not None)  # fmt: skip
             progress = Progress(storage, output, args.epochs, world.world_size * args.batch_size, events, mlflow)
+            if mlflow:  # once Progress has imported tensorboard: the sender imports mlflow, both protobuf
+                mlflow.params(config)
             startup.lap("model")
             batch = f"global batch {world.world_size * args.batch_size} ({args.batch_size} per rank)"
             log(f"{world.world_size} process(es), {world.backend} on {device.type}, {batch}; training {args.data} "
@@ -177,7 +178,8 @@ def run(args: argparse.Namespace, inputs: RunInputs, preemption: Preemption) -> 
             outcome = "done"
         except Preempted:
             if writer is not None:
-                log("SIGTERM: the checkpoint lands before this rank exits (further SIGTERMs are noted, not obeyed)")
+                if writer.uploading is not None:
+                    log("SIGTERM: the checkpoint lands before this rank exits (more SIGTERMs are noted, not obeyed)")
                 writer.wait()  # the checkpoint SIGTERM asked for lands before the exit that says it did
             outcome = "stopped"
             raise
@@ -212,6 +214,10 @@ def run_epoch(args, state: TrainingState, ddp, epochs, world: World, autocast, s
     stretch = {"world_size": world.world_size, "batch_size": args.batch_size, "steps": 0}
     loader = epochs.train_loader(epoch, ranks[world.rank])
     steps_before, steps_total = state.steps_done, state.steps_done + steps
+    # The run's optimizer steps before this epoch, counted as each epoch took them (a resume on another
+    # number of ranks changes the count per epoch), so that the metrics' step only grows. A record from
+    # a checkpoint older than the count takes this epoch's: the numbering those runs had.
+    steps_earlier = sum(r.get("steps", steps_total) for r in state.history)
     trained_before = sum(s["world_size"] * s["batch_size"] * s["steps"] for s in state.stretches)
 
     def set_rate(step: int) -> None:
@@ -248,7 +254,7 @@ def run_epoch(args, state: TrainingState, ddp, epochs, world: World, autocast, s
             value = loss.item() if logged else None  # one GPU sync per --log-every steps, not per step
             if logged:
                 log(f"epoch {epoch}/{args.epochs} step {done}/{steps_total} loss {value:.4f}")
-            progress.step(epoch, done, steps_total, value, state.best_val_acc)
+            progress.step(epoch, done, steps_total, value, state.best_val_acc, steps_earlier + done)
         stop = any_rank(preemption.requested)  # every rank, every step: on the CPU, never waiting for the GPU
         if stop or (args.checkpoint_every and done % args.checkpoint_every == 0):
             name = save_progress(sums, seen)
@@ -266,7 +272,7 @@ def run_epoch(args, state: TrainingState, ddp, epochs, world: World, autocast, s
     evaluating = time.monotonic()
     stats |= evaluate(epochs.evaluated, epochs.val_loader(epoch), len(state.classes), autocast, device)
     eval_seconds = time.monotonic() - evaluating
-    record = {"event": "epoch", "epoch": epoch, "lr": learning_rate(args, epoch, 1.0), **stats,
+    record = {"event": "epoch", "epoch": epoch, "lr": learning_rate(args, epoch, 1.0), **stats, "steps": steps_total,
               "seconds": round(time.monotonic() - started, 3)}  # fmt: skip
     is_best = state.finish_epoch(record)
     if world.is_main:

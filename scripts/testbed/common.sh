@@ -93,6 +93,17 @@ stop_pid() {
   done
 }
 
+# wait_ready WHAT SECONDS PIDFILE LOG URL: until URL answers; at once, with LOG's tail, if the process
+# PIDFILE records has ended (a port taken, a bad flag), not after SECONDS.
+wait_ready() {
+  local what=$1 seconds=$2 pidfile=$3 log=$4 url=$5 deadline=$((SECONDS + $2))
+  until curl -fsS "$url" >/dev/null 2>&1; do
+    if ! pid_alive "$pidfile"; then tail -n 20 "$log" >&2; die "$what exited during start-up (log: $log)"; fi
+    if [ $SECONDS -ge "$deadline" ]; then tail -n 20 "$log" >&2; die "$what not ready after ${seconds}s (log: $log)"; fi
+    sleep 0.2
+  done
+}
+
 # wait_for WHAT SECONDS LOG COMMAND...: polls COMMAND until it succeeds; on timeout shows LOG's tail.
 wait_for() {
   local what=$1 seconds=$2 log=$3 deadline; shift 3

@@ -24,12 +24,7 @@ minio_up() {
     MINIO_BROWSER=off nohup "$(minio_bin)" server --quiet --address ":$port" "$dir/data" \
     > "$dir/log" 2>&1 < /dev/null &
   process_id $! > "$dir/pid"
-  local deadline=$((SECONDS + 60))
-  until curl -fsS "http://127.0.0.1:$port/minio/health/ready" >/dev/null 2>&1; do
-    if ! minio_running; then tail -n 20 "$dir/log" >&2; die "minio exited during start-up (log: $dir/log)"; fi
-    if [ $SECONDS -ge $deadline ]; then tail -n 20 "$dir/log" >&2; die "minio not ready after 60s (log: $dir/log)"; fi
-    sleep 0.2
-  done
+  wait_ready minio 60 "$dir/pid" "$dir/log" "http://127.0.0.1:$port/minio/health/ready"
   say "minio ready on http://127.0.0.1:$port (pid $(minio_pid), data $dir/data)"
 }
 

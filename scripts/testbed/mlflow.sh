@@ -51,7 +51,7 @@ if sys.argv[2] not in [b["Name"] for b in s3.list_buckets()["Buckets"]]:
     --allowed-hosts "localhost:*,127.0.0.1:*,$in_cluster_host" > "$dir/log" 2>&1 < /dev/null &
   process_id $! > "$dir/pid"
   unset MLFLOW_S3_ENDPOINT_URL AWS_ACCESS_KEY_ID AWS_SECRET_ACCESS_KEY
-  wait_for "mlflow" 120 "$dir/log" curl -fsS "http://127.0.0.1:$port/health"
+  wait_ready mlflow 120 "$dir/pid" "$dir/log" "http://127.0.0.1:$port/health"
   say "mlflow ready on http://127.0.0.1:$port (runs in $dir/mlflow.db, artifacts in s3://$MLFLOW_BUCKET)"
 }
 
