@@ -173,7 +173,7 @@ CONSTANTS = {
     ),
     "MLflow release (the test bed's server, the trainer's client)": Constant(
         versions_env("MLFLOW_VERSION"),
-        [r"mlflow-skinny==([\w.]+)", r"`mlflow server` ([\w.]+)"],
+        [r"mlflow-skinny==([\w.]+)", r"`mlflow server` (\d[\w.]*)"],
         ["pyproject.toml", "docs/testbed.md"],
     ),
 }
