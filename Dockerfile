@@ -5,6 +5,14 @@
 # lets the launcher give its ranks the pod's grace period after SIGTERM: training/launch.py). HOME is the
 # writable cache (an emptyDir in pods): torch hub weights and matplotlib's config land there.
 ARG BASE_IMAGE=pytorch/pytorch:2.13.0-cuda13.0-cudnn9-runtime
+
+# What the trainer needs, read from pyproject.toml (its dependencies and the train extra) in a stage of
+# its own: a pyproject change elsewhere (another extra, a tool's settings) leaves this list, and so the
+# image's 6 GB dependency layer below, as it was.
+FROM ${BASE_IMAGE} AS requirements
+COPY pyproject.toml /tmp/
+RUN python -c 'import tomllib; p = tomllib.load(open("/tmp/pyproject.toml", "rb"))["project"]; print(*p["dependencies"], *p["optional-dependencies"]["train"], sep="\n")' > /tmp/requirements.txt
+
 FROM ${BASE_IMAGE}
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -16,24 +24,20 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 WORKDIR /opt/petal
 
-# Dependencies first, from pyproject.toml alone, so code changes do not reinstall them: the README
-# (pyproject's readme), the packages and the data files pyproject names are empty stand-ins until
-# the real ones are copied below.
-COPY pyproject.toml ./
-# Versions are pinned where they are declared, in pyproject.toml.
-# hadolint ignore=DL3013
-RUN mkdir -p training petal charts/petal/templates/tests scripts manifests \
-    && touch README.md training/__init__.py petal/__init__.py scripts/versions.env \
-        charts/petal/Chart.yaml charts/petal/values.yaml charts/petal/values.schema.json \
-        manifests/trainer-runtime.yaml \
-    && pip install ".[train]"
+# Dependencies first, from the list above alone, so neither code changes nor the rest of pyproject.toml
+# reinstall them. Versions are pinned where they are declared, in pyproject.toml.
+COPY --from=requirements /tmp/requirements.txt ./
+RUN pip install -r requirements.txt
 
+COPY pyproject.toml ./
 COPY training/ training/
 COPY petal/ petal/
 COPY charts/petal/ charts/petal/
 COPY scripts/predict.py scripts/collect_run.py scripts/versions.env scripts/
 COPY manifests/trainer-runtime.yaml manifests/
-RUN pip install --no-deps --force-reinstall . \
+# README.md is pyproject's readme: an empty stand-in (the image has no use for the text).
+RUN touch README.md \
+    && pip install --no-deps --force-reinstall . \
     && mkdir -p /cache \
     && chown 10001:10001 /cache
 
