@@ -48,7 +48,6 @@ publish_minio_when_both_run() {
 mlflow_pod_host() { echo "$MLFLOW_SERVICE.$(chart_endpoint_part namespace).svc.cluster.local:$MLFLOW_SERVICE_PORT"; }
 publish_mlflow_when_both_run() {
   if mlflow_running && cluster_running; then
-    kctl create namespace "$(chart_endpoint_part namespace)" --dry-run=client -o yaml | kctl apply -f - >/dev/null
     host_service "$(chart_endpoint_part namespace)" "$MLFLOW_SERVICE" "$MLFLOW_SERVICE_PORT:$(mlflow_port)" TCP
     say "pods reach this MLflow at http://$(mlflow_pod_host)"
   fi

@@ -155,14 +155,13 @@ EOF
 cluster_running() { [ -f "$(cluster_dir)/kubeconfig" ] && kctl get --raw /readyz >/dev/null 2>&1; }
 
 # publish_minio PORT ACCESS_KEY SECRET_KEY: pods reach a MinIO on this host at the chart's default
-# endpoint through a Service backed by the host, and get its credentials from the Secret the chart
+# endpoint (in the namespace cluster_up makes) through a Service backed by the host, and get its credentials from the Secret the chart
 # reads by default (made from an env file on a pipe, never on a command line).
 publish_minio() {
   local port=$1 access_key=$2 secret_key=$3 namespace service secret
   namespace=$(chart_endpoint_part namespace)
   service=$(chart_endpoint_part service)
   secret=$(chart_default s3.existingSecret)
-  kctl create namespace "$namespace" --dry-run=client -o yaml | kctl apply -f - >/dev/null
   host_service "$namespace" "$service" "$(chart_endpoint_part port):$port" TCP
   kctl -n "$namespace" create secret generic "$secret" --dry-run=client -o yaml \
     --from-env-file=<(printf 'AWS_ACCESS_KEY_ID=%s\nAWS_SECRET_ACCESS_KEY=%s\n' "$access_key" "$secret_key") \
