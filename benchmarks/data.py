@@ -11,21 +11,30 @@ scikit-learn ship, at native resolution, short side at most 500 px like Flowers-
                   reduced size where larger than needed (PIL's draft), resized before the rotation —
                   petal's own decode and view, from local disk
   per_object_get  one GET per image from MinIO (the same stored images as the shards)
+  webdataset, streaming, litdata
+                  the real loading libraries (benchmarks/peers.py, run in their own venv): WebDataset
+                  1.0.2, MosaicML Streaming 0.13.0 and LitData 0.2.76, each on its own writer's shards
+                  of the same stored images, as many shards as petal's, streamed from the same MinIO
+                  into a cold local cache with petal's decode and view
   decode_limit    decode + transform of the stored images already in memory: no I/O at all
-  *_at_5ms        shards and per_object_get again, through Toxiproxy adding 5 ms each way per
+  *_at_5ms        every contender that reads MinIO again, through Toxiproxy adding 5 ms each way per
                   request (benchmarks/network.py), the latency of a cross-node request with TLS
 
-Every contender's clock starts before its first byte is fetched (for the shards: before the cache is
-opened and the epoch's shards downloaded and verified) and stops at its last batch; each reports the
-MB/s it read beside its images/s. Goals: shards >= 3x imagefolder, >= 1x imagefolder_best (which reads
-no network at all), >= 3x per_object_get at 5 ms, >= 0.8x decode_limit.
+Every contender's clock starts before its first byte is fetched (for the shards and the peers: before
+their index is read and their cache opened) and stops at its last batch; each reports the MB/s it read
+beside its images/s. All have the same batch size, DataLoader workers and prefetch depth. Goals: shards
+>= 3x imagefolder, >= 1x imagefolder_best (which reads no network at all), >= 1x every peer on
+loopback and at 5 ms, >= 3x per_object_get at 5 ms, >= 0.8x decode_limit.
 """
 
 from __future__ import annotations
 
-import random
+import json
+import os
 import shutil
 import statistics
+import subprocess
+import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import NamedTuple
@@ -35,15 +44,14 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets import ImageFolder
 from torchvision.transforms import v2 as T
 
-from benchmarks.common import in_workdir, report, run_script, storage_from_env, timed
+from benchmarks.common import ROOT, in_workdir, report, run_script, storage_from_env, timed
 from benchmarks.network import Latency
+from benchmarks.peers import BATCH_SIZE, IMAGE_SIZE, PEERS, PREFETCH, training_view
 from benchmarks.photos import PHOTOS, jpeg_density, make_photos
 from training.data import SplitLoader, SplitStream
 from training.shards import read_image_bytes, read_index
 from training.storage import S3Url, Storage, parse_url
-from training.views import IMAGENET_MEAN, IMAGENET_STD, MAX_ROTATION, decode_image, normalize, pixels, view
-
-IMAGE_SIZE = 224
+from training.views import IMAGENET_MEAN, IMAGENET_STD, decode_image, normalize
 
 
 def drafted(path: str):
@@ -100,9 +108,27 @@ def stored_images(stream: SplitStream) -> tuple[list[bytes], list[int]]:
     return [read_image_bytes(ref) for ref in refs], [ref.label for ref in refs]
 
 
+def peers_python() -> str:
+    python = os.environ.get("PETAL_PEERS_PYTHON", "")
+    if not os.access(python, os.X_OK):
+        raise SystemExit(f"benchmarks: error: PETAL_PEERS_PYTHON {python!r} is not the peers' venv's python; run "
+                         '`scripts/testbed.sh install peers; eval "$(scripts/testbed.sh env)"` first')  # fmt: skip
+    return python
+
+
+def run_peer(*args: str) -> str:
+    """benchmarks/peers.py in the peers' venv, from the repository root; its stdout."""
+    result = subprocess.run([peers_python(), "-m", "benchmarks.peers", *args], cwd=ROOT, capture_output=True,
+                            text=True)  # fmt: skip
+    if result.returncode != 0:
+        raise SystemExit(f"benchmarks: peers {args[0]} {args[1]} failed: {result.stderr.strip()[-2000:]}")
+    return result.stdout
+
+
 @in_workdir("petal-bench-data-")
 def run(args, work: Path) -> dict:
     storage = storage_from_env()
+    peers_python()  # refused before any work
     images = make_photos(work / "photos-v3", classes=len(PHOTOS), per_class=max(1, args.images // len(PHOTOS)))
     dataset = parse_url("s3://petal/bench/photo-shards")
     run_script("upload_dataset.py", str(images), str(dataset), "--min-shards", str(2 * args.workers))
@@ -114,34 +140,60 @@ def run(args, work: Path) -> dict:
     for url, data in zip(objects, stored, strict=True):
         if storage.size(url) != len(data):
             storage.write_bytes(url, data, "image/jpeg")
-
-    def transform(image):  # petal's training view, uint8 (normalised per batch, as OnDevice does)
-        return pixels(view(image, IMAGE_SIZE, random.uniform(-MAX_ROTATION, MAX_ROTATION)))
+    shard_count = len(index["splits"]["train"]["shards"])
+    # Each peer's writer gets the bytes petal's shards hold, and makes as many shards of them.
+    (work / "stored").mkdir(exist_ok=True)
+    for i, data in enumerate(stored):
+        (work / "stored" / f"{i:05d}.jpg").write_bytes(data)
+    (work / "stored" / "labels.json").write_text(json.dumps(labels))
+    peer_urls = {peer: f"s3://petal/bench/peers/{peer}" for peer in PEERS}
+    for peer, url in peer_urls.items():
+        run_peer("prepare", peer, str(work / "stored"), url, "--shards", str(shard_count))
 
     seed_transform = T.Compose([T.PILToTensor(), T.RandomRotation(20), T.Resize(IMAGE_SIZE, antialias=True),
                                 T.CenterCrop(IMAGE_SIZE), T.ToDtype(torch.float32, scale=True),
                                 T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])  # fmt: skip
-    common = dict(batch_size=32, num_workers=args.workers, prefetch_factor=4 if args.workers else None)
+    common = dict(batch_size=BATCH_SIZE, num_workers=args.workers, prefetch_factor=PREFETCH if args.workers else None)
     stored_bytes, file_bytes = sum(map(len, stored)), sum(f.stat().st_size for f in files)
     shard_bytes = sum(shard["bytes"] for shard in index["splits"]["train"]["shards"])
 
     def shards(through: Storage) -> Callable[[], Rate]:
         def measure() -> Rate:
             shutil.rmtree(work / "cache", ignore_errors=True)  # cold: fetching the shards is part of the cost
-            cold = SplitStream(through, dataset, index, ["train"], work / "cache")  # no I/O until for_epoch
-            batches = SplitLoader(cold, IMAGE_SIZE, seed=0, augment=True, batch_size=32, workers=args.workers,
-                                  pin_memory=False)  # fmt: skip
-            numbers = cold.assignment(0, 1, 1, shuffle=True)[0]
-            try:  # for_epoch downloads and verifies the epoch's shards: on the clock
-                return delivered(lambda: batches.for_epoch(1, numbers), len(stored), shard_bytes)
+            opened = []
+
+            def open_epoch():  # the index read, and for_epoch's download and check of the shards: on the clock
+                cold = SplitStream(through, dataset, read_index(through, dataset), ["train"], work / "cache")
+                opened.append(SplitLoader(cold, IMAGE_SIZE, seed=0, augment=True, batch_size=BATCH_SIZE,
+                                          workers=args.workers, pin_memory=False))  # fmt: skip
+                return opened[0].for_epoch(1, cold.assignment(0, 1, 1, shuffle=True)[0])
+
+            try:
+                return delivered(open_epoch, len(stored), shard_bytes)
             finally:
-                batches.close()
+                for batches in opened:
+                    batches.close()
+
+        return measure
+
+    def peer(name: str, through: Storage) -> Callable[[], Rate]:
+        def measure() -> Rate:
+            # A new directory each time: Streaming keys its shared memory by the cache's path
+            cache = Path(tempfile.mkdtemp(prefix=f"cache-{name}-", dir=work))
+            try:
+                read = json.loads(run_peer("read", name, peer_urls[name], "--endpoint", through.endpoint_url,
+                                           "--cache", str(cache), "--workers", str(args.workers)))  # fmt: skip
+            finally:
+                shutil.rmtree(cache)
+            if read["images"] != len(stored):
+                raise SystemExit(f"benchmarks: {name} delivered {read['images']} of {len(stored)} images")
+            return Rate(read["images"] / read["seconds"], read["bytes"] / 1e6 / read["seconds"], read["bytes"] / 1e6)
 
         return measure
 
     def per_object(through: Storage) -> Callable[[], Rate]:
         return lambda: delivered(
-            lambda: DataLoader(ObjectPerImage(through, objects, labels, transform), shuffle=True, **common),
+            lambda: DataLoader(ObjectPerImage(through, objects, labels, training_view), shuffle=True, **common),
             len(stored), stored_bytes,
         )  # fmt: skip
 
@@ -156,19 +208,21 @@ def run(args, work: Path) -> dict:
             ),
             "imagefolder_best": lambda: delivered(
                 lambda: DataLoader(
-                    ImageFolder(str(images), transform=transform, loader=drafted), shuffle=True, **common
+                    ImageFolder(str(images), transform=training_view, loader=drafted), shuffle=True, **common
                 ),  # fmt: skip
                 len(files),
                 file_bytes,
             ),
             "per_object_get": per_object(storage),
             "decode_limit": lambda: delivered(
-                lambda: DataLoader(InMemory(stored, labels, transform), shuffle=True, **common),
+                lambda: DataLoader(InMemory(stored, labels, training_view), shuffle=True, **common),
                 len(stored),
                 0,
             ),
+            **{name: peer(name, storage) for name in PEERS},
             "shards_at_5ms": shards(slow),
             "per_object_get_at_5ms": per_object(slow),
+            **{f"{name}_at_5ms": peer(name, slow) for name in PEERS},
         }
         contenders["decode_limit"]()  # warm-up, untimed: imports, page cache and worker start-up hit nobody
         # Rounds interleave the contenders, so a slow spell of the machine is shared out, not pinned on one.
@@ -194,9 +248,12 @@ def run(args, work: Path) -> dict:
         "shards_vs_per_object_get": rate["shards"] / rate["per_object_get"],
         "shards_vs_per_object_get_at_5ms": rate["shards_at_5ms"] / rate["per_object_get_at_5ms"],
         "shards_vs_decode_limit": rate["shards"] / rate["decode_limit"],
+        **{f"shards_vs_{name}": rate["shards"] / rate[name] for name in PEERS},
+        **{f"shards_vs_{name}_at_5ms": rate["shards_at_5ms"] / rate[f"{name}_at_5ms"] for name in PEERS},
     }
     goals = {"shards_vs_imagefolder": 3.0, "shards_vs_imagefolder_best": 1.0, "shards_vs_per_object_get": None,
              "shards_vs_per_object_get_at_5ms": 3.0, "shards_vs_decode_limit": 0.8}  # fmt: skip
+    goals |= {name: 1.0 for name in ratios if name.removeprefix("shards_vs_").removesuffix("_at_5ms") in PEERS}
     rows = [(f"{name} images/s (MB/s read)", f"{value:8.1f} ({mb_per_s[name]:.1f})") for name, value in rate.items()]
     rows += [(f"one GET, {where} (ms, median)", f"{ms:8.2f}") for where, ms in get_ms.items()]
     rows += [(f"decode one {kind} image (ms)", f"{ms:8.2f}") for kind, ms in decode_ms.items()]

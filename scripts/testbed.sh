@@ -4,7 +4,8 @@
 # version (scripts/versions.env), so a warm machine reuses them. The README's demo and test
 # commands share it: `up` leaves what already runs alone, `down` stops exactly what `up` started.
 #
-#   scripts/testbed.sh install [python|minio|mlflow|helm|lint-tools|toxiproxy|all]   build what is missing (idempotent)
+#   scripts/testbed.sh install [python|peers|minio|mlflow|helm|lint-tools|toxiproxy|all]   build what is missing
+#                                                   (idempotent); peers: the data benchmark's loading libraries
 #   scripts/testbed.sh install cluster              Debian packages (the image registry among them); Kubernetes,
 #                                                   CoreDNS, training-operator, Kubeflow Trainer v2, JobSet, Kueue;
 #                                                   base images (root)
@@ -58,6 +59,7 @@ print_env() {
   echo "export HELM_PLUGINS=\"$(helm_plugins)\""
   echo "export PETAL_CRD_SCHEMAS=\"$(schema_dir)\""
   echo "export PETAL_STATE=\"$STATE\""
+  if [ -f "$(peers_venv)/.complete" ]; then echo "export PETAL_PEERS_PYTHON=\"$(peers_venv)/bin/python\""; fi
   cluster_env
   minio_env
   mlflow_env
@@ -88,8 +90,9 @@ case "${1:-}" in
       programs) install_cluster_programs ;;
       toxiproxy) install_toxiproxy ;;
       mlflow) install_mlflow ;;
-      all) install_python; install_minio; install_mlflow; install_helm; install_lint_tools; install_toxiproxy ;;
-      *) die "unknown install target '${2}'; choose python, minio, mlflow, helm, lint-tools, toxiproxy, kube, packages, programs, cluster or all" ;;
+      peers) install_peers ;;
+      all) install_python; install_peers; install_minio; install_mlflow; install_helm; install_lint_tools; install_toxiproxy ;;
+      *) die "unknown install target '${2}'; choose python, peers, minio, mlflow, helm, lint-tools, toxiproxy, kube, packages, programs, cluster or all" ;;
     esac ;;
   minio)
     case "${2:-}" in

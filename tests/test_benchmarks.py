@@ -17,6 +17,7 @@ from benchmarks.photos import PHOTOS, make_photos, photo
 from training.storage import parse_url
 
 
+@pytest.mark.slow
 def test_the_data_benchmark_reports_every_contender_and_ratio(s3_env, tmp_path):
     argv = [sys.executable, "-m", "benchmarks", "data", "--json", str(tmp_path / "data.json"), "--images", "32",
             "--rounds", "2", "--workers", "1"]  # fmt: skip
@@ -29,8 +30,10 @@ def test_the_data_benchmark_reports_every_contender_and_ratio(s3_env, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert not list(scratch.iterdir()), "its scratch directory is removed"
     figures = json.loads((tmp_path / "data.json").read_text())
-    assert set(figures["images_per_s"]) == {"shards", "imagefolder", "imagefolder_best", "per_object_get",
-                                            "decode_limit", "shards_at_5ms", "per_object_get_at_5ms"}  # fmt: skip
+    peers = ["webdataset", "streaming", "litdata"]
+    reading_minio = ["shards", "per_object_get", *peers]
+    assert set(figures["images_per_s"]) == {"imagefolder", "imagefolder_best", "decode_limit", *reading_minio,
+                                            *(f"{name}_at_5ms" for name in reading_minio)}  # fmt: skip
     assert all(value > 0 for value in figures["images_per_s"].values())
     # Each contender's MB/s is of what it fetched: the shards (every stored byte inside them), each stored
     # image once, the original files.
@@ -38,9 +41,13 @@ def test_the_data_benchmark_reports_every_contender_and_ratio(s3_env, tmp_path):
     assert read["shards"] == read["shards_at_5ms"] == setup["shards_mb"] >= setup["stored_mb"]
     assert read["per_object_get"] == pytest.approx(setup["stored_mb"])
     assert read["imagefolder"] == read["imagefolder_best"] == setup["original_mb"]
+    # Each peer's own format holds the stored images' bytes (and its own framing and index)
+    assert all(read[name] == read[f"{name}_at_5ms"] >= setup["stored_mb"] for name in peers)
     assert read["decode_limit"] == 0 and all(figures["mb_per_s"][name] > 0 for name in read if read[name])
     assert set(figures["ratios"]) == {"shards_vs_imagefolder", "shards_vs_imagefolder_best", "shards_vs_per_object_get",
-                                      "shards_vs_per_object_get_at_5ms", "shards_vs_decode_limit"}  # fmt: skip
+                                      "shards_vs_per_object_get_at_5ms", "shards_vs_decode_limit",
+                                      *(f"shards_vs_{name}{at}" for name in peers for at in ("", "_at_5ms"))}  # fmt: skip
+    assert all(figures["goals"][f"shards_vs_{name}{at}"] == 1.0 for name in peers for at in ("", "_at_5ms"))
     # The proxy really is in the way: a GET through it pays the two 5 ms legs, whatever the loopback
     # GET costs on a busy machine (its median moves by milliseconds from one moment to the next).
     assert figures["get_ms"]["at_5ms"] >= 10
@@ -49,6 +56,16 @@ def test_the_data_benchmark_reports_every_contender_and_ratio(s3_env, tmp_path):
     assert "shards_vs_imagefolder" in result.stdout
     assert 0 < setup["original_jpeg_bytes_per_pixel"] < 3  # 24 bits per pixel before compression
     assert setup["original_megapixels_per_image"] > 0
+
+
+def test_the_data_benchmark_without_its_peers_says_how_to_install_them(s3_env, tmp_path):
+    env = {k: v for k, v in s3_env.items() if k != "PETAL_PEERS_PYTHON"}
+    argv = [sys.executable, "-m", "benchmarks", "data", "--workdir", str(tmp_path)]
+    result = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "PETAL_PEERS_PYTHON '' is not the peers' venv's python" in result.stderr
+    assert "scripts/testbed.sh install peers" in result.stderr
+    assert not list(tmp_path.iterdir()), "nothing is made before the refusal"
 
 
 def test_the_benchmark_photos_are_every_shipped_photograph_cropped_never_upscaled(tmp_path):

@@ -30,6 +30,26 @@ install_python() {
   fi
 }
 
+# The data benchmark's peers (benchmarks/peers.py): a venv whose own packages (MosaicML Streaming's
+# numpy < 2.2 among them) come first, and the dev venv's (torch, torchvision, Pillow) after them, through
+# a .pth file: a gigabyte less than a torch of its own, and the same torch as petal's contenders.
+peers_venv() { echo "$(venv_dir)-peers-$(echo "$WEBDATASET_VERSION $MOSAICML_STREAMING_VERSION $LITDATA_VERSION $BOTO3_VERSION" | sha256sum | cut -c1-8)"; }
+install_peers() {
+  local venv dev; venv=$(peers_venv) dev=$(venv_dir)
+  if [ -f "$venv/.complete" ]; then say "the data benchmark's peers are already installed"; return; fi
+  [ -f "$dev/.complete" ] || die "the peers' venv is layered on the python env: run scripts/testbed.sh install python first"
+  say "installing WebDataset $WEBDATASET_VERSION, MosaicML Streaming $MOSAICML_STREAMING_VERSION and LitData $LITDATA_VERSION into $venv"
+  rm -rf "$venv"
+  "$PYTHON" -m venv "$venv"
+  "$venv/bin/python" -c 'import site, sys; print(site.getsitepackages()[0])' | {
+    read -r site
+    echo "import site; site.addsitedir('$("$dev/bin/python" -c 'import site; print(site.getsitepackages()[0])')')" > "$site/zz-petal-dev-venv.pth"
+  }
+  "$venv/bin/pip" install --quiet "webdataset==$WEBDATASET_VERSION" "mosaicml-streaming==$MOSAICML_STREAMING_VERSION" \
+    "litdata==$LITDATA_VERSION" "boto3==$BOTO3_VERSION"
+  touch "$venv/.complete"
+}
+
 install_minio() {
   if [ -x "$(minio_bin)" ]; then say "minio $MINIO_VERSION is already built"; return; fi
   say "building minio $MINIO_VERSION with go install (a few minutes on a cold cache)"

@@ -1,0 +1,217 @@
+"""The data benchmark's peers: WebDataset, MosaicML Streaming and LitData, each reading its own
+writer's format from MinIO, with petal's decode and training view. Their pins are not petal's
+(Streaming wants numpy < 2.2 and three clouds' SDKs), so they live in a venv of their own layered on
+the dev venv's torch (`scripts/testbed.sh install peers`, which `env` then names in
+PETAL_PEERS_PYTHON); benchmarks/data.py runs this module there, from the repository root:
+
+    $PETAL_PEERS_PYTHON -m benchmarks.peers prepare webdataset STORED s3://petal/bench/peers/webdataset --shards 4
+    $PETAL_PEERS_PYTHON -m benchmarks.peers read webdataset s3://petal/bench/peers/webdataset --endpoint URL \
+        --cache DIR --workers 2
+
+`prepare` writes STORED's images (NNNNN.jpg, labels in labels.json: the bytes petal's shards hold) with
+the peer's own writer into as many shards as petal's, and uploads them. `read` delivers one shuffled
+epoch through the peer's loader with DataLoader workers, from a cold cache in DIR, and prints
+{"images", "seconds", "bytes"} as JSON: its clock starts before the peer's first request (its index
+too) and stops at the last batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import default_collate
+
+from training.storage import Storage, parse_url
+from training.views import MAX_ROTATION, decode_image, normalize, pixels, view
+
+IMAGE_SIZE = 224
+BATCH_SIZE = 32
+PREFETCH = 4
+PEERS = ("webdataset", "streaming", "litdata")
+
+
+def training_view(image) -> torch.Tensor:
+    """petal's training view, uint8 (normalised per batch, as OnDevice does): what every contender of
+    the data benchmark but the seed's delivers."""
+    return pixels(view(image, IMAGE_SIZE, random.uniform(-MAX_ROTATION, MAX_ROTATION)))
+
+
+def sample(data: bytes, label: int) -> tuple[torch.Tensor, int]:
+    return training_view(decode_image(data)), label
+
+
+def write_webdataset(images: list[bytes], labels: list[int], out: Path, shards: int) -> None:
+    import webdataset as wds
+
+    with wds.ShardWriter(str(out / "shard-%05d.tar"), maxcount=math.ceil(len(images) / shards), verbose=0) as sink:
+        for i, (data, label) in enumerate(zip(images, labels, strict=True)):
+            sink.write({"__key__": f"{i:05d}", "jpg": data, "cls": str(label).encode()})
+
+
+def write_streaming(images: list[bytes], labels: list[int], out: Path, shards: int) -> None:
+    from streaming import MDSWriter
+
+    # MDS closes a shard at size_limit bytes: a share of the images' bytes, plus each sample's own overhead.
+    limit = math.ceil(sum(map(len, images)) / shards) + 64 * math.ceil(len(images) / shards) + max(map(len, images))
+    with MDSWriter(out=str(out), columns={"jpg": "bytes", "cls": "int"}, size_limit=limit) as sink:
+        for data, label in zip(images, labels, strict=True):
+            sink.write({"jpg": data, "cls": label})
+
+
+def write_litdata(images: list[bytes], labels: list[int], out: Path, shards: int) -> None:
+    import litdata
+
+    # Its working folders, else made in the temporary directory and left there
+    os.environ["DATA_OPTIMIZER_CACHE_FOLDER"] = str(out.parent / "chunks")
+    os.environ["DATA_OPTIMIZER_DATA_CACHE_FOLDER"] = str(out.parent / "data")
+    litdata.optimize(fn=lambda i: {"jpg": images[i], "cls": labels[i]}, inputs=list(range(len(images))),
+                     output_dir=str(out), chunk_size=math.ceil(len(images) / shards), num_workers=1,
+                     start_method="fork", verbose=False)  # fmt: skip
+
+
+WRITERS = {"webdataset": write_webdataset, "streaming": write_streaming, "litdata": write_litdata}
+
+
+def prepare(peer: str, stored: Path, url: str, shards: int, storage: Storage) -> None:
+    labels = json.loads((stored / "labels.json").read_text())
+    images = [(stored / f"{i:05d}.jpg").read_bytes() for i in range(len(labels))]
+    with tempfile.TemporaryDirectory(prefix=f"petal-peer-{peer}-") as scratch:
+        out = Path(scratch, "shards")
+        out.mkdir()
+        WRITERS[peer](images, labels, out, shards)
+        destination = parse_url(url)
+        for stale in storage.list(destination):
+            storage.delete(stale)
+        for file in sorted(out.rglob("*")):
+            if file.is_file():
+                storage.upload(file, destination.join(str(file.relative_to(out))))
+
+
+def webdataset_loader(url: str, storage: Storage, workers: int):
+    """WebDataset as its docs read an object store over HTTP: curl on presigned URLs, shards split
+    among the workers and shuffled, samples shuffled in a buffer."""
+    import webdataset as wds
+
+    urls = [storage.client.presigned_get_object(shard.bucket, shard.key) for shard in storage.list(parse_url(url))]
+    dataset = (wds.WebDataset(urls, shardshuffle=len(urls), workersplitter=wds.split_by_worker, empty_check=False)
+               .shuffle(1000).to_tuple("jpg", "cls").map(lambda s: sample(s[0], int(s[1])))
+               .batched(BATCH_SIZE, collation_fn=default_collate))  # fmt: skip
+    return wds.WebLoader(dataset, batch_size=None, num_workers=workers, prefetch_factor=PREFETCH if workers else None)
+
+
+class TrainingViews(torch.utils.data.IterableDataset):
+    """An iterable dataset of records ({"jpg", "cls"}) as (training view, label) samples."""
+
+    def __init__(self, records):
+        self.records = records
+
+    def __iter__(self):
+        for record in self.records:
+            yield sample(record["jpg"], record["cls"])
+
+
+def streaming_loader(url: str, storage: Storage, workers: int, cache: Path):
+    from streaming import StreamingDataset
+    from streaming.base.util import clean_stale_shared_memory
+
+    clean_stale_shared_memory()
+    dataset = TrainingViews(StreamingDataset(remote=url, local=str(cache), shuffle=True, batch_size=BATCH_SIZE))
+    return torch.utils.data.DataLoader(dataset, batch_size=BATCH_SIZE, num_workers=workers,
+                                       prefetch_factor=PREFETCH if workers else None,
+                                       multiprocessing_context="forkserver" if workers else None)  # fmt: skip
+
+
+def remove_streaming_locks(dataset) -> None:
+    """Streaming leaves its two lock files in the temporary directory, named by the dataset's shared memory
+    prefix: removed, as they would pile up there one pair per run."""
+    from streaming.base.constant import BARRIER_FILELOCK, CACHE_FILELOCK
+    from streaming.base.shared.prefix import _get_path
+
+    for lock in (BARRIER_FILELOCK, CACHE_FILELOCK):
+        Path(tempfile.gettempdir(), _get_path(dataset._shm_prefix_int, lock)).unlink(missing_ok=True)
+
+
+def start_forkserver() -> None:
+    """Streaming's DataLoader workers come from a fork server: forked from the DataLoader's process, they
+    read a wrong sample now and then (garbage bytes, or "Relative sample index N is not present": about
+    1 epoch in 8 on this set with 2 workers); from a fork server never. Started once per process with
+    torch and Streaming imported, as a training job would before its first epoch: off the clock."""
+    import multiprocessing
+    from multiprocessing import forkserver
+
+    multiprocessing.set_forkserver_preload(["benchmarks.peers", "streaming"])
+    forkserver.ensure_running()
+
+
+def litdata_loader(url: str, storage: Storage, workers: int, cache: Path):
+    import litdata
+    from litdata.streaming import downloader
+
+    # LitData fetches chunks with obstore, whose client it builds without allow_http: against a plain-http
+    # endpoint (MinIO in a cluster, as here) every GET fails "BadScheme". Allowed, as its user would patch it.
+    downloader._OBSTORE_CLIENT_OPTIONS["allow_http"] = "true"
+    # boto3 (and obstore, from boto3's session) take the credentials from the environment
+    options = {"endpoint_url": storage.endpoint_url}
+    dataset = litdata.StreamingDataset(url, cache_dir=str(cache), shuffle=True, storage_options=options,
+                                       transform=lambda record: sample(record["jpg"], record["cls"]))  # fmt: skip
+    return litdata.StreamingDataLoader(dataset, batch_size=BATCH_SIZE, num_workers=workers,
+                                       prefetch_factor=PREFETCH if workers else None)  # fmt: skip
+
+
+def read(peer: str, url: str, storage: Storage, workers: int, cache: Path) -> dict:
+    if peer == "streaming":  # Streaming finds the endpoint only in the environment
+        os.environ["S3_ENDPOINT_URL"] = storage.endpoint_url
+        if workers:
+            start_forkserver()
+    objects = sum(storage.size(object_url) or 0 for object_url in storage.list(parse_url(url)))
+    images = 0
+    started = time.perf_counter()
+    if peer == "webdataset":
+        loader = webdataset_loader(url, storage, workers)
+    elif peer == "streaming":
+        loader = streaming_loader(url, storage, workers, cache)
+    else:
+        loader = litdata_loader(url, storage, workers, cache)
+    for batch, _labels in loader:
+        normalize(batch)
+        images += len(batch)
+    seconds = time.perf_counter() - started
+    if peer == "streaming":
+        remove_streaming_locks(loader.dataset.records)
+    return {"images": images, "seconds": seconds, "bytes": objects}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.peers", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    prepare_parser = commands.add_parser("prepare", help="write and upload a peer's shards")
+    prepare_parser.add_argument("peer", choices=PEERS)
+    prepare_parser.add_argument("stored", type=Path, help="NNNNN.jpg and labels.json")
+    prepare_parser.add_argument("url", help="s3://bucket/prefix the shards go to")
+    prepare_parser.add_argument("--shards", type=int, required=True)
+    read_parser = commands.add_parser("read", help="one epoch through a peer's loader, timed")
+    read_parser.add_argument("peer", choices=PEERS)
+    read_parser.add_argument("url")
+    read_parser.add_argument("--endpoint", required=True, help="MinIO, or a proxy in front of it")
+    read_parser.add_argument("--cache", type=Path, required=True, help="an empty local cache directory")
+    read_parser.add_argument("--workers", type=int, default=2)
+    args = parser.parse_args()
+    storage = Storage.from_env()
+    if args.command == "prepare":
+        prepare(args.peer, args.stored, args.url, args.shards, storage)
+        return
+    through = Storage(args.endpoint, credentials=storage.credentials)
+    json.dump(read(args.peer, args.url, through, args.workers, args.cache), sys.stdout)
+
+
+if __name__ == "__main__":
+    main()
