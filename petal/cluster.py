@@ -154,13 +154,17 @@ class Cluster:
 
     def _companions(self) -> dict:
         """What a release renders beside its job, by kind: (list, delete) calls of the API."""
-        networking = self.client.NetworkingV1Api()
+        networking, resource = self.client.NetworkingV1Api(), self.client.ResourceV1Api()
         return {
             "Secret": (self.core.list_namespaced_secret, self.core.delete_namespaced_secret),
             "NetworkPolicy": (networking.list_namespaced_network_policy, networking.delete_namespaced_network_policy),
             "ServiceAccount": (
                 self.core.list_namespaced_service_account,
                 self.core.delete_namespaced_service_account,
+            ),  # fmt: skip
+            "ResourceClaimTemplate": (
+                resource.list_namespaced_resource_claim_template,
+                resource.delete_namespaced_resource_claim_template,
             ),  # fmt: skip
         }
 
@@ -268,7 +272,8 @@ class Cluster:
         return reserved["message"] if reserved.get("status") == "False" else None
 
     def delete(self, job: dict) -> list[str]:
-        """The job and what its release rendered beside it (Secret, NetworkPolicy, ServiceAccount)."""
+        """The job and what its release rendered beside it (Secret, NetworkPolicy, ServiceAccount,
+        ResourceClaimTemplate)."""
         from kubernetes.client.exceptions import ApiException
 
         kind, name = kind_of(job), job["metadata"]["name"]
@@ -277,7 +282,13 @@ class Cluster:
                                                     propagation_policy="Foreground")  # fmt: skip
         selector = f"{PETAL_SELECTOR},app.kubernetes.io/instance={name}"
         for kind, (lister, deleter) in self._companions().items():
-            for item in lister(self.namespace, label_selector=selector).items:
+            try:
+                items = lister(self.namespace, label_selector=selector).items
+            except ApiException as err:
+                if err.status != 404:  # 404: a cluster that does not serve the API (DRA before 1.34) has none
+                    raise
+                continue
+            for item in items:
                 try:
                     deleter(item.metadata.name, self.namespace)
                     gone.append(f"{kind.lower()}/{item.metadata.name}")

@@ -130,10 +130,19 @@ def describe(cluster: Cluster, job: dict, storage: Storage | None, in_full: bool
         described["admission"] = cluster.admission(job) if queued else None
         described["pods"] = [
             {"name": p.metadata.name, "phase": p.status.phase,
-             "restarts": sum(s.restart_count for s in p.status.container_statuses or [])}
+             "restarts": sum(s.restart_count for s in p.status.container_statuses or []),
+             "unscheduled": unscheduled(p)}
             for p in cluster.pods(job)
         ]  # fmt: skip
     return described
+
+
+def unscheduled(pod) -> str | None:
+    """Why the scheduler has not placed the pod (its PodScheduled condition's message), while it has not."""
+    for condition in pod.status.conditions or []:
+        if condition.type == "PodScheduled" and condition.status == "False":
+            return condition.message or condition.reason
+    return None
 
 
 def progress_text(d: dict) -> str:
@@ -200,6 +209,7 @@ def status_text(d: dict) -> str:
                      f"{e['train_samples']} samples in {e['seconds']:.0f}s")  # fmt: skip
     lines.append("pods: " + (", ".join(f"{p['name']} {p['phase']} ({p['restarts']} restarts)" for p in d["pods"])
                              or "none"))  # fmt: skip
+    lines += [f"  {p['name']} not scheduled: {p['unscheduled']}" for p in d["pods"] if p["unscheduled"]]
     lines += [f"  {c['type']}: {c['message'] or c['reason'] or ''}".rstrip() for c in d["conditions"]]
     return "\n".join(lines)
 

@@ -84,7 +84,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "node label of the cluster's Kueue Topology (e.g. kubernetes.io/hostname); ':preferred' "
                         "packs them as tightly as fits instead of waiting for one domain")  # fmt: skip
     p.add_argument("--image", help="training image, REPOSITORY[:TAG]")
-    p.add_argument("--gpus-per-replica", type=count(0), help="nvidia.com/gpu per pod")
+    p.add_argument("--gpus-per-replica", type=count(0), help="GPUs per pod: the nvidia.com/gpu limit, or devices of "
+                                                             "--gpu-device-class")  # fmt: skip
+    p.add_argument("--gpu-device-class", metavar="CLASS",
+                   help="claim each pod's GPUs through Dynamic Resource Allocation from this DeviceClass (e.g. "
+                        "gpu.nvidia.com), not as the nvidia.com/gpu limit (PyTorchJob only)")  # fmt: skip
     trainer = p.add_argument_group("trainer options (charts/petal/values.yaml `training`; python -m training --help)")
     chart_keys = set(training_keys())
     for key, action in options().items():
@@ -136,6 +140,8 @@ def flag_values(args: argparse.Namespace) -> dict:
         values["image"] = {"repository": repository, **({"tag": tag} if tag else {})}
     if args.gpus_per_replica is not None:
         values["gpusPerReplica"] = args.gpus_per_replica
+    if args.gpu_device_class is not None:
+        values["gpus"] = {"deviceClass": args.gpu_device_class}
     training = {
         key.removeprefix("training_"): value
         for key, value in vars(args).items()

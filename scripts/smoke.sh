@@ -15,6 +15,8 @@
 # PETAL_TOPOLOGY        Kueue topology level for --topology LEVEL[:preferred] (needs PETAL_QUEUE)
 # PETAL_GPUS            GPUs per pod (nvidia.com/gpu), one process each, NCCL (default: none, CPU and gloo);
 #                       each pod then asks for 6 GiB of memory per GPU: CUDA's host side outgrows the CPU run's
+# PETAL_DEVICE_CLASS    with PETAL_GPUS, claim them through Dynamic Resource Allocation from this DeviceClass
+#                       (e.g. gpu.nvidia.com) instead of the nvidia.com/gpu limit (PyTorchJob only)
 # PETAL_MLFLOW_URI      MLflow tracking server as pods reach it: the run is logged to experiment "smoke"
 # PETAL_REPLICAS        pods (default 2)
 # PETAL_RUN_NAME        job and run name (default smoke-<date>-<time>)
@@ -39,6 +41,7 @@ python scripts/submit.py --name "$name" --namespace "$namespace" --replicas "${P
   ${PETAL_POD_S3_ENDPOINT:+--set "s3.endpoint=$PETAL_POD_S3_ENDPOINT"} \
   ${PETAL_QUEUE:+--queue "$PETAL_QUEUE"} ${PETAL_TOPOLOGY:+--topology "$PETAL_TOPOLOGY"} \
   ${PETAL_GPUS:+--gpus-per-replica "$PETAL_GPUS" --set nprocPerNode=null --set "resources.requests.memory=$((6 * PETAL_GPUS))Gi"} \
+  ${PETAL_DEVICE_CLASS:+--gpu-device-class "$PETAL_DEVICE_CLASS"} \
   ${PETAL_MLFLOW_URI:+--set "mlflow.trackingUri=$PETAL_MLFLOW_URI" --set training.mlflowExperiment=smoke} \
   --collect "$work" --timeout 1800 --follow
 

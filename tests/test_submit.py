@@ -232,6 +232,12 @@ def test_the_dry_run_imports_neither_torch_nor_the_kubernetes_client():
             ["--api", "trainjob", "--set", "elasticPolicy.minReplicas=2"],
             "elasticPolicy is not supported with api TrainJob: JobSet does not run elastic jobs",
         ),
+        (["--gpus-per-replica", "1", "--gpu-device-class", "GPU_A"], "at '/gpus/deviceClass': 'GPU_A' does not match"),
+        (["--gpu-device-class", "gpu.example.com"], "gpus.deviceClass gpu.example.com claims gpusPerReplica devices"),
+        (
+            ["--api", "trainjob", "--gpus-per-replica", "1", "--gpu-device-class", "gpu.example.com"],
+            "gpus.deviceClass gpu.example.com is not supported with api TrainJob: Trainer v2.3's runtime patches",
+        ),
     ],
 )
 def test_bad_arguments_exit_2_with_one_line_before_any_cluster_is_contacted(tmp_path, args, expected):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import uuid
@@ -154,3 +155,60 @@ def test_a_tls_minio_with_a_private_ca_is_reached_through_the_ca_bundle(cluster,
 
     phase, log = storage_check(cluster, namespace, *values)  # without the CA, the certificate does not verify
     assert phase == "Failed" and "CERTIFICATE_VERIFY_FAILED" in log, log
+
+
+@pytest.fixture()
+def device_class_without_devices(cluster):
+    """A DeviceClass of a DRA driver no node runs: a claim on it can never be allocated."""
+    name = f"absent-{uuid.uuid4().hex[:4]}.gpu.example.com"
+    device_class = {"apiVersion": "resource.k8s.io/v1", "kind": "DeviceClass", "metadata": {"name": name},
+                    "spec": {"selectors": [{"cel": {"expression": f'device.driver == "{name}"'}}]}}  # fmt: skip
+    cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump(device_class))
+    try:
+        yield name
+    finally:
+        cluster.kubectl("delete", "deviceclass", name, "--ignore-not-found", check=False)
+
+
+def test_gpus_no_driver_offers_leave_the_job_pending_with_the_schedulers_reason(
+    cluster, petal_image, device_class_without_devices
+):
+    """--gpu-device-class: each pod gets a ResourceClaim of its own from the release's template (the
+    1.34 API server takes both at face value); with no device of the class the scheduler places none,
+    `petal status` says why, and `petal cancel` takes the template away with the job."""
+    name = f"dra-{uuid.uuid4().hex[:6]}"
+    argv = ["petal", "submit", *BUCKET_VALUES, "--name", name, "--namespace", PETAL_NAMESPACE, "--replicas", "2",
+            "--image", petal_image, "--gpus-per-replica", "1", "--gpu-device-class", device_class_without_devices,
+            "--values", str(CPU_VALUES), "--timeout", "20"]  # fmt: skip
+    try:
+        submit = subprocess.run(argv, env=cluster.env, capture_output=True, text=True, timeout=180)
+        assert submit.returncode == 1 and "did not succeed within --timeout 20s" in submit.stderr, submit.stderr
+        assert f"created ResourceClaimTemplate {PETAL_NAMESPACE}/{name}-gpus" in submit.stderr, submit.stderr
+        assert "FailedScheduling" in submit.stderr, submit.stderr  # said while it waited
+
+        def unschedulable_on_claims() -> str | None:
+            status = subprocess.run(["petal", "status", name, "--namespace", PETAL_NAMESPACE], env=cluster.env,
+                                    capture_output=True, text=True, timeout=60)  # fmt: skip
+            reasons = re.findall(r"not scheduled: (.*)", status.stdout)
+            waiting = len(reasons) == 2 and all("cannot allocate all claims" in reason for reason in reasons)
+            return status.stdout if waiting else None
+
+        said = cluster.wait_until("petal status to give the scheduler's reason for both pods", unschedulable_on_claims,
+                                  PETAL_NAMESPACE, timeout=120)  # fmt: skip
+        assert "Pending" in said, said
+        pods = cluster.get("-n", PETAL_NAMESPACE, "pods", "-l", f"training.kubeflow.org/job-name={name}")["items"]
+        claims = [status["resourceClaimName"] for pod in pods for status in pod["status"]["resourceClaimStatuses"]]
+        assert len(set(claims)) == 2, claims  # a claim of its own for each pod
+        for claim in claims:
+            got = cluster.get("-n", PETAL_NAMESPACE, "resourceclaim", claim)
+            assert got["spec"]["devices"]["requests"][0]["exactly"]["deviceClassName"] == device_class_without_devices
+            assert "allocation" not in got.get("status", {}), got["status"]
+        cancel = subprocess.run(["petal", "cancel", name, "--namespace", PETAL_NAMESPACE], env=cluster.env,
+                                capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert cancel.returncode == 0 and f"resourceclaimtemplate/{name}-gpus" in cancel.stdout + cancel.stderr, cancel
+        assert not cluster.get("-n", PETAL_NAMESPACE, "resourceclaimtemplates", "-l",
+                               f"app.kubernetes.io/instance={name}")["items"]  # fmt: skip
+    finally:
+        cluster.kubectl("-n", PETAL_NAMESPACE, "delete", "pytorchjob", name, "--ignore-not-found", check=False)
+        cluster.kubectl("-n", PETAL_NAMESPACE, "delete", "resourceclaimtemplate", f"{name}-gpus", "--ignore-not-found",
+                        check=False)  # fmt: skip

@@ -236,7 +236,7 @@ requests:
 {{- else if not (kindIs "invalid" .Values.resources.limits.memory) }}
 {{- $_ := set $limits "memory" .Values.resources.limits.memory }}
 {{- end }}
-{{- if .Values.gpusPerReplica }}
+{{- if and .Values.gpusPerReplica (not .Values.gpus.deviceClass) }}
 {{- $_ := set $limits "nvidia.com/gpu" .Values.gpusPerReplica }}
 {{- end }}
 {{- range $name, $count := .Values.nccl.rdmaResources }}
@@ -245,6 +245,10 @@ requests:
 {{- with $limits }}
 limits:
   {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- if .Values.gpus.deviceClass }}
+claims:
+  - name: gpus
 {{- end }}
 {{- end -}}
 
@@ -314,6 +318,11 @@ annotations:
      API, so no API token is mounted, whichever ServiceAccount they run as (IRSA's and Pod
      Identity's tokens are mounted apart). A queued TrainJob keeps its runtime's grace period: Kueue
      (v0.19) rewrites it through Trainer v2.2's API, which lacks the field. */}}
+{{/* The ResourceClaimTemplate each pod claims its GPUs from, where they come through DRA. */}}
+{{- define "petal.gpuClaimTemplate" -}}
+{{ include "petal.name" . }}-gpus
+{{- end -}}
+
 {{- define "petal.podSpec" -}}
 {{- $pytorchjob := eq .Values.api "PyTorchJob" -}}
 {{- if not (and (not $pytorchjob) .Values.queue) }}
@@ -338,6 +347,11 @@ imagePullSecrets:
 {{- end }}
 securityContext:
   {{- toYaml .Values.podSecurityContext | nindent 2 }}
+{{- if .Values.gpus.deviceClass }}
+resourceClaims:
+  - name: gpus
+    resourceClaimTemplateName: {{ include "petal.gpuClaimTemplate" . }}
+{{- end }}
 volumes:
   {{- include "petal.volumes" . | nindent 2 }}
 {{- with .Values.nodeSelector }}
