@@ -7,7 +7,8 @@
 #   scripts/testbed.sh install [python|peers|minio|mlflow|helm|lint-tools|toxiproxy|all]   build what is missing
 #                                                   (idempotent); peers: the data benchmark's loading libraries
 #   scripts/testbed.sh install cluster              Debian packages (the image registry among them); Kubernetes,
-#                                                   CoreDNS, training-operator, Kubeflow Trainer v2, JobSet, Kueue;
+#                                                   CoreDNS, training-operator, Kubeflow Trainer v2, JobSet, Kueue,
+#                                                   the DRA example driver;
 #                                                   base images (root)
 #   scripts/testbed.sh install packages|programs    of those, the Debian packages alone, or the Go-built programs alone
 #   scripts/testbed.sh cluster up|down|status       a one-node cluster from those programs
@@ -30,12 +31,12 @@
 #
 # Layers, each sourced file using only those before it: testbed/common.sh (paths, versions, PIDs) →
 # tools.sh (builds) → minio.sh → mlflow.sh → images.sh (Docker, containerd imports) → cluster.sh → trainer.sh
-# (Kubeflow Trainer v2, JobSet, Kueue) → this file, the only one that combines them (e.g. publishing
+# (Kubeflow Trainer v2, JobSet, Kueue) → dra.sh (the DRA example driver) → this file, the only one that combines them (e.g. publishing
 # MinIO to the cluster when both run).
 set -euo pipefail
 
 LIB="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/testbed"
-for layer in common tools minio mlflow images cluster trainer; do
+for layer in common tools minio mlflow images cluster trainer dra; do
   # shellcheck source=/dev/null
   source "$LIB/$layer.sh"
 done
@@ -110,8 +111,8 @@ case "${1:-}" in
     esac ;;
   cluster)
     case "${2:-}" in
-      up) if ! cluster_running; then cluster_up; trainer_up
-          elif trainer_running; then apply_petal_runtime; say "cluster already up (kubeconfig $(cluster_dir)/kubeconfig)"
+      up) if ! cluster_running; then cluster_up; trainer_up; dra_driver_up
+          elif trainer_running; then apply_petal_runtime; dra_driver_up; say "cluster already up (kubeconfig $(cluster_dir)/kubeconfig)"
           else die "the running cluster has no Kubeflow Trainer v2, JobSet or Kueue (an older testbed.sh started it, or their start failed): scripts/testbed.sh cluster down, then up"
           fi
           publish_minio_when_both_run; publish_mlflow_when_both_run ;;

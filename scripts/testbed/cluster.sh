@@ -171,7 +171,7 @@ publish_minio() {
 
 cluster_up() {
   local dir; dir=$(cluster_dir)
-  for program in "$(operator_bin)" "$(trainer_bin)" "$(jobset_bin)" "$(kueue_bin)"; do
+  for program in "$(operator_bin)" "$(trainer_bin)" "$(jobset_bin)" "$(kueue_bin)" "$(dra_driver_bin)"; do
     [ -x "$program" ] || die "the cluster is not built ($program is missing): run scripts/testbed.sh install cluster"
   done
   if [ -f "$dir/pids" ]; then

@@ -45,6 +45,7 @@ coredns_bin() { echo "$CACHE/coredns-$COREDNS_VERSION-${COREDNS_PLUGINS// /-}/bi
 operator_bin() { echo "$CACHE/training-operator-$TRAINING_OPERATOR_VERSION/bin/training-operator.v1"; }
 trainer_bin() { echo "$CACHE/trainer-$KUBEFLOW_TRAINER_VERSION/bin/trainer-controller-manager"; }
 jobset_bin() { echo "$CACHE/jobset-$JOBSET_VERSION/bin/jobset"; }
+dra_driver_bin() { echo "$CACHE/dra-example-driver-$DRA_EXAMPLE_DRIVER_VERSION/bin/dra-example-kubeletplugin"; }
 kueue_bin() { echo "$CACHE/kueue-$KUEUE_VERSION/bin/kueue"; }
 cluster_dir() { echo "$STATE/cluster"; }
 containerd_socket() { echo "$(cluster_dir)/containerd/containerd.sock"; }

@@ -168,6 +168,13 @@ install_trainer_programs() {
     say "building kueue $KUEUE_VERSION (a large build: minutes on a cold cache)"
     GOBIN="$(dirname "$(kueue_bin)")" go install "sigs.k8s.io/kueue/cmd/kueue@$KUEUE_VERSION"
   fi
+  # Built inside its module: `go install …@version` asks the proxy for the module's version list,
+  # which it refuses (403) for this module.
+  if [ -x "$(dra_driver_bin)" ]; then say "dra-example-driver $DRA_EXAMPLE_DRIVER_VERSION is already built"; else
+    say "building the dra-example-driver $DRA_EXAMPLE_DRIVER_VERSION kubelet plugin"
+    local driver; driver=$(module_dir "sigs.k8s.io/dra-example-driver@$DRA_EXAMPLE_DRIVER_VERSION")
+    (cd "$driver" && go build -o "$(dra_driver_bin)" ./cmd/dra-example-kubeletplugin)
+  fi
 }
 
 # CoreDNS's own main package with the plugins of COREDNS_PLUGINS, in a module of its own that

@@ -157,29 +157,67 @@ def test_a_tls_minio_with_a_private_ca_is_reached_through_the_ca_bundle(cluster,
     assert phase == "Failed" and "CERTIFICATE_VERIFY_FAILED" in log, log
 
 
-@pytest.fixture()
-def device_class_without_devices(cluster):
-    """A DeviceClass of a DRA driver no node runs: a claim on it can never be allocated."""
-    name = f"absent-{uuid.uuid4().hex[:4]}.gpu.example.com"
-    device_class = {"apiVersion": "resource.k8s.io/v1", "kind": "DeviceClass", "metadata": {"name": name},
-                    "spec": {"selectors": [{"cel": {"expression": f'device.driver == "{name}"'}}]}}  # fmt: skip
-    cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump(device_class))
-    try:
-        yield name
-    finally:
-        cluster.kubectl("delete", "deviceclass", name, "--ignore-not-found", check=False)
+DRA_CLASS = "gpu.example.com"  # the test bed's DRA example driver's mock GPUs (scripts/testbed/dra.sh)
 
 
-def test_gpus_no_driver_offers_leave_the_job_pending_with_the_schedulers_reason(
-    cluster, petal_image, device_class_without_devices
-):
-    """--gpu-device-class: each pod gets a ResourceClaim of its own from the release's template (the
-    1.34 API server takes both at face value); with no device of the class the scheduler places none,
-    `petal status` says why, and `petal cancel` takes the template away with the job."""
+def mock_gpus(cluster) -> list[str]:
+    slices = cluster.get("resourceslices")["items"]
+    return [device["name"] for piece in slices if piece["spec"]["driver"] == DRA_CLASS
+            for device in piece["spec"]["devices"]]  # fmt: skip
+
+
+def allocated_devices(cluster, job: str) -> dict[str, list[str]] | None:
+    """Each of the job's pods: the devices its ResourceClaim was allocated; None until every pod has them."""
+    pods = cluster.get("-n", PETAL_NAMESPACE, "pods", "-l", f"training.kubeflow.org/job-name={job}")["items"]
+    held = {}
+    for pod in pods:
+        statuses = pod["status"].get("resourceClaimStatuses", [])
+        claims = [status["resourceClaimName"] for status in statuses if "resourceClaimName" in status]
+        results = [result for claim in claims
+                   for result in cluster.get("-n", PETAL_NAMESPACE, "resourceclaim", claim)
+                   .get("status", {}).get("allocation", {}).get("devices", {}).get("results", [])]  # fmt: skip
+        held[pod["metadata"]["name"]] = [f"{r['driver']}/{r['device']}" for r in results]
+    return held if len(held) == 2 and all(held.values()) else None
+
+
+def test_a_job_of_two_pods_gets_a_gpu_each_through_dynamic_resource_allocation(cluster, petal_image, synthetic_dataset):
+    """--gpu-device-class: each pod gets a ResourceClaim of its own from the release's template, the
+    scheduler allocates each a different device of the class (the upstream DRA example driver's mock
+    GPUs, prepared on the node by its kubelet plugin), and the job trains to the end."""
+    assert len(mock_gpus(cluster)) >= 2, "the test bed's DRA example driver publishes no devices"
     name = f"dra-{uuid.uuid4().hex[:6]}"
+    argv = ["petal", "submit", "--name", name, "--namespace", PETAL_NAMESPACE, "--replicas", "2", "--image",
+            petal_image, "--gpus-per-replica", "1", "--gpu-device-class", DRA_CLASS, "--values", str(CPU_VALUES),
+            "--dataset", synthetic_dataset, "--epochs", "1", "--set", f"outputPrefix={s3('runs')}",
+            "--timeout", "600"]  # fmt: skip
+    submit = subprocess.Popen(argv, env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        held = cluster.wait_until("both pods' claims to be allocated", lambda: allocated_devices(cluster, name),
+                                  PETAL_NAMESPACE, timeout=300)  # fmt: skip
+        out, err = submit.communicate(timeout=600)
+        assert submit.returncode == 0, err[-4000:]
+        devices = [device for pod_devices in held.values() for device in pod_devices]
+        assert len(devices) == 2 and len(set(devices)) == 2, held  # one each, not the same one
+        assert all(device.startswith(f"{DRA_CLASS}/gpu-") for device in devices), held
+        job = cluster.get("-n", PETAL_NAMESPACE, "pytorchjob", name)
+        container = job["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]["containers"][0]
+        assert container["resources"]["claims"] == [{"name": "gpus"}]
+        assert GPU not in container["resources"].get("limits", {})
+    finally:
+        submit.kill()
+        cluster.kubectl("-n", PETAL_NAMESPACE, "delete", "pytorchjob", name, "--ignore-not-found", check=False)
+        cluster.kubectl("-n", PETAL_NAMESPACE, "delete", "resourceclaimtemplate", f"{name}-gpus", "--ignore-not-found",
+                        check=False)  # fmt: skip
+
+
+def test_more_gpus_than_the_driver_offers_leave_the_job_pending_with_the_schedulers_reason(cluster, petal_image):
+    """Each pod asks for one device more than the node has: the scheduler places neither, `petal
+    status` says why, and `petal cancel` takes the claim template away with the job."""
+    name = f"dra-big-{uuid.uuid4().hex[:6]}"
+    too_many = len(mock_gpus(cluster)) + 1
     argv = ["petal", "submit", *BUCKET_VALUES, "--name", name, "--namespace", PETAL_NAMESPACE, "--replicas", "2",
-            "--image", petal_image, "--gpus-per-replica", "1", "--gpu-device-class", device_class_without_devices,
-            "--values", str(CPU_VALUES), "--timeout", "20"]  # fmt: skip
+            "--image", petal_image, "--gpus-per-replica", str(too_many), "--gpu-device-class", DRA_CLASS,
+            "--values", str(CPU_VALUES), "--set", "nprocPerNode=1", "--timeout", "20"]  # fmt: skip
     try:
         submit = subprocess.run(argv, env=cluster.env, capture_output=True, text=True, timeout=180)
         assert submit.returncode == 1 and "did not succeed within --timeout 20s" in submit.stderr, submit.stderr
@@ -201,7 +239,8 @@ def test_gpus_no_driver_offers_leave_the_job_pending_with_the_schedulers_reason(
         assert len(set(claims)) == 2, claims  # a claim of its own for each pod
         for claim in claims:
             got = cluster.get("-n", PETAL_NAMESPACE, "resourceclaim", claim)
-            assert got["spec"]["devices"]["requests"][0]["exactly"]["deviceClassName"] == device_class_without_devices
+            assert got["spec"]["devices"]["requests"][0]["exactly"] == {
+                "deviceClassName": DRA_CLASS, "allocationMode": "ExactCount", "count": too_many}  # fmt: skip
             assert "allocation" not in got.get("status", {}), got["status"]
         cancel = subprocess.run(["petal", "cancel", name, "--namespace", PETAL_NAMESPACE], env=cluster.env,
                                 capture_output=True, text=True, timeout=120)  # fmt: skip
