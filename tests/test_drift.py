@@ -205,7 +205,7 @@ def test_the_submitters_install_hints_name_the_pinned_versions():
 
 
 # The test bed's layers: each file may use the functions of those before it, never of one after it.
-LAYERS = ("common", "tools", "minio", "mlflow", "images", "cluster", "trainer")
+LAYERS = ("common", "tools", "minio", "mlflow", "images", "cluster", "trainer", "dra")
 TESTBED_LAYERS = [*(f"scripts/testbed/{name}.sh" for name in LAYERS), "scripts/testbed.sh"]
 
 
