@@ -15,7 +15,7 @@ scikit-learn ship, at native resolution, short side at most 500 px like Flowers-
                   the real loading libraries (benchmarks/peers.py, run in their own venv): WebDataset
                   1.0.2, MosaicML Streaming 0.13.0 and LitData 0.2.76, each on its own writer's shards
                   of the same stored images, as many shards as petal's, streamed from the same MinIO
-                  into a cold local cache with petal's decode and view
+                  (into a cold local cache, Streaming and LitData) with petal's decode and view
   decode_limit    decode + transform of the stored images already in memory: no I/O at all
   *_at_5ms        every contender that reads MinIO again, through Toxiproxy adding 5 ms each way per
                   request (benchmarks/network.py), the latency of a cross-node request with TLS
@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -52,6 +53,8 @@ from training.data import SplitLoader, SplitStream
 from training.shards import read_image_bytes, read_index
 from training.storage import S3Url, Storage, parse_url
 from training.views import IMAGENET_MEAN, IMAGENET_STD, decode_image, normalize
+
+PEER_SECONDS = 600  # a peer's preparation or epoch; one that hangs ends the benchmark
 
 
 def drafted(path: str):
@@ -117,11 +120,16 @@ def peers_python() -> str:
 
 
 def run_peer(*args: str) -> str:
-    """benchmarks/peers.py in the peers' venv, from the repository root; its stdout."""
-    result = subprocess.run([peers_python(), "-m", "benchmarks.peers", *args], cwd=ROOT, capture_output=True,
-                            text=True)  # fmt: skip
+    """benchmarks/peers.py in the peers' venv, from the repository root; its stdout. Its failure ends the
+    benchmark with its error, presigned URLs' signatures (WebDataset's curl prints them) cut out."""
+    try:
+        result = subprocess.run([peers_python(), "-m", "benchmarks.peers", *args], cwd=ROOT, capture_output=True,
+                                text=True, timeout=PEER_SECONDS)  # fmt: skip
+    except subprocess.TimeoutExpired:
+        raise SystemExit(f"benchmarks: peers {args[0]} {args[1]} did not finish in {PEER_SECONDS} s") from None
     if result.returncode != 0:
-        raise SystemExit(f"benchmarks: peers {args[0]} {args[1]} failed: {result.stderr.strip()[-2000:]}")
+        error = re.sub(r"X-Amz-(Credential|Signature|Security-Token)=[^&\s]+", r"X-Amz-\1=…", result.stderr.strip())
+        raise SystemExit(f"benchmarks: peers {args[0]} {args[1]} failed: {error[-2000:]}")
     return result.stdout
 
 

@@ -10,14 +10,15 @@ PETAL_PEERS_PYTHON); benchmarks/data.py runs this module there, from the reposit
 
 `prepare` writes STORED's images (NNNNN.jpg, labels in labels.json: the bytes petal's shards hold) with
 the peer's own writer into as many shards as petal's, and uploads them. `read` delivers one shuffled
-epoch through the peer's loader with DataLoader workers, from a cold cache in DIR, and prints
-{"images", "seconds", "bytes"} as JSON: its clock starts before the peer's first request (its index
-too) and stops at the last batch.
+epoch through the peer's loader with DataLoader workers, from a cold cache in DIR (WebDataset keeps
+none: it streams), and prints {"images", "seconds", "bytes"} as JSON: its clock starts, the library
+imported, before the peer's first request (its index too) and stops at the last batch.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import math
 import os
@@ -36,7 +37,7 @@ from training.views import MAX_ROTATION, decode_image, normalize, pixels, view
 IMAGE_SIZE = 224
 BATCH_SIZE = 32
 PREFETCH = 4
-PEERS = ("webdataset", "streaming", "litdata")
+PEERS = ("webdataset", "streaming", "litdata")  # each its library's module name
 
 
 def training_view(image) -> torch.Tensor:
@@ -46,7 +47,7 @@ def training_view(image) -> torch.Tensor:
 
 
 def sample(data: bytes, label: int) -> tuple[torch.Tensor, int]:
-    return training_view(decode_image(data)), label
+    return training_view(decode_image(data, IMAGE_SIZE)), label
 
 
 def write_webdataset(images: list[bytes], labels: list[int], out: Path, shards: int) -> None:
@@ -144,12 +145,14 @@ def start_forkserver() -> None:
     """Streaming's DataLoader workers come from a fork server: forked from the DataLoader's process, they
     read a wrong sample now and then (garbage bytes, or "Relative sample index N is not present": about
     1 epoch in 8 on this set with 2 workers); from a fork server never. Started once per process with
-    torch and Streaming imported, as a training job would before its first epoch: off the clock."""
+    torch and Streaming imported, as a training job would before its first epoch: off the clock (one
+    process through it, waited for, so its imports are done)."""
     import multiprocessing
-    from multiprocessing import forkserver
 
     multiprocessing.set_forkserver_preload(["benchmarks.peers", "streaming"])
-    forkserver.ensure_running()
+    first = multiprocessing.get_context("forkserver").Process(target=int)
+    first.start()
+    first.join()
 
 
 def litdata_loader(url: str, storage: Storage, workers: int, cache: Path):
@@ -168,6 +171,8 @@ def litdata_loader(url: str, storage: Storage, workers: int, cache: Path):
 
 
 def read(peer: str, url: str, storage: Storage, workers: int, cache: Path) -> dict:
+    """One epoch through the peer's loader; the library imported before the clock starts, as petal's is."""
+    importlib.import_module(peer)
     if peer == "streaming":  # Streaming finds the endpoint only in the environment
         os.environ["S3_ENDPOINT_URL"] = storage.endpoint_url
         if workers:

@@ -80,7 +80,8 @@ class Cluster:
 
     def check(self, kind: Kind, docs: list[dict], secret_names: set[str]) -> None:
         """Exit 3 naming what the job needs and the cluster lacks: the kind's CRD and what else it needs (a
-        TrainJob's runtime), the namespace, the storage Secret, the Kueue LocalQueue."""
+        TrainJob's runtime), the namespace, the storage Secret, the Kueue LocalQueue, the DeviceClass its
+        GPUs are claimed from."""
         extensions = self.client.ApiextensionsV1Api()
         self._read(f"looking up the {kind.name} CRD", lambda: extensions.read_custom_resource_definition(kind.crd),
                    f"the {kind.name} CRD ({kind.crd}) is not installed; {kind.install_hint()}")  # fmt: skip
@@ -113,10 +114,23 @@ class Cluster:
                        lambda: self.custom.get_namespaced_custom_object(*KUEUE, self.namespace, "localqueues", queue),
                        f"--queue {queue}: no Kueue LocalQueue {queue!r} in namespace {self.namespace!r}; create one "
                        f"that points at a ClusterQueue (docs/kubernetes.md: Kueue)")  # fmt: skip
+        for device_class in sorted({request["exactly"]["deviceClassName"] for doc in docs
+                                    if doc["kind"] == "ResourceClaimTemplate"
+                                    for request in doc["spec"]["spec"]["devices"]["requests"]}):  # fmt: skip
+            if not hasattr(self.client, "ResourceV1Api"):
+                raise Precondition(f"gpus.deviceClass {device_class}: this kubernetes client has no resource.k8s.io/v1 "
+                                   "API; pip install 'kubernetes>=34'")  # fmt: skip
+            self._read("looking up the DeviceClass",
+                       lambda c=device_class: self.client.ResourceV1Api().read_device_class(c),
+                       f"DeviceClass {device_class!r} does not exist (or the cluster serves no "
+                       "resource.k8s.io/v1: Kubernetes 1.34+); install the DRA driver that publishes it, or set "
+                       "gpus.deviceClass")  # fmt: skip
 
     def apply(self, docs: list[dict]) -> None:
         """Creates the job's objects: all of them first as a server-side dry run (schema, admission
         webhooks, names already taken), so that a refusal leaves nothing behind; then for real."""
+        # The job last: its pods must not meet a claim template (or Secret) that is not there yet
+        docs = sorted(docs, key=lambda doc: doc["kind"] in KINDS)
         for dry_run in ("All", None):
             created = []
             for doc in docs:
@@ -154,19 +168,20 @@ class Cluster:
 
     def _companions(self) -> dict:
         """What a release renders beside its job, by kind: (list, delete) calls of the API."""
-        networking, resource = self.client.NetworkingV1Api(), self.client.ResourceV1Api()
-        return {
+        networking = self.client.NetworkingV1Api()
+        companions = {
             "Secret": (self.core.list_namespaced_secret, self.core.delete_namespaced_secret),
             "NetworkPolicy": (networking.list_namespaced_network_policy, networking.delete_namespaced_network_policy),
             "ServiceAccount": (
                 self.core.list_namespaced_service_account,
                 self.core.delete_namespaced_service_account,
             ),  # fmt: skip
-            "ResourceClaimTemplate": (
-                resource.list_namespaced_resource_claim_template,
-                resource.delete_namespaced_resource_claim_template,
-            ),  # fmt: skip
         }
+        if hasattr(self.client, "ResourceV1Api"):  # kubernetes 34 and later: the clusters that serve DRA's v1
+            resource = self.client.ResourceV1Api()
+            companions["ResourceClaimTemplate"] = (resource.list_namespaced_resource_claim_template,
+                                                   resource.delete_namespaced_resource_claim_template)  # fmt: skip
+        return companions
 
     def _refusal(self, doc: dict, err) -> Exception:
         """The API's refusal as one line with the exit code it deserves."""
@@ -285,7 +300,8 @@ class Cluster:
             try:
                 items = lister(self.namespace, label_selector=selector).items
             except ApiException as err:
-                if err.status != 404:  # 404: a cluster that does not serve the API (DRA before 1.34) has none
+                # 404: a cluster that does not serve the API (DRA before 1.34) has none; 403: not ours to list
+                if err.status not in (403, 404):
                     raise
                 continue
             for item in items:

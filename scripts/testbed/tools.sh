@@ -35,16 +35,15 @@ install_python() {
 # a .pth file: a gigabyte less than a torch of its own, and the same torch as petal's contenders.
 peers_venv() { echo "$(venv_dir)-peers-$(echo "$WEBDATASET_VERSION $MOSAICML_STREAMING_VERSION $LITDATA_VERSION $BOTO3_VERSION" | sha256sum | cut -c1-8)"; }
 install_peers() {
-  local venv dev; venv=$(peers_venv) dev=$(venv_dir)
+  local venv dev site dev_site; venv=$(peers_venv) dev=$(venv_dir)
   if [ -f "$venv/.complete" ]; then say "the data benchmark's peers are already installed"; return; fi
   [ -f "$dev/.complete" ] || die "the peers' venv is layered on the python env: run scripts/testbed.sh install python first"
   say "installing WebDataset $WEBDATASET_VERSION, MosaicML Streaming $MOSAICML_STREAMING_VERSION and LitData $LITDATA_VERSION into $venv"
   rm -rf "$venv"
   "$PYTHON" -m venv "$venv"
-  "$venv/bin/python" -c 'import site, sys; print(site.getsitepackages()[0])' | {
-    read -r site
-    echo "import site; site.addsitedir('$("$dev/bin/python" -c 'import site; print(site.getsitepackages()[0])')')" > "$site/zz-petal-dev-venv.pth"
-  }
+  site=$("$venv/bin/python" -c 'import site; print(site.getsitepackages()[0])')
+  dev_site=$("$dev/bin/python" -c 'import site; print(site.getsitepackages()[0])')
+  echo "import site; site.addsitedir('$dev_site')" > "$site/zz-petal-dev-venv.pth"
   "$venv/bin/pip" install --quiet "webdataset==$WEBDATASET_VERSION" "mosaicml-streaming==$MOSAICML_STREAMING_VERSION" \
     "litdata==$LITDATA_VERSION" "boto3==$BOTO3_VERSION"
   touch "$venv/.complete"

@@ -320,16 +320,19 @@ def test_a_job_no_host_can_hold_waits_and_petal_status_says_why(cluster, petal_i
          "ClusterTrainingRuntime 'absent' does not exist; install petal's: kubectl apply --server-side -f "
          f"{ROOT / 'manifests' / 'trainer-runtime.yaml'}, or set trainJob.runtime"),
         (["--queue", "absent"], f"--queue absent: no Kueue LocalQueue 'absent' in namespace '{PETAL_NAMESPACE}'"),
+        (["--gpus-per-replica", "1", "--gpu-device-class", "absent.example.com"],
+         "DeviceClass 'absent.example.com' does not exist (or the cluster serves no resource.k8s.io/v1"),
     ],
-    ids=["runtime", "queue"],
+    ids=["runtime", "queue", "device-class"],
 )  # fmt: skip
-def test_a_missing_runtime_or_queue_exits_3_and_applies_nothing(cluster, args, said):
+def test_a_missing_runtime_queue_or_device_class_exits_3_and_applies_nothing(cluster, args, said):
     name = f"pre-{uuid.uuid4().hex[:6]}"
     result = subprocess.run(["petal", "submit", *BUCKET_VALUES, "--name", name, "--namespace", PETAL_NAMESPACE,
                              *args], env=cluster.env, capture_output=True, text=True, timeout=120)  # fmt: skip
     assert result.returncode == 3 and result.stderr.count("\n") == 1, result.stderr
     assert said in result.stderr
-    left = cluster.kubectl("-n", PETAL_NAMESPACE, "get", "pytorchjobs,trainjobs", "-o", "name").stdout
+    left = cluster.kubectl("-n", PETAL_NAMESPACE, "get", "pytorchjobs,trainjobs,resourceclaimtemplates", "-o",
+                           "name").stdout  # fmt: skip
     assert name not in left
 
 

@@ -203,6 +203,11 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end }}
 {{- end -}}
 
+{{/* The ResourceClaimTemplate each pod claims its GPUs from, where they come through DRA. */}}
+{{- define "petal.gpuClaimTemplate" -}}
+{{ include "petal.name" . }}-gpus
+{{- end -}}
+
 {{/* The container's securityContext, with IPC_LOCK added where RDMA devices are asked for. */}}
 {{- define "petal.securityContext" -}}
 {{- $context := deepCopy .Values.securityContext }}
@@ -318,11 +323,6 @@ annotations:
      API, so no API token is mounted, whichever ServiceAccount they run as (IRSA's and Pod
      Identity's tokens are mounted apart). A queued TrainJob keeps its runtime's grace period: Kueue
      (v0.19) rewrites it through Trainer v2.2's API, which lacks the field. */}}
-{{/* The ResourceClaimTemplate each pod claims its GPUs from, where they come through DRA. */}}
-{{- define "petal.gpuClaimTemplate" -}}
-{{ include "petal.name" . }}-gpus
-{{- end -}}
-
 {{- define "petal.podSpec" -}}
 {{- $pytorchjob := eq .Values.api "PyTorchJob" -}}
 {{- if not (and (not $pytorchjob) .Values.queue) }}
