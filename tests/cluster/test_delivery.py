@@ -150,8 +150,9 @@ def test_a_job_the_cluster_refuses_exits_2_with_its_reason_and_leaves_nothing(cl
 
 def test_a_job_refused_after_its_dry_run_takes_back_everything_it_created(cluster, namespace):
     """The dry run passes and the real create of the job is refused (an admission policy that lets only
-    dry runs through, as a policy that changed in between would): the ServiceAccount, NetworkPolicy
-    and Secret created before it are deleted, so the same submit succeeds once the policy is gone."""
+    dry runs through, as a policy that changed in between would): the ServiceAccount, NetworkPolicy,
+    Secret and GPU claim template created before it are deleted, so the same submit succeeds once the
+    policy is gone."""
     name = f"rollback-{uuid.uuid4().hex[:5]}"
     rules = [
         {"apiGroups": ["kubeflow.org"], "apiVersions": ["*"], "operations": ["CREATE"], "resources": ["pytorchjobs"]}
@@ -191,15 +192,17 @@ def test_a_job_refused_after_its_dry_run_takes_back_everything_it_created(cluste
     everything = ["--name", name, "--replicas", "2", "--image", "petal:dev", "--namespace", namespace,
                   "--set", "serviceAccount.create=true", "--set", "networkPolicy.enabled=true",
                   "--set", "s3.createSecret=true", "--set", "s3.accessKey=a", "--set", "s3.secretKey=b",
-                  "--set", "resources.requests.cpu=64"]  # fmt: skip
+                  "--set", "resources.requests.cpu=64", "--gpus-per-replica", "1",
+                  "--gpu-device-class", "gpu.example.com"]  # fmt: skip
     try:
         cluster.wait_until("the admission policy to be in force", policy_in_force, namespace, timeout=120)
         refused = submit_here(cluster, *everything)
         assert refused.returncode == 2, refused.stderr
         assert f"the cluster refused PyTorchJob {namespace}/{name}" in refused.stderr
         assert "only dry runs today" in refused.stderr
-        left = cluster.kubectl("-n", namespace, "get", "pytorchjobs,secrets,serviceaccounts,networkpolicies",
-                               "-o", "name").stdout  # fmt: skip
+        left = cluster.kubectl("-n", namespace, "get",
+                               "pytorchjobs,secrets,serviceaccounts,networkpolicies,resourceclaimtemplates", "-o",
+                               "name").stdout  # fmt: skip
         assert name not in left, left
     finally:
         cluster.kubectl("delete", "validatingadmissionpolicybinding,validatingadmissionpolicy", name, check=False)
