@@ -37,10 +37,12 @@ import statistics
 import subprocess
 import tempfile
 from collections.abc import Callable, Iterable
+from io import BytesIO
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets import ImageFolder
 from torchvision.transforms import v2 as T
@@ -104,6 +106,11 @@ def delivered(open_loader: Callable[[], Iterable], count: int, read_bytes: int) 
 
     seconds = timed(drain)
     return Rate(count / seconds, read_bytes / 1e6 / seconds, read_bytes / 1e6)
+
+
+def megapixels(data: bytes) -> float:
+    with Image.open(BytesIO(data)) as image:  # the header only
+        return image.width * image.height / 1e6
 
 
 def stored_images(stream: SplitStream) -> tuple[list[bytes], list[int]]:
@@ -277,6 +284,7 @@ def run(args, work: Path) -> dict:
         "shards_mb": shard_bytes / 1e6,
         "original_mb": file_bytes / 1e6,
         **{f"original_{name}": value for name, value in density.items()},
+        "stored_megapixels_per_image": statistics.mean(megapixels(data) for data in stored),
     }
     figures = {"setup": setup, "images_per_s": rate, "mb_per_s": mb_per_s, "read_mb": read_mb, "get_ms": get_ms,
                "decode_ms_per_image": decode_ms}  # fmt: skip
