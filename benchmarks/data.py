@@ -42,7 +42,6 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets import ImageFolder
 from torchvision.transforms import v2 as T
@@ -50,7 +49,7 @@ from torchvision.transforms import v2 as T
 from benchmarks.common import ROOT, in_workdir, report, run_script, storage_from_env, timed
 from benchmarks.network import Latency
 from benchmarks.peers import BATCH_SIZE, IMAGE_SIZE, PEERS, PREFETCH, training_view
-from benchmarks.photos import PHOTOS, jpeg_density, make_photos
+from benchmarks.photos import PHOTOS, jpeg_density, make_photos, megapixels
 from training.data import SplitLoader, SplitStream
 from training.shards import read_image_bytes, read_index
 from training.storage import S3Url, Storage, parse_url
@@ -106,11 +105,6 @@ def delivered(open_loader: Callable[[], Iterable], count: int, read_bytes: int) 
 
     seconds = timed(drain)
     return Rate(count / seconds, read_bytes / 1e6 / seconds, read_bytes / 1e6)
-
-
-def megapixels(data: bytes) -> float:
-    with Image.open(BytesIO(data)) as image:  # the header only
-        return image.width * image.height / 1e6
 
 
 def stored_images(stream: SplitStream) -> tuple[list[bytes], list[int]]:
@@ -284,7 +278,7 @@ def run(args, work: Path) -> dict:
         "shards_mb": shard_bytes / 1e6,
         "original_mb": file_bytes / 1e6,
         **{f"original_{name}": value for name, value in density.items()},
-        "stored_megapixels_per_image": statistics.mean(megapixels(data) for data in stored),
+        "stored_megapixels_per_image": statistics.mean(megapixels(BytesIO(data)) for data in stored),
     }
     figures = {"setup": setup, "images_per_s": rate, "mb_per_s": mb_per_s, "read_mb": read_mb, "get_ms": get_ms,
                "decode_ms_per_image": decode_ms}  # fmt: skip

@@ -74,15 +74,18 @@ def make_photos(out: Path, classes: int, per_class: int, short_side: int = 500, 
     return out
 
 
+def megapixels(image_file) -> float:
+    """An image's size in megapixels, from its header alone: a path or a file object."""
+    with Image.open(image_file) as image:
+        return image.width * image.height / 1e6
+
+
 def jpeg_density(files: list[Path]) -> dict[str, float]:
     """The set's compressed bytes per pixel (more entropy, more bytes, more decoding) and its mean
     megapixels per image (Flowers-102's: about 0.25 to 0.5)."""
-    pixels = 0
-    for file in files:
-        with Image.open(file) as image:  # the header only
-            pixels += image.width * image.height
-    return {"jpeg_bytes_per_pixel": sum(file.stat().st_size for file in files) / pixels,
-            "megapixels_per_image": pixels / len(files) / 1e6}  # fmt: skip
+    total = sum(map(megapixels, files))
+    return {"jpeg_bytes_per_pixel": sum(file.stat().st_size for file in files) / (total * 1e6),
+            "megapixels_per_image": total / len(files)}  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -114,14 +114,15 @@ class Cluster:
                        lambda: self.custom.get_namespaced_custom_object(*KUEUE, self.namespace, "localqueues", queue),
                        f"--queue {queue}: no Kueue LocalQueue {queue!r} in namespace {self.namespace!r}; create one "
                        f"that points at a ClusterQueue (docs/kubernetes.md: Kueue)")  # fmt: skip
-        for device_class in sorted({request["exactly"]["deviceClassName"] for doc in docs
-                                    if doc["kind"] == "ResourceClaimTemplate"
-                                    for request in doc["spec"]["spec"]["devices"]["requests"]}):  # fmt: skip
-            if not hasattr(self.client, "ResourceV1Api"):
-                raise Precondition(f"gpus.deviceClass {device_class}: this kubernetes client has no resource.k8s.io/v1 "
-                                   "API; pip install 'kubernetes>=34'")  # fmt: skip
-            self._read("looking up the DeviceClass",
-                       lambda c=device_class: self.client.ResourceV1Api().read_device_class(c),
+        device_classes = sorted({request["exactly"]["deviceClassName"] for doc in docs
+                                 if doc["kind"] == "ResourceClaimTemplate"
+                                 for request in doc["spec"]["spec"]["devices"]["requests"]})  # fmt: skip
+        resource = self._resource_api() if device_classes else None
+        if device_classes and resource is None:
+            raise Precondition(f"gpus.deviceClass {device_classes[0]}: this kubernetes client has no "
+                               "resource.k8s.io/v1 API; pip install 'kubernetes>=34'")  # fmt: skip
+        for device_class in device_classes:
+            self._read("looking up the DeviceClass", lambda c=device_class: resource.read_device_class(c),
                        f"DeviceClass {device_class!r} does not exist (or the cluster serves no "
                        "resource.k8s.io/v1: Kubernetes 1.34+); install the DRA driver that publishes it, or set "
                        "gpus.deviceClass")  # fmt: skip
@@ -166,6 +167,11 @@ class Cluster:
             _, delete = self._companions()[doc["kind"]]
             delete(name, self.namespace)
 
+    def _resource_api(self):
+        """DRA's resource.k8s.io/v1 API; None with a kubernetes client older than 34, which lacks it
+        (pyproject allows kubernetes 30 and later)."""
+        return self.client.ResourceV1Api() if hasattr(self.client, "ResourceV1Api") else None
+
     def _companions(self) -> dict:
         """What a release renders beside its job, by kind: (list, delete) calls of the API."""
         networking = self.client.NetworkingV1Api()
@@ -177,8 +183,8 @@ class Cluster:
                 self.core.delete_namespaced_service_account,
             ),  # fmt: skip
         }
-        if hasattr(self.client, "ResourceV1Api"):  # kubernetes 34 and later: the clusters that serve DRA's v1
-            resource = self.client.ResourceV1Api()
+        resource = self._resource_api()
+        if resource is not None:
             companions["ResourceClaimTemplate"] = (resource.list_namespaced_resource_claim_template,
                                                    resource.delete_namespaced_resource_claim_template)  # fmt: skip
         return companions
