@@ -31,8 +31,8 @@
 #
 # Layers, each sourced file using only those before it: testbed/common.sh (paths, versions, PIDs) →
 # tools.sh (builds) → minio.sh → mlflow.sh → images.sh (Docker, containerd imports) → cluster.sh → trainer.sh
-# (Kubeflow Trainer v2, JobSet, Kueue) → dra.sh (the DRA example driver) → this file, the only one that combines them (e.g. publishing
-# MinIO to the cluster when both run).
+# (Kubeflow Trainer v2, JobSet, Kueue) → dra.sh (the DRA example driver) → this file, the only one that
+# combines them (e.g. publishing MinIO to the cluster when both run).
 set -euo pipefail
 
 LIB="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/testbed"

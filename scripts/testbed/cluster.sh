@@ -155,8 +155,9 @@ EOF
 cluster_running() { [ -f "$(cluster_dir)/kubeconfig" ] && kctl get --raw /readyz >/dev/null 2>&1; }
 
 # publish_minio PORT ACCESS_KEY SECRET_KEY: pods reach a MinIO on this host at the chart's default
-# endpoint (in the namespace cluster_up makes) through a Service backed by the host, and get its credentials from the Secret the chart
-# reads by default (made from an env file on a pipe, never on a command line).
+# endpoint (in the namespace cluster_up makes) through a Service backed by the host, and get its
+# credentials from the Secret the chart reads by default (made from an env file on a pipe, never on a
+# command line).
 publish_minio() {
   local port=$1 access_key=$2 secret_key=$3 namespace service secret
   namespace=$(chart_endpoint_part namespace)
