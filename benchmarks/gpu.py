@@ -17,6 +17,9 @@ other figures. Without torchvision or PIL, the sections that need them are skipp
 - petal_pipeline: petal's own ImageEpochs and train_one_epoch under DDP on every local GPU, on JPEGs
   stored the way upload_dataset.py stores them, decoded by DataLoader workers (--decode cpu) and by
   nvJPEG (--decode gpu).
+- checkpoint_stall: how long a --freeze none ResNet-152 + Adam checkpoint holds the loop, written in
+  it (serialize, sha256, local disk) against checkpoint.Writer's copy into pinned host memory (goal:
+  ratios.stall_async_vs_sync <= 0.2, as `python -m benchmarks checkpoint` on MinIO).
 - jpeg_decode_img_per_s: JPEG decode of one process: PIL and torchvision on the CPU, nvJPEG batches.
 
 Anchor: NVIDIA's ResNet-50 reference trains ~2,470 img/s on one A100 with AMP (DeepLearningExamples).
@@ -140,6 +143,47 @@ def fc_only(arch: str, cfg, device) -> dict:
     return {"recompute_img_per_s": seed_way, "cached_head_img_per_s": cached_head,
             "backbone_forward_img_per_s": forward,
             "flowers_12_epoch_speedup": seed_seconds / cache_seconds}  # fmt: skip
+
+
+def checkpoint_stall(cfg, device) -> dict:
+    """What a checkpoint of --freeze none ResNet-152 + Adam holds the loop for, on this device: written in
+    the loop (serialize from the device, sha256, to local disk: no object store here, so the sync stall
+    is if anything understated) against checkpoint.Writer's stall, its copy into pinned host memory
+    (training.checkpoint.to_host), and the pageable per-tensor copy it replaced."""
+    import hashlib
+
+    from torch.utils._pytree import tree_map
+
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.checkpoints import training_state
+    from training.checkpoint import serialize, to_host
+
+    state = training_state("resnet18" if cfg.smoke else "resnet152", device)
+
+    def sync(path: Path) -> None:
+        data = serialize(state)
+        hashlib.sha256(data).hexdigest()
+        path.write_bytes(data)
+
+    def pageable():  # what to_host did before: one blocking copy into pageable memory per tensor
+        return tree_map(lambda value: value.to("cpu", copy=True) if torch.is_tensor(value) else value, state)
+
+    def best(fn, repeats: int = 1 if cfg.smoke else 3) -> float:
+        seconds = []
+        for _ in range(repeats):
+            synchronize(device)
+            started = time.perf_counter()
+            fn()
+            synchronize(device)
+            seconds.append(time.perf_counter() - started)
+        return min(seconds)
+
+    with tempfile.TemporaryDirectory(prefix="petal-gpu-checkpoint-") as scratch:
+        stall = {"sync": best(lambda: sync(Path(scratch, "checkpoint.pt"))), "async": best(lambda: to_host(state))}
+    stall["pageable_copy"] = best(pageable)
+    return {"bytes": len(serialize(state)), "stall_seconds": stall,
+            "ratios": {"stall_async_vs_sync": stall["async"] / stall["sync"],
+                       "pinned_vs_pageable_copy": stall["pageable_copy"] / stall["async"]}}  # fmt: skip
 
 
 def jpegs(count: int) -> list[bytes]:
@@ -336,6 +380,7 @@ def main() -> int:
             section(f"train_img_per_s/{arch}/{mode}", lambda a=arch, s=spec: full_training(a, s, cfg, device),
                     "torchvision")  # fmt: skip
         section(f"fc_only/{arch}", lambda a=arch: fc_only(a, cfg, device), "torchvision")
+    section("checkpoint_stall", lambda: checkpoint_stall(cfg, device), "torchvision")
     section("petal_pipeline", lambda: petal_pipeline(cfg, device), "torchvision", "PIL")
     section("jpeg_decode_img_per_s", lambda: decode_rates(cfg, device), "torchvision", "PIL")
     best = results.get("train_img_per_s/resnet50/amp_bf16_channels_last")

@@ -110,6 +110,8 @@ def test_the_gpu_benchmark_runs_its_code_paths_on_cpu_and_a_failing_section_lose
     assert "train_img_per_s/resnet50/fp32" in trained  # no TF32 on the CPU: labelled as what ran
     assert figures["fc_only/resnet152"]["flowers_12_epoch_speedup"] > 1
     assert figures["petal_pipeline"]["decode_cpu"]["img_per_s"] > 0  # petal's ImageEpochs + train_one_epoch
+    stall = figures["checkpoint_stall"]["stall_seconds"]  # checkpoint.to_host against the write in the loop
+    assert stall["async"] > 0 and stall["sync"] > 0 and figures["checkpoint_stall"]["bytes"] > 100e6
     decode = figures["jpeg_decode_img_per_s"]
     assert decode["cpu_pil"] > 0 and decode["cpu_torchvision"] > 0 and decode["gpu_nvjpeg"] is None  # no GPU here
 
@@ -145,5 +147,9 @@ def test_the_checkpoint_benchmark_times_both_ways_and_leaves_nothing_behind(s3_e
     assert result.returncode == 0, result.stderr[-2000:]
     figures = json.loads((tmp_path / "checkpoint.json").read_text())
     assert figures["bytes"] > 100e6  # resnet18's weights and Adam's two moments
-    assert figures["writer_stall_seconds"][0] <= figures["writer_landed_seconds"][0] and figures["stall_ratio"] > 0
+    stall = figures["stall_seconds"]
+    assert 0 < stall["async"] <= figures["landed_seconds"]["async"] and stall["sync"] > 0
+    assert figures["ratios"]["stall_async_vs_sync"] == stall["async"] / stall["sync"]
+    # the sync write serializes the whole state in the loop: at least its size held at once
+    assert figures["peak_host_mb"]["sync"] >= figures["bytes"] / 1e6 * 0.9 and figures["peak_host_mb"]["async"] > 0
     assert not list(storage.list(parse_url("s3://petal/bench/checkpoints")))
