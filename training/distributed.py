@@ -15,6 +15,7 @@ every step never waits for the GPU.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -24,6 +25,11 @@ import torch
 import torch.distributed as dist
 
 from training.exit_codes import LaunchError
+
+# What a node tells a container of the devices it was given: NVIDIA's container toolkit and DRA driver
+# (NVIDIA_VISIBLE_DEVICES), a scheduler pinning devices (CUDA_VISIBLE_DEVICES), the DRA example driver
+# of the test bed (GPU_DEVICE_<n>=gpu-<n>, through CDI).
+DEVICE_VARIABLES = re.compile(r"NVIDIA_VISIBLE_DEVICES|CUDA_VISIBLE_DEVICES|GPU_DEVICE_\d+")
 
 
 @dataclass(frozen=True)
@@ -40,6 +46,18 @@ class World:
     @property
     def backend(self) -> str:
         return "nccl" if self.device.type == "cuda" else "gloo"
+
+    def describe(self) -> str:
+        """This rank and the device it got, for its log: a GPU's name and UUID, and the devices the node
+        says it handed the container (a device plugin's or DRA driver's variables)."""
+        device = str(self.device)
+        if self.device.type == "cuda":
+            properties = torch.cuda.get_device_properties(self.device)
+            device += f" ({properties.name}, GPU-{properties.uuid})"
+        handed = [f"{name}={value}" for name, value in sorted(os.environ.items()) if DEVICE_VARIABLES.fullmatch(name)]
+        return f"rank {self.rank} of {self.world_size} on {device}; devices handed to this container: " + (
+            " ".join(handed) or "none named"
+        )
 
     @classmethod
     def from_env(cls) -> World:

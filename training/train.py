@@ -151,6 +151,7 @@ def run(args: argparse.Namespace, inputs: RunInputs, preemption: Preemption) -> 
             gradient_as_bucket_view=True,  # gradients live in the all-reduce buckets: one copy fewer per step
         )
 
+        log(world.describe())  # every rank, once its model is built: the bad input a run can meet is behind it
         progress = writer = None
         if world.is_main:
             writer = checkpoint.Writer(storage, output, args.keep_checkpoints, log)

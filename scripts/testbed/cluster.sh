@@ -67,19 +67,24 @@ users: [{name: admin, user: {client-certificate: $dir/pki/admin.crt, client-key:
 contexts: [{name: petal, context: {cluster: petal, user: admin, namespace: $(chart_endpoint_part namespace)}}]
 current-context: petal
 EOF
+  # CDI is always on in containerd 2 (DRA drivers write their specs to /var/run/cdi). cgroup v1, what
+  # these machines have, is deprecated there but supported: not a condition of the runtime's status.
   cat > "$dir/containerd/config.toml" <<EOF
-version = 2
+version = 3
 root = "$(image_store)/root"
 state = "$dir/containerd/state"
 [grpc]
   address = "$(containerd_socket)"
-[plugins."io.containerd.grpc.v1.cri"]
-  sandbox_image = "registry.k8s.io/pause:$PAUSE_VERSION"
+[plugins."io.containerd.cri.v1.images".pinned_images]
+  sandbox = "registry.k8s.io/pause:$PAUSE_VERSION"
+[plugins."io.containerd.cri.v1.runtime"]
   restrict_oom_score_adj = true
-  [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+  cdi_spec_dirs = ["/etc/cdi", "/var/run/cdi"]
+  ignore_deprecation_warnings = ["io.containerd.deprecation/cgroup-v1"]
+  [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.runc]
     runtime_type = "io.containerd.runc.v2"
-  [plugins."io.containerd.grpc.v1.cri".cni]
-    bin_dir = "/usr/lib/cni"
+  [plugins."io.containerd.cri.v1.runtime".cni]
+    bin_dirs = ["/usr/lib/cni"]
     conf_dir = "$dir/cni"
 EOF
   cat > "$dir/cni/10-petal.conflist" <<EOF
@@ -172,7 +177,7 @@ publish_minio() {
 
 cluster_up() {
   local dir; dir=$(cluster_dir)
-  for program in "$(operator_bin)" "$(trainer_bin)" "$(jobset_bin)" "$(kueue_bin)" "$(dra_driver_bin)"; do
+  for program in "$(containerd_bin containerd)" "$(operator_bin)" "$(trainer_bin)" "$(jobset_bin)" "$(kueue_bin)" "$(dra_driver_bin)"; do
     [ -x "$program" ] || die "the cluster is not built ($program is missing): run scripts/testbed.sh install cluster"
   done
   if [ -f "$dir/pids" ]; then
@@ -189,7 +194,9 @@ cluster_up() {
   make_certs
   write_configs
   pod_network_up
-  start containerd containerd --config "$dir/containerd/config.toml"
+  # On PATH first: containerd finds its runc shim there.
+  start containerd env PATH="$(dirname "$(containerd_bin containerd)"):$PATH" "$(containerd_bin containerd)" \
+    --config "$dir/containerd/config.toml"
   wait_for "containerd" 30 "$dir/containerd.log" test -S "$(containerd_socket)"
   load_image "registry.k8s.io/pause:$PAUSE_VERSION"
   load_image "$INIT_IMAGE"
@@ -248,19 +255,17 @@ cluster_up() {
 # its last task), every container record removed, and any shim still alive stopped by the PID
 # containerd recorded for it in this cluster's state. The image store stays.
 stop_pods() {
-  local socket; socket=$(containerd_socket)
-  local ctr_k8s=(ctr -a "$socket" -n k8s.io)
-  if [ -S "$socket" ]; then
+  if [ -S "$(containerd_socket)" ]; then
     local task
-    for task in $("${ctr_k8s[@]}" tasks ls -q 2>/dev/null); do
-      "${ctr_k8s[@]}" tasks kill -a -s SIGKILL "$task" >/dev/null 2>&1 || true
+    for task in $(ctr_k8s tasks ls -q 2>/dev/null); do
+      ctr_k8s tasks kill -a -s SIGKILL "$task" >/dev/null 2>&1 || true
     done
-    for task in $("${ctr_k8s[@]}" tasks ls -q 2>/dev/null); do
-      "${ctr_k8s[@]}" tasks rm -f "$task" >/dev/null 2>&1 || true
+    for task in $(ctr_k8s tasks ls -q 2>/dev/null); do
+      ctr_k8s tasks rm -f "$task" >/dev/null 2>&1 || true
     done
-    local containers; containers=$("${ctr_k8s[@]}" containers ls -q 2>/dev/null || true)
+    local containers; containers=$(ctr_k8s containers ls -q 2>/dev/null || true)
     # shellcheck disable=SC2086
-    [ -z "$containers" ] || "${ctr_k8s[@]}" containers rm $containers >/dev/null 2>&1 || true
+    [ -z "$containers" ] || ctr_k8s containers rm $containers >/dev/null 2>&1 || true
   fi
   local shim_pid pid
   for shim_pid in "$(cluster_dir)"/containerd/state/io.containerd.runtime.v2.task/*/*/shim.pid; do

@@ -48,6 +48,9 @@ jobset_bin() { echo "$CACHE/jobset-$JOBSET_VERSION/bin/jobset"; }
 dra_driver_bin() { echo "$CACHE/dra-example-driver-$DRA_EXAMPLE_DRIVER_VERSION/bin/dra-example-kubeletplugin"; }
 kueue_bin() { echo "$CACHE/kueue-$KUEUE_VERSION/bin/kueue"; }
 cluster_dir() { echo "$STATE/cluster"; }
+containerd_bin() { echo "$CACHE/containerd-$CONTAINERD_VERSION/bin/$1"; }
+# The cluster's containerd, CRI's namespace; without the cgroup v1 deprecation notice on every call.
+ctr_k8s() { CONTAINERD_SUPPRESS_DEPRECATION_WARNINGS=1 "$(containerd_bin ctr)" -a "$(containerd_socket)" -n k8s.io "$@"; }
 containerd_socket() { echo "$(cluster_dir)/containerd/containerd.sock"; }
 # containerd's image store outlives clusters (`cluster down` keeps it), so a 6 GB image is imported
 # once per digest, not once per cluster.

@@ -3,9 +3,8 @@
 # (DeviceClass gpu.example.com, DRA_DEVICES of them on the node) — its kubelet plugin (tools.sh builds
 # it) in an image on the test bed's Debian base, deployed by the Helm chart its module ships, pointed
 # at the test bed's kubelet --root-dir. Kubernetes 1.34 serves resource.k8s.io/v1 and allocates claims
-# with no feature gate. The driver tells a container its device only through CDI, which Debian's
-# containerd 1.6 ignores: pods get their devices allocated and prepared, without the GPU_DEVICE_*
-# variables. Uses common.sh, images.sh and cluster.sh.
+# with no feature gate. The driver tells a container its device through CDI (GPU_DEVICE_<n>=gpu-<n>),
+# which the test bed's containerd 2 applies. Uses common.sh, images.sh and cluster.sh.
 
 DRA_NAMESPACE=dra-example-driver
 DRA_DEVICE_CLASS=gpu.example.com

@@ -125,33 +125,32 @@ push_image() {
 # is already there. Through the registry: docker push sends only the layers it has not sent before,
 # and containerd pulls only the layers it lacks, so a code change ships one small layer.
 load_image() {
-  local image=$1 socket id marker ref
-  socket=$(containerd_socket)
-  [ -S "$socket" ] || die "the cluster is not up (scripts/testbed.sh cluster up)"
+  local image=$1 id marker ref
+  [ -S "$(containerd_socket)" ] || die "the cluster is not up (scripts/testbed.sh cluster up)"
   id=$(docker image inspect -f '{{.Id}}' "$image" 2>/dev/null) || die "no local Docker image $image"
   marker="$(image_store)/loaded/$(echo "$image" | tr '/:' '__')"
   if [ "$(cat "$marker" 2>/dev/null)" = "$id" ] \
-    && ctr -a "$socket" -n k8s.io images ls -q | grep -qxF "$(containerd_name "$image")"; then
+    && ctr_k8s images ls -q | grep -qxF "$(containerd_name "$image")"; then
     say "$image ($id) is already in the cluster's image store"
     return
   fi
   ref=$(push_image "$image")
   say "loading $image into the cluster's containerd from $ref"
-  ctr -a "$socket" -n k8s.io images pull --plain-http "$ref" >/dev/null
-  ctr -a "$socket" -n k8s.io images tag --force "$ref" "$(containerd_name "$image")" >/dev/null
+  ctr_k8s images pull --plain-http "$ref" >/dev/null
+  ctr_k8s images tag --force "$ref" "$(containerd_name "$image")" >/dev/null
   mkdir -p "$(dirname "$marker")"
   echo "$id" > "$marker"
-  prune_replaced_images "$socket"
+  prune_replaced_images
 }
 
 # The kubelet runs without image GC (cluster.sh), so an image a new load replaced would stay for good:
 # CRI keeps it under its ID (sha256:...) after its names have moved on, 3 GB per petal image.
 prune_replaced_images() {
-  local socket=$1 orphans
+  local orphans
   # REF TYPE DIGEST ...: an image known only by its ID whose digest no name points at any more
-  orphans=$(ctr -a "$socket" -n k8s.io images ls | awk 'NR > 1 {
+  orphans=$(ctr_k8s images ls | awk 'NR > 1 {
       if ($1 ~ /^sha256:/) by_id[$1] = $3; else named[$3] = 1 }
     END { for (ref in by_id) if (!(by_id[ref] in named)) print ref }')
   # shellcheck disable=SC2086
-  [ -z "$orphans" ] || ctr -a "$socket" -n k8s.io images rm --sync $orphans >/dev/null
+  [ -z "$orphans" ] || ctr_k8s images rm --sync $orphans >/dev/null
 }

@@ -199,9 +199,9 @@ install_coredns() {
   )
 }
 
-# Everything the cluster runs as host programs: Debian's container runtime, etcd, CNI plugins and image
-# registry (install_cluster_packages); Kubernetes, CoreDNS, the training-operator, Trainer v2, JobSet
-# and Kueue built from their Go modules (install_cluster_programs).
+# Everything the cluster runs as host programs: Debian's runc, etcd, CNI plugins and image registry
+# (install_cluster_packages; its containerd is Docker's); containerd, Kubernetes, CoreDNS, the
+# training-operator, Trainer v2, JobSet and Kueue built from their Go modules (install_cluster_programs).
 install_cluster_packages() {
   local missing=""
   for package in $CLUSTER_APT; do dpkg -s "$package" >/dev/null 2>&1 || missing="$missing $package"; done
@@ -214,7 +214,22 @@ install_cluster_packages() {
   fi
 }
 
+# Built with one `go install`: the shim must be containerd 2's own (Debian's 1.6 shim fails to start
+# its tasks), and ctr speaks to it without version warnings.
+install_containerd() {
+  if [ -x "$(containerd_bin containerd)" ] && [ -x "$(containerd_bin ctr)" ]; then
+    say "containerd $CONTAINERD_VERSION is already built"; return
+  fi
+  say "building containerd $CONTAINERD_VERSION (containerd, containerd-shim-runc-v2, ctr)"
+  local module=github.com/containerd/containerd/v2
+  GOBIN="$(dirname "$(containerd_bin containerd)")" CGO_ENABLED=0 go install -trimpath \
+    -tags "urfave_cli_no_docs no_btrfs no_devmapper" -ldflags "-s -w -X $module/version.Version=$CONTAINERD_VERSION" \
+    "$module/cmd/containerd-shim-runc-v2@$CONTAINERD_VERSION" "$module/cmd/ctr@$CONTAINERD_VERSION" \
+    "$module/cmd/containerd@$CONTAINERD_VERSION"
+}
+
 install_cluster_programs() {
+  install_containerd
   install_kube
   install_coredns
   install_trainer_programs

@@ -183,7 +183,8 @@ def allocated_devices(cluster, job: str) -> dict[str, list[str]] | None:
 def test_a_job_of_two_pods_gets_a_gpu_each_through_dynamic_resource_allocation(cluster, petal_image, synthetic_dataset):
     """--gpu-device-class: each pod gets a ResourceClaim of its own from the release's template, the
     scheduler allocates each a different device of the class (the upstream DRA example driver's mock
-    GPUs, prepared on the node by its kubelet plugin), and the job trains to the end."""
+    GPUs, prepared on the node by its kubelet plugin), the driver tells each container its device through
+    CDI and its rank logs it, and the job trains to the end."""
     assert len(mock_gpus(cluster)) >= 2, "the test bed's DRA example driver publishes no devices"
     name = f"dra-{uuid.uuid4().hex[:6]}"
     argv = ["petal", "submit", "--name", name, "--namespace", PETAL_NAMESPACE, "--replicas", "2", "--image",
@@ -199,6 +200,10 @@ def test_a_job_of_two_pods_gets_a_gpu_each_through_dynamic_resource_allocation(c
         devices = [device for pod_devices in held.values() for device in pod_devices]
         assert len(devices) == 2 and len(set(devices)) == 2, held  # one each, not the same one
         assert all(device.startswith(f"{DRA_CLASS}/gpu-") for device in devices), held
+        for pod, (device,) in held.items():  # the driver told each container its device (CDI); the rank said so
+            gpu = device.removeprefix(f"{DRA_CLASS}/")
+            handed = f"devices handed to this container: GPU_DEVICE_{gpu.removeprefix('gpu-')}={gpu}"
+            assert handed in cluster.logs(pod, PETAL_NAMESPACE), (pod, device)
         job = cluster.get("-n", PETAL_NAMESPACE, "pytorchjob", name)
         container = job["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]["containers"][0]
         assert container["resources"]["claims"] == [{"name": "gpus"}]
