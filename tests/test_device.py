@@ -52,28 +52,26 @@ def test_without_gpus_a_rank_runs_gloo_on_the_cpu(monkeypatch, gpus):
     assert world.device == torch.device("cpu") and world.backend == "gloo"
 
 
-def test_a_rank_names_its_gpu_and_the_devices_the_node_handed_its_container(monkeypatch, gpus):
+def test_a_rank_names_its_gpu_and_the_device_variables_its_container_got(monkeypatch, gpus):
     """What each rank logs at start: the GPU it took, by name and UUID, and the device variables a device
     plugin or DRA driver set (CDI), not the driver's other variables."""
     gpus(2)
     rendezvous(monkeypatch, rank=3, world_size=4, local_rank=1)
-    properties = type(
-        "Properties", (), {"name": "NVIDIA H100 80GB HBM3", "uuid": "8f0c6e1a-0000-4000-8000-000000000001"}
-    )
+    uuid = "8f0c6e1a-0000-4000-8000-000000000001"
+    properties = type("Properties", (), {"name": "NVIDIA H100 80GB HBM3", "uuid": uuid})
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: properties)
     for name in [name for name in os.environ if "VISIBLE_DEVICES" in name or name.startswith("GPU_DEVICE_")]:
         monkeypatch.delenv(name)
-    monkeypatch.setenv("NVIDIA_VISIBLE_DEVICES", "GPU-8f0c6e1a-0000-4000-8000-000000000001")
+    monkeypatch.setenv("NVIDIA_VISIBLE_DEVICES", f"GPU-{uuid}")
     monkeypatch.setenv("GPU_DEVICE_1", "gpu-1")
     monkeypatch.setenv("GPU_DEVICE_1_RESOURCE_CLAIM", "4b5e")
     said = World.from_env().describe()
-    assert said == ("rank 3 of 4 on cuda:1 (NVIDIA H100 80GB HBM3, GPU-8f0c6e1a-0000-4000-8000-000000000001); devices "
-                    "handed to this container: GPU_DEVICE_1=gpu-1 NVIDIA_VISIBLE_DEVICES=GPU-8f0c6e1a-0000-4000-8000-"
-                    "000000000001")  # fmt: skip
+    assert said == (f"rank 3 of 4 on cuda:1 (NVIDIA H100 80GB HBM3, GPU-{uuid}); device variables: GPU_DEVICE_1=gpu-1 "
+                    f"NVIDIA_VISIBLE_DEVICES=GPU-{uuid}")  # fmt: skip
     gpus(0)
     for name in ("NVIDIA_VISIBLE_DEVICES", "GPU_DEVICE_1"):
         monkeypatch.delenv(name)
-    assert World.from_env().describe() == "rank 3 of 4 on cpu; devices handed to this container: none named"
+    assert World.from_env().describe() == "rank 3 of 4 on cpu; device variables: none"
 
 
 @pytest.mark.parametrize(

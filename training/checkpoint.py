@@ -82,29 +82,20 @@ def save(storage: Storage, output: S3Url, state: dict, name: str, is_best: bool,
     return len(data)
 
 
-def to_host(state):
+def to_host(value):
     """A copy of a state dict that training can no longer change: every tensor copied to host memory,
-    every list and dict copied (the loop goes on appending to the history, updating the stretch). A
-    GPU's tensors are copied into pinned memory, all queued at once and waited for once: the loop's
-    stall is the copy at the bus's speed, not one pageable round trip per tensor."""
-    devices = set()
-
-    def copy(value):
-        if isinstance(value, torch.Tensor):
-            if value.is_cuda:
-                devices.add(value.device)
-                return torch.empty_like(value, device="cpu", pin_memory=True).copy_(value.detach(), non_blocking=True)
-            return value.detach().to("cpu", copy=True)
-        if isinstance(value, dict):
-            return {key: copy(item) for key, item in value.items()}
-        if isinstance(value, list | tuple):
-            return type(value)(copy(item) for item in value)
-        return value
-
-    snapshot = copy(state)
-    for device in devices:
-        torch.cuda.synchronize(device)
-    return snapshot
+    every list and dict copied (the loop goes on appending to the history, updating the stretch).
+    Pageable memory, allocated per checkpoint and freed after its upload: pinned memory would copy
+    from a GPU faster, but PyTorch keeps pinned blocks cached for the life of the process, each rounded
+    up to a power of two (up to twice the state, locked, inside rank 0's memory limit), and the first
+    checkpoint pays for pinning every tensor (benchmarks/gpu.py measures both ways)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {key: to_host(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(to_host(item) for item in value)
+    return value
 
 
 class Writer:

@@ -48,16 +48,14 @@ class World:
         return "nccl" if self.device.type == "cuda" else "gloo"
 
     def describe(self) -> str:
-        """This rank and the device it got, for its log: a GPU's name and UUID, and the devices the node
-        says it handed the container (a device plugin's or DRA driver's variables)."""
+        """This rank and the device it got, for its log: a GPU's name and UUID, and the device variables
+        the container was started with (set by a device plugin, a DRA driver or the image)."""
         device = str(self.device)
         if self.device.type == "cuda":
             properties = torch.cuda.get_device_properties(self.device)
             device += f" ({properties.name}, GPU-{properties.uuid})"
-        handed = [f"{name}={value}" for name, value in sorted(os.environ.items()) if DEVICE_VARIABLES.fullmatch(name)]
-        return f"rank {self.rank} of {self.world_size} on {device}; devices handed to this container: " + (
-            " ".join(handed) or "none named"
-        )
+        named = [f"{name}={value}" for name, value in sorted(os.environ.items()) if DEVICE_VARIABLES.fullmatch(name)]
+        return f"rank {self.rank} of {self.world_size} on {device}; device variables: {' '.join(named) or 'none'}"
 
     @classmethod
     def from_env(cls) -> World:

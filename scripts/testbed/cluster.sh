@@ -67,8 +67,9 @@ users: [{name: admin, user: {client-certificate: $dir/pki/admin.crt, client-key:
 contexts: [{name: petal, context: {cluster: petal, user: admin, namespace: $(chart_endpoint_part namespace)}}]
 current-context: petal
 EOF
-  # CDI is always on in containerd 2 (DRA drivers write their specs to /var/run/cdi). cgroup v1, what
-  # these machines have, is deprecated there but supported: not a condition of the runtime's status.
+  # CDI is always on in containerd 2, reading /etc/cdi and /var/run/cdi (where DRA drivers write their
+  # specs). cgroup v1, what these machines have, is deprecated there but supported: not a condition of
+  # the runtime's status.
   cat > "$dir/containerd/config.toml" <<EOF
 version = 3
 root = "$(image_store)/root"
@@ -79,7 +80,6 @@ state = "$dir/containerd/state"
   sandbox = "registry.k8s.io/pause:$PAUSE_VERSION"
 [plugins."io.containerd.cri.v1.runtime"]
   restrict_oom_score_adj = true
-  cdi_spec_dirs = ["/etc/cdi", "/var/run/cdi"]
   ignore_deprecation_warnings = ["io.containerd.deprecation/cgroup-v1"]
   [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.runc]
     runtime_type = "io.containerd.runc.v2"
@@ -177,7 +177,8 @@ publish_minio() {
 
 cluster_up() {
   local dir; dir=$(cluster_dir)
-  for program in "$(containerd_bin containerd)" "$(operator_bin)" "$(trainer_bin)" "$(jobset_bin)" "$(kueue_bin)" "$(dra_driver_bin)"; do
+  for program in "$(containerd_bin containerd)" "$(containerd_bin containerd-shim-runc-v2)" "$(operator_bin)" \
+    "$(trainer_bin)" "$(jobset_bin)" "$(kueue_bin)" "$(dra_driver_bin)"; do
     [ -x "$program" ] || die "the cluster is not built ($program is missing): run scripts/testbed.sh install cluster"
   done
   if [ -f "$dir/pids" ]; then

@@ -216,16 +216,19 @@ install_cluster_packages() {
 
 # Built with one `go install`: the shim must be containerd 2's own (Debian's 1.6 shim fails to start
 # its tasks), and ctr speaks to it without version warnings.
+# Into a fresh directory, moved into place whole: an interrupted build leaves no binary behind (a missing
+# shim would have containerd start Debian's from PATH).
 install_containerd() {
-  if [ -x "$(containerd_bin containerd)" ] && [ -x "$(containerd_bin ctr)" ]; then
-    say "containerd $CONTAINERD_VERSION is already built"; return
-  fi
+  local bin; bin=$(dirname "$(containerd_bin containerd)")
+  if [ -d "$bin" ]; then say "containerd $CONTAINERD_VERSION is already built"; return; fi
   say "building containerd $CONTAINERD_VERSION (containerd, containerd-shim-runc-v2, ctr)"
-  local module=github.com/containerd/containerd/v2
-  GOBIN="$(dirname "$(containerd_bin containerd)")" CGO_ENABLED=0 go install -trimpath \
+  local module=github.com/containerd/containerd/v2 building="$bin.building"
+  rm -rf "$building"
+  GOBIN="$building" CGO_ENABLED=0 go install -trimpath \
     -tags "urfave_cli_no_docs no_btrfs no_devmapper" -ldflags "-s -w -X $module/version.Version=$CONTAINERD_VERSION" \
     "$module/cmd/containerd-shim-runc-v2@$CONTAINERD_VERSION" "$module/cmd/ctr@$CONTAINERD_VERSION" \
     "$module/cmd/containerd@$CONTAINERD_VERSION"
+  mv "$building" "$bin"
 }
 
 install_cluster_programs() {
