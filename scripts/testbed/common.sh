@@ -14,6 +14,10 @@ PYTHON=${PYTHON:-python3}
 EXTRAS="train,dataset,submit,augment,dev"
 # The image build-image makes by default and the test bed's ClusterTrainingRuntime runs.
 DEV_IMAGE=petal:dev
+# The DRA example driver's DeviceClass (its chart makes it, dra.sh), and the quota resource Kueue counts
+# its devices as (trainer.sh's Kueue configuration maps one to the other).
+DRA_DEVICE_CLASS=gpu.example.com
+DRA_QUOTA_RESOURCE=example.com/gpu
 
 say() { printf 'testbed %(%T)T: %s\n' -1 "$*" >&2; }
 die() { say "error: $*"; exit 1; }

@@ -7,7 +7,6 @@
 # which the test bed's containerd 2 applies. Uses common.sh, images.sh and cluster.sh.
 
 DRA_NAMESPACE=dra-example-driver
-DRA_DEVICE_CLASS=gpu.example.com
 DRA_DEVICES=4
 dra_image() { echo "petal-dra-example-driver:$DRA_EXAMPLE_DRIVER_VERSION"; }
 

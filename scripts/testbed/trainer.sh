@@ -149,6 +149,12 @@ internalCertManagement: {enable: true, webhookServiceName: kueue-webhook-service
 integrations:
   frameworks: [kubeflow.org/pytorchjob, trainer.kubeflow.org/trainjob]
 featureGates: {VisibilityOnDemand: false}
+# Kueue's DRA support (beta, on since v0.18) counts a claimed DeviceClass against the quota resource it
+# is mapped to here; a queued job claiming an unmapped class is inadmissible ("DeviceClass … is not
+# mapped in DRA configuration").
+resources:
+  deviceClassMappings:
+    - {name: $DRA_QUOTA_RESOURCE, deviceClassNames: [$DRA_DEVICE_CLASS]}
 EOF
   start kueue "$(kueue_bin)" --config "$dir/config.yaml" --kubeconfig "$(cluster_dir)/kubeconfig"
   # As in a pod the Secret would be mounted: its files copied where the rotator and server look.

@@ -58,6 +58,13 @@ class Cluster(TestbedService):
     def get(self, *args: str) -> dict:
         return json.loads(self.kubectl("get", *args, "-o", "json").stdout)
 
+    def workload_of(self, api: str, name: str) -> dict:
+        """The Kueue Workload of a queued job (a PyTorchJob or TrainJob in petal's namespace)."""
+        job = self.get("-n", PETAL_NAMESPACE, api, name)
+        (workload,) = self.get("-n", PETAL_NAMESPACE, "workloads", "-l",
+                               f"kueue.x-k8s.io/job-uid={job['metadata']['uid']}")["items"]  # fmt: skip
+        return workload
+
     def apply(self, *objects: dict, namespace: str) -> None:
         self.kubectl("-n", namespace, "apply", "-f", "-", input=yaml.safe_dump_all(objects))
 

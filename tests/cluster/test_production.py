@@ -158,6 +158,7 @@ def test_a_tls_minio_with_a_private_ca_is_reached_through_the_ca_bundle(cluster,
 
 
 DRA_CLASS = "gpu.example.com"  # the test bed's DRA example driver's mock GPUs (scripts/testbed/dra.sh)
+DRA_QUOTA = "example.com/gpu"  # what the test bed's Kueue counts them as (scripts/testbed/trainer.sh)
 
 
 def mock_gpus(cluster) -> list[str]:
@@ -180,17 +181,39 @@ def allocated_devices(cluster, job: str) -> dict[str, list[str]] | None:
     return held if len(held) == 2 and all(held.values()) else None
 
 
-def test_a_job_of_two_pods_gets_a_gpu_each_through_dynamic_resource_allocation(cluster, petal_image, synthetic_dataset):
-    """--gpu-device-class: each pod gets a ResourceClaim of its own from the release's template, the
-    scheduler allocates each a different device of the class (the upstream DRA example driver's mock
-    GPUs, prepared on the node by its kubelet plugin), the driver tells each container its device through
-    CDI and its rank logs it, and the job trains to the end."""
+@pytest.fixture()
+def gpu_queue(cluster):
+    """A Kueue ClusterQueue whose quota holds 2 of the mock GPUs (Kueue counts their DeviceClass as
+    DRA_QUOTA), on a flavor without topology, with its LocalQueue in petal's namespace."""
+    name = f"gpus-{uuid.uuid4().hex[:5]}"
+    quota = {"cpu": "64", "memory": "256Gi", "ephemeral-storage": "1Ti", DRA_QUOTA: "2"}
+    cluster.apply(
+        {"apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "ClusterQueue", "metadata": {"name": name},
+         "spec": {"namespaceSelector": {}, "resourceGroups": [{
+             "coveredResources": list(quota), "flavors": [{"name": "default-flavor", "resources": [
+                 {"name": resource, "nominalQuota": amount} for resource, amount in quota.items()]}]}]}},
+        {"apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "LocalQueue",
+         "metadata": {"name": name, "namespace": PETAL_NAMESPACE}, "spec": {"clusterQueue": name}},
+        namespace=PETAL_NAMESPACE,
+    )  # fmt: skip
+    yield name
+    cluster.kubectl("-n", PETAL_NAMESPACE, "delete", "localqueue", name, check=False)
+    cluster.kubectl("delete", "clusterqueue", name, check=False)
+
+
+def test_a_job_of_two_pods_gets_a_gpu_each_through_dynamic_resource_allocation(cluster, petal_image, synthetic_dataset,
+                                                                               gpu_queue):  # fmt: skip
+    """--gpu-device-class: each pod gets a ResourceClaim of its own from the release's template; queued,
+    Kueue admits the job counting its claimed devices against the queue's quota; the scheduler allocates
+    each pod a different device of the class (the upstream DRA example driver's mock GPUs, prepared on
+    the node by its kubelet plugin), the driver tells each container its device through CDI and its
+    rank logs it, and the job trains to the end."""
     assert len(mock_gpus(cluster)) >= 2, "the test bed's DRA example driver publishes no devices"
     name = f"dra-{uuid.uuid4().hex[:6]}"
     argv = ["petal", "submit", "--name", name, "--namespace", PETAL_NAMESPACE, "--replicas", "2", "--image",
             petal_image, "--gpus-per-replica", "1", "--gpu-device-class", DRA_CLASS, "--values", str(CPU_VALUES),
-            "--dataset", synthetic_dataset, "--epochs", "1", "--set", f"outputPrefix={s3('runs')}",
-            "--timeout", "600"]  # fmt: skip
+            "--queue", gpu_queue, "--dataset", synthetic_dataset, "--epochs", "1", "--set",
+            f"outputPrefix={s3('runs')}", "--timeout", "600"]  # fmt: skip
     submit = subprocess.Popen(argv, env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         held = cluster.wait_until("both pods' claims to be allocated", lambda: allocated_devices(cluster, name),
@@ -202,12 +225,14 @@ def test_a_job_of_two_pods_gets_a_gpu_each_through_dynamic_resource_allocation(c
         assert all(device.startswith(f"{DRA_CLASS}/gpu-") for device in devices), held
         for pod, (device,) in held.items():  # the driver told each container its device (CDI); the rank said so
             gpu = device.removeprefix(f"{DRA_CLASS}/")
-            handed = f"devices handed to this container: GPU_DEVICE_{gpu.removeprefix('gpu-')}={gpu}"
-            assert handed in cluster.logs(pod, PETAL_NAMESPACE), (pod, device)
+            said = re.findall(r"; device variables: (.*)", cluster.logs(pod, PETAL_NAMESPACE))
+            assert said and f"GPU_DEVICE_{gpu.removeprefix('gpu-')}={gpu}" in said[0].split(), (pod, device, said)
         job = cluster.get("-n", PETAL_NAMESPACE, "pytorchjob", name)
         container = job["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]["containers"][0]
         assert container["resources"]["claims"] == [{"name": "gpus"}]
         assert GPU not in container["resources"].get("limits", {})
+        assignments = cluster.workload_of("pytorchjob", name)["status"]["admission"]["podSetAssignments"]
+        assert sum(int(a["resourceUsage"].get(DRA_QUOTA, 0)) for a in assignments) == 2, assignments
     finally:
         submit.kill()
         cluster.kubectl("-n", PETAL_NAMESPACE, "delete", "pytorchjob", name, "--ignore-not-found", check=False)
@@ -256,3 +281,29 @@ def test_more_gpus_than_the_driver_offers_leave_the_job_pending_with_the_schedul
         cluster.kubectl("-n", PETAL_NAMESPACE, "delete", "pytorchjob", name, "--ignore-not-found", check=False)
         cluster.kubectl("-n", PETAL_NAMESPACE, "delete", "resourceclaimtemplate", f"{name}-gpus", "--ignore-not-found",
                         check=False)  # fmt: skip
+
+
+def test_a_queued_job_claiming_a_device_class_kueue_does_not_count_waits_with_kueues_reason(cluster, petal_image):
+    """Kueue (its DRA support on, as by default since v0.18) admits a claimed DeviceClass only where its
+    configuration maps it to a quota resource: a class of the same driver without a mapping leaves the
+    job queued, never started, and `petal submit` and `petal status` give Kueue's reason."""
+    name = f"dra-unmapped-{uuid.uuid4().hex[:4]}"
+    unmapped = f"{name}.example.com"
+    cluster.apply({"apiVersion": "resource.k8s.io/v1", "kind": "DeviceClass", "metadata": {"name": unmapped},
+                   "spec": {"selectors": [{"cel": {"expression": f"device.driver == '{DRA_CLASS}'"}}]}},
+                  namespace=PETAL_NAMESPACE)  # fmt: skip
+    argv = ["petal", "submit", *BUCKET_VALUES, "--name", name, "--namespace", PETAL_NAMESPACE, "--replicas", "2",
+            "--image", petal_image, "--gpus-per-replica", "1", "--gpu-device-class", unmapped, "--queue", "petal",
+            "--values", str(CPU_VALUES), "--set", "nprocPerNode=1", "--timeout", "15"]  # fmt: skip
+    reason = f"DeviceClass {unmapped} is not mapped in DRA configuration"
+    try:
+        submit = subprocess.run(argv, env=cluster.env, capture_output=True, text=True, timeout=180)
+        assert submit.returncode == 1 and "did not succeed within --timeout 15s" in submit.stderr, submit.stderr
+        assert "waiting for Kueue admission: " in submit.stderr and reason in submit.stderr, submit.stderr
+        status = cluster.petal("status", name, "--namespace", PETAL_NAMESPACE)
+        assert "Queued" in status.stdout and reason in status.stdout and "pods: none" in status.stdout, status.stdout
+    finally:
+        cluster.kubectl("-n", PETAL_NAMESPACE, "delete", "pytorchjob", name, "--ignore-not-found", check=False)
+        cluster.kubectl("-n", PETAL_NAMESPACE, "delete", "resourceclaimtemplate", f"{name}-gpus", "--ignore-not-found",
+                        check=False)  # fmt: skip
+        cluster.kubectl("delete", "deviceclass", unmapped, "--ignore-not-found", check=False)

@@ -225,13 +225,6 @@ def one_job_queue(cluster):
     cluster.kubectl("delete", "clusterqueue", name, check=False)
 
 
-def workload_of(cluster, api: str, name: str) -> dict:
-    job = cluster.get("-n", PETAL_NAMESPACE, api, name)
-    (workload,) = cluster.get("-n", PETAL_NAMESPACE, "workloads", "-l",
-                              f"kueue.x-k8s.io/job-uid={job['metadata']['uid']}")["items"]  # fmt: skip
-    return workload
-
-
 def timestamp(text: str) -> datetime:
     return datetime.fromisoformat(text.replace("Z", "+00:00"))
 
@@ -277,7 +270,7 @@ def test_a_queue_that_fits_one_job_runs_three_one_after_the_other_each_on_the_ho
             pods = pods_of(api, name)
             assert len(pods) == 2, [p["metadata"]["name"] for p in pods]
             created.append(min(timestamp(p["metadata"]["creationTimestamp"]) for p in pods))
-            assignments = workload_of(cluster, api, name)["status"]["admission"]["podSetAssignments"]
+            assignments = cluster.workload_of(api, name)["status"]["admission"]["podSetAssignments"]
             assert assignments and all(a["count"] > 0 for a in assignments)
             for assignment in assignments:
                 placed = assignment["topologyAssignment"]
