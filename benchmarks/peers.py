@@ -26,6 +26,7 @@ import random
 import sys
 import tempfile
 import time
+from abc import ABC, abstractmethod
 from pathlib import Path
 
 import torch
@@ -37,7 +38,6 @@ from training.views import MAX_ROTATION, decode_image, normalize, pixels, view
 IMAGE_SIZE = 224
 BATCH_SIZE = 32
 PREFETCH = 4
-PEERS = ("webdataset", "streaming", "litdata")  # each its library's module name
 
 
 def training_view(image) -> torch.Tensor:
@@ -50,63 +50,44 @@ def sample(data: bytes, label: int) -> tuple[torch.Tensor, int]:
     return training_view(decode_image(data, IMAGE_SIZE)), label
 
 
-def write_webdataset(images: list[bytes], labels: list[int], out: Path, shards: int) -> None:
-    import webdataset as wds
+class Peer(ABC):
+    """One library: its writer, its loader, and what it needs set up before the clock and cleaned up
+    after it (nothing, by default)."""
 
-    with wds.ShardWriter(str(out / "shard-%05d.tar"), maxcount=math.ceil(len(images) / shards), verbose=0) as sink:
-        for i, (data, label) in enumerate(zip(images, labels, strict=True)):
-            sink.write({"__key__": f"{i:05d}", "jpg": data, "cls": str(label).encode()})
+    @abstractmethod
+    def write(self, images: list[bytes], labels: list[int], out: Path, shards: int) -> None: ...
 
+    def before_clock(self, storage: Storage, workers: int) -> None:
+        return None
 
-def write_streaming(images: list[bytes], labels: list[int], out: Path, shards: int) -> None:
-    from streaming import MDSWriter
+    @abstractmethod
+    def loader(self, url: str, storage: Storage, workers: int, cache: Path): ...
 
-    # MDS closes a shard at size_limit bytes: a share of the images' bytes, plus each sample's own overhead.
-    limit = math.ceil(sum(map(len, images)) / shards) + 64 * math.ceil(len(images) / shards) + max(map(len, images))
-    with MDSWriter(out=str(out), columns={"jpg": "bytes", "cls": "int"}, size_limit=limit) as sink:
-        for data, label in zip(images, labels, strict=True):
-            sink.write({"jpg": data, "cls": label})
-
-
-def write_litdata(images: list[bytes], labels: list[int], out: Path, shards: int) -> None:
-    import litdata
-
-    # Its working folders, else made in the temporary directory and left there
-    os.environ["DATA_OPTIMIZER_CACHE_FOLDER"] = str(out.parent / "chunks")
-    os.environ["DATA_OPTIMIZER_DATA_CACHE_FOLDER"] = str(out.parent / "data")
-    litdata.optimize(fn=lambda i: {"jpg": images[i], "cls": labels[i]}, inputs=list(range(len(images))),
-                     output_dir=str(out), chunk_size=math.ceil(len(images) / shards), num_workers=1,
-                     start_method="fork", verbose=False)  # fmt: skip
+    def clean_up(self, loader) -> None:
+        return None
 
 
-WRITERS = {"webdataset": write_webdataset, "streaming": write_streaming, "litdata": write_litdata}
-
-
-def prepare(peer: str, stored: Path, url: str, shards: int, storage: Storage) -> None:
-    labels = json.loads((stored / "labels.json").read_text())
-    images = [(stored / f"{i:05d}.jpg").read_bytes() for i in range(len(labels))]
-    with tempfile.TemporaryDirectory(prefix=f"petal-peer-{peer}-") as scratch:
-        out = Path(scratch, "shards")
-        out.mkdir()
-        WRITERS[peer](images, labels, out, shards)
-        destination = parse_url(url)
-        for stale in storage.list(destination):
-            storage.delete(stale)
-        for file in sorted(out.rglob("*")):
-            if file.is_file():
-                storage.upload(file, destination.join(str(file.relative_to(out))))
-
-
-def webdataset_loader(url: str, storage: Storage, workers: int):
+class WebDataset(Peer):
     """WebDataset as its docs read an object store over HTTP: curl on presigned URLs, shards split
-    among the workers and shuffled, samples shuffled in a buffer."""
-    import webdataset as wds
+    among the workers and shuffled, samples shuffled in a buffer. It keeps no cache: it streams."""
 
-    urls = [storage.client.presigned_get_object(shard.bucket, shard.key) for shard in storage.list(parse_url(url))]
-    dataset = (wds.WebDataset(urls, shardshuffle=len(urls), workersplitter=wds.split_by_worker, empty_check=False)
-               .shuffle(1000).to_tuple("jpg", "cls").map(lambda s: sample(s[0], int(s[1])))
-               .batched(BATCH_SIZE, collation_fn=default_collate))  # fmt: skip
-    return wds.WebLoader(dataset, batch_size=None, num_workers=workers, prefetch_factor=PREFETCH if workers else None)
+    def write(self, images, labels, out, shards):
+        import webdataset as wds
+
+        with wds.ShardWriter(str(out / "shard-%05d.tar"), maxcount=math.ceil(len(images) / shards),
+                             verbose=0) as sink:  # fmt: skip
+            for i, (data, label) in enumerate(zip(images, labels, strict=True)):
+                sink.write({"__key__": f"{i:05d}", "jpg": data, "cls": str(label).encode()})
+
+    def loader(self, url, storage, workers, cache):
+        import webdataset as wds
+
+        urls = [storage.client.presigned_get_object(shard.bucket, shard.key) for shard in storage.list(parse_url(url))]
+        dataset = (wds.WebDataset(urls, shardshuffle=len(urls), workersplitter=wds.split_by_worker, empty_check=False)
+                   .shuffle(1000).to_tuple("jpg", "cls").map(lambda s: sample(s[0], int(s[1])))
+                   .batched(BATCH_SIZE, collation_fn=default_collate))  # fmt: skip
+        return wds.WebLoader(dataset, batch_size=None, num_workers=workers,
+                             prefetch_factor=PREFETCH if workers else None)  # fmt: skip
 
 
 class TrainingViews(torch.utils.data.IterableDataset):
@@ -120,78 +101,117 @@ class TrainingViews(torch.utils.data.IterableDataset):
             yield sample(record["jpg"], record["cls"])
 
 
-def streaming_loader(url: str, storage: Storage, workers: int, cache: Path):
-    from streaming import StreamingDataset
-    from streaming.base.util import clean_stale_shared_memory
+class Streaming(Peer):
+    """MosaicML Streaming: MDS shards read from s3:// into its local cache, its endpoint from the
+    environment (the only place it looks)."""
 
-    clean_stale_shared_memory()
-    dataset = TrainingViews(StreamingDataset(remote=url, local=str(cache), shuffle=True, batch_size=BATCH_SIZE))
-    return torch.utils.data.DataLoader(dataset, batch_size=BATCH_SIZE, num_workers=workers,
-                                       prefetch_factor=PREFETCH if workers else None,
-                                       multiprocessing_context="forkserver" if workers else None)  # fmt: skip
+    def write(self, images, labels, out, shards):
+        from streaming import MDSWriter
 
+        # MDS closes a shard at size_limit bytes: a share of the images' bytes, plus each sample's own overhead.
+        limit = math.ceil(sum(map(len, images)) / shards) + 64 * math.ceil(len(images) / shards) + max(map(len, images))
+        with MDSWriter(out=str(out), columns={"jpg": "bytes", "cls": "int"}, size_limit=limit) as sink:
+            for data, label in zip(images, labels, strict=True):
+                sink.write({"jpg": data, "cls": label})
 
-def remove_streaming_locks(dataset) -> None:
-    """Streaming leaves its two lock files in the temporary directory, named by the dataset's shared memory
-    prefix: removed, as they would pile up there one pair per run."""
-    from streaming.base.constant import BARRIER_FILELOCK, CACHE_FILELOCK
-    from streaming.base.shared.prefix import _get_path
-
-    for lock in (BARRIER_FILELOCK, CACHE_FILELOCK):
-        Path(tempfile.gettempdir(), _get_path(dataset._shm_prefix_int, lock)).unlink(missing_ok=True)
-
-
-def start_forkserver() -> None:
-    """Streaming's DataLoader workers come from a fork server: forked from the DataLoader's process, they
-    read a wrong sample now and then (garbage bytes, or "Relative sample index N is not present": about
-    1 epoch in 8 on this set with 2 workers); from a fork server never. Started once per process with
-    torch and Streaming imported, as a training job would before its first epoch: off the clock (one
-    process through it, waited for, so its imports are done)."""
-    import multiprocessing
-
-    multiprocessing.set_forkserver_preload(["benchmarks.peers", "streaming"])
-    first = multiprocessing.get_context("forkserver").Process(target=int)
-    first.start()
-    first.join()
-
-
-def litdata_loader(url: str, storage: Storage, workers: int, cache: Path):
-    import litdata
-    from litdata.streaming import downloader
-
-    # LitData fetches chunks with obstore, whose client it builds without allow_http: against a plain-http
-    # endpoint (MinIO in a cluster, as here) every GET fails "BadScheme". Allowed, as its user would patch it.
-    downloader._OBSTORE_CLIENT_OPTIONS["allow_http"] = "true"
-    # boto3 (and obstore, from boto3's session) take the credentials from the environment
-    options = {"endpoint_url": storage.endpoint_url}
-    dataset = litdata.StreamingDataset(url, cache_dir=str(cache), shuffle=True, storage_options=options,
-                                       transform=lambda record: sample(record["jpg"], record["cls"]))  # fmt: skip
-    return litdata.StreamingDataLoader(dataset, batch_size=BATCH_SIZE, num_workers=workers,
-                                       prefetch_factor=PREFETCH if workers else None)  # fmt: skip
-
-
-def read(peer: str, url: str, storage: Storage, workers: int, cache: Path) -> dict:
-    """One epoch through the peer's loader; the library imported before the clock starts, as petal's is."""
-    importlib.import_module(peer)
-    if peer == "streaming":  # Streaming finds the endpoint only in the environment
+    def before_clock(self, storage, workers):
+        """Its DataLoader workers come from a fork server: forked from the DataLoader's process, they read
+        a wrong sample now and then (garbage bytes, or "Relative sample index N is not present": about 1
+        epoch in 8 on this set with 2 workers); from a fork server never. Started once per process with
+        torch and Streaming imported, as a training job would before its first epoch: off the clock (one
+        process through it, waited for, so its imports are done)."""
         os.environ["S3_ENDPOINT_URL"] = storage.endpoint_url
         if workers:
-            start_forkserver()
+            import multiprocessing
+
+            multiprocessing.set_forkserver_preload(["benchmarks.peers", "streaming"])
+            first = multiprocessing.get_context("forkserver").Process(target=int)
+            first.start()
+            first.join()
+
+    def loader(self, url, storage, workers, cache):
+        from streaming import StreamingDataset
+        from streaming.base.util import clean_stale_shared_memory
+
+        clean_stale_shared_memory()
+        dataset = TrainingViews(StreamingDataset(remote=url, local=str(cache), shuffle=True, batch_size=BATCH_SIZE))
+        return torch.utils.data.DataLoader(dataset, batch_size=BATCH_SIZE, num_workers=workers,
+                                           prefetch_factor=PREFETCH if workers else None,
+                                           multiprocessing_context="forkserver" if workers else None)  # fmt: skip
+
+    def clean_up(self, loader):
+        """Streaming leaves its two lock files in the temporary directory, named by the dataset's shared
+        memory prefix: removed, as they would pile up there one pair per run."""
+        from streaming.base.constant import BARRIER_FILELOCK, CACHE_FILELOCK
+        from streaming.base.shared.prefix import _get_path
+
+        dataset = loader.dataset.records
+        for lock in (BARRIER_FILELOCK, CACHE_FILELOCK):
+            Path(tempfile.gettempdir(), _get_path(dataset._shm_prefix_int, lock)).unlink(missing_ok=True)
+
+
+class LitData(Peer):
+    """LitData: `optimize` chunks read from s3:// into its local cache."""
+
+    def write(self, images, labels, out, shards):
+        import litdata
+
+        # Its working folders, else made in the temporary directory and left there
+        os.environ["DATA_OPTIMIZER_CACHE_FOLDER"] = str(out.parent / "chunks")
+        os.environ["DATA_OPTIMIZER_DATA_CACHE_FOLDER"] = str(out.parent / "data")
+        litdata.optimize(fn=lambda i: {"jpg": images[i], "cls": labels[i]}, inputs=list(range(len(images))),
+                         output_dir=str(out), chunk_size=math.ceil(len(images) / shards), num_workers=1,
+                         start_method="fork", verbose=False)  # fmt: skip
+
+    def loader(self, url, storage, workers, cache):
+        import litdata
+        from litdata.streaming import downloader
+
+        # LitData fetches chunks with obstore, whose client it builds without allow_http: against a
+        # plain-http endpoint (MinIO in a cluster, as here) every GET fails "BadScheme". Allowed, as its
+        # user would patch it.
+        downloader._OBSTORE_CLIENT_OPTIONS["allow_http"] = "true"
+        # boto3 (and obstore, from boto3's session) take the credentials from the environment
+        options = {"endpoint_url": storage.endpoint_url}
+        dataset = litdata.StreamingDataset(url, cache_dir=str(cache), shuffle=True, storage_options=options,
+                                           transform=lambda record: sample(record["jpg"], record["cls"]))  # fmt: skip
+        return litdata.StreamingDataLoader(dataset, batch_size=BATCH_SIZE, num_workers=workers,
+                                           prefetch_factor=PREFETCH if workers else None)  # fmt: skip
+
+
+PEERS = {"webdataset": WebDataset(), "streaming": Streaming(), "litdata": LitData()}  # by their modules' names
+
+
+def prepare(name: str, stored: Path, url: str, shards: int, storage: Storage) -> None:
+    labels = json.loads((stored / "labels.json").read_text())
+    images = [(stored / f"{i:05d}.jpg").read_bytes() for i in range(len(labels))]
+    with tempfile.TemporaryDirectory(prefix=f"petal-peer-{name}-") as scratch:
+        out = Path(scratch, "shards")
+        out.mkdir()
+        PEERS[name].write(images, labels, out, shards)
+        destination = parse_url(url)
+        for stale in storage.list(destination):
+            storage.delete(stale)
+        for file in sorted(out.rglob("*")):
+            if file.is_file():
+                storage.upload(file, destination.join(str(file.relative_to(out))))
+
+
+def read(name: str, url: str, storage: Storage, workers: int, cache: Path) -> dict:
+    """One epoch through the peer's loader; the library imported, and what it sets up once per process
+    done, before the clock starts, as petal's are."""
+    peer = PEERS[name]
+    importlib.import_module(name)
+    peer.before_clock(storage, workers)
     objects = sum(storage.size(object_url) or 0 for object_url in storage.list(parse_url(url)))
     images = 0
     started = time.perf_counter()
-    if peer == "webdataset":
-        loader = webdataset_loader(url, storage, workers)
-    elif peer == "streaming":
-        loader = streaming_loader(url, storage, workers, cache)
-    else:
-        loader = litdata_loader(url, storage, workers, cache)
+    loader = peer.loader(url, storage, workers, cache)
     for batch, _labels in loader:
         normalize(batch)
         images += len(batch)
     seconds = time.perf_counter() - started
-    if peer == "streaming":
-        remove_streaming_locks(loader.dataset.records)
+    peer.clean_up(loader)
     return {"images": images, "seconds": seconds, "bytes": objects}
 
 
