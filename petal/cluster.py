@@ -117,10 +117,7 @@ class Cluster:
         device_classes = sorted({request["exactly"]["deviceClassName"] for doc in docs
                                  if doc["kind"] == "ResourceClaimTemplate"
                                  for request in doc["spec"]["spec"]["devices"]["requests"]})  # fmt: skip
-        resource = self._resource_api() if device_classes else None
-        if device_classes and resource is None:
-            raise Precondition(f"gpus.deviceClass {device_classes[0]}: this kubernetes client has no "
-                               "resource.k8s.io/v1 API; pip install 'kubernetes>=34'")  # fmt: skip
+        resource = self.client.ResourceV1Api()
         for device_class in device_classes:
             self._read("looking up the DeviceClass", lambda c=device_class: resource.read_device_class(c),
                        f"DeviceClass {device_class!r} does not exist (or the cluster serves no "
@@ -167,27 +164,21 @@ class Cluster:
             _, delete = self._companions()[doc["kind"]]
             delete(name, self.namespace)
 
-    def _resource_api(self):
-        """DRA's resource.k8s.io/v1 API; None with a kubernetes client older than 34, which lacks it
-        (pyproject allows kubernetes 30 and later)."""
-        return self.client.ResourceV1Api() if hasattr(self.client, "ResourceV1Api") else None
-
     def _companions(self) -> dict:
         """What a release renders beside its job, by kind: (list, delete) calls of the API."""
-        networking = self.client.NetworkingV1Api()
-        companions = {
+        networking, resource = self.client.NetworkingV1Api(), self.client.ResourceV1Api()
+        return {
             "Secret": (self.core.list_namespaced_secret, self.core.delete_namespaced_secret),
             "NetworkPolicy": (networking.list_namespaced_network_policy, networking.delete_namespaced_network_policy),
             "ServiceAccount": (
                 self.core.list_namespaced_service_account,
                 self.core.delete_namespaced_service_account,
-            ),  # fmt: skip
-        }
-        resource = self._resource_api()
-        if resource is not None:
-            companions["ResourceClaimTemplate"] = (resource.list_namespaced_resource_claim_template,
-                                                   resource.delete_namespaced_resource_claim_template)  # fmt: skip
-        return companions
+            ),
+            "ResourceClaimTemplate": (
+                resource.list_namespaced_resource_claim_template,
+                resource.delete_namespaced_resource_claim_template,
+            ),
+        }  # fmt: skip
 
     def _refusal(self, doc: dict, err) -> Exception:
         """The API's refusal as one line with the exit code it deserves."""
