@@ -17,6 +17,7 @@ import socket
 import subprocess
 import time
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -64,6 +65,26 @@ class Cluster(TestbedService):
         (workload,) = self.get("-n", PETAL_NAMESPACE, "workloads", "-l",
                                f"kueue.x-k8s.io/job-uid={job['metadata']['uid']}")["items"]  # fmt: skip
         return workload
+
+    @contextmanager
+    def queue(self, prefix: str, flavor: str, quota: dict[str, str]):
+        """A Kueue ClusterQueue of `quota` on `flavor`, with its LocalQueue in petal's namespace, for the
+        block's length; its name (`prefix`-…) is yielded."""
+        name = f"{prefix}-{uuid.uuid4().hex[:5]}"
+        self.apply(
+            {"apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "ClusterQueue", "metadata": {"name": name},
+             "spec": {"namespaceSelector": {}, "resourceGroups": [{
+                 "coveredResources": list(quota), "flavors": [{"name": flavor, "resources": [
+                     {"name": resource, "nominalQuota": amount} for resource, amount in quota.items()]}]}]}},
+            {"apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "LocalQueue",
+             "metadata": {"name": name, "namespace": PETAL_NAMESPACE}, "spec": {"clusterQueue": name}},
+            namespace=PETAL_NAMESPACE,
+        )  # fmt: skip
+        try:
+            yield name
+        finally:
+            self.kubectl("-n", PETAL_NAMESPACE, "delete", "localqueue", name, check=False)
+            self.kubectl("delete", "clusterqueue", name, check=False)
 
     def apply(self, *objects: dict, namespace: str) -> None:
         self.kubectl("-n", namespace, "apply", "-f", "-", input=yaml.safe_dump_all(objects))

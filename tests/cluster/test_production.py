@@ -185,20 +185,9 @@ def allocated_devices(cluster, job: str) -> dict[str, list[str]] | None:
 def gpu_queue(cluster):
     """A Kueue ClusterQueue whose quota holds 2 of the mock GPUs (Kueue counts their DeviceClass as
     DRA_QUOTA), on a flavor without topology, with its LocalQueue in petal's namespace."""
-    name = f"gpus-{uuid.uuid4().hex[:5]}"
     quota = {"cpu": "64", "memory": "256Gi", "ephemeral-storage": "1Ti", DRA_QUOTA: "2"}
-    cluster.apply(
-        {"apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "ClusterQueue", "metadata": {"name": name},
-         "spec": {"namespaceSelector": {}, "resourceGroups": [{
-             "coveredResources": list(quota), "flavors": [{"name": "default-flavor", "resources": [
-                 {"name": resource, "nominalQuota": amount} for resource, amount in quota.items()]}]}]}},
-        {"apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "LocalQueue",
-         "metadata": {"name": name, "namespace": PETAL_NAMESPACE}, "spec": {"clusterQueue": name}},
-        namespace=PETAL_NAMESPACE,
-    )  # fmt: skip
-    yield name
-    cluster.kubectl("-n", PETAL_NAMESPACE, "delete", "localqueue", name, check=False)
-    cluster.kubectl("delete", "clusterqueue", name, check=False)
+    with cluster.queue("gpus", "default-flavor", quota) as name:
+        yield name
 
 
 def test_a_job_of_two_pods_gets_a_gpu_each_through_dynamic_resource_allocation(cluster, petal_image, synthetic_dataset,

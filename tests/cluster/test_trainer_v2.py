@@ -208,21 +208,8 @@ def one_job_queue(cluster):
     """A Kueue ClusterQueue whose quota fits one 2-pod CPU job (100m CPU, 2Gi memory and a 1Gi cache
     each) and not two, on the test bed's topology-aware flavor, with its LocalQueue in petal's
     namespace."""
-    name = f"gang-{uuid.uuid4().hex[:5]}"
-    cluster.apply(
-        {"apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "ClusterQueue", "metadata": {"name": name},
-         "spec": {"namespaceSelector": {}, "resourceGroups": [{
-             "coveredResources": ["cpu", "memory", "ephemeral-storage"],
-             "flavors": [{"name": "topology-flavor", "resources": [
-                 {"name": "cpu", "nominalQuota": "300m"}, {"name": "memory", "nominalQuota": "6Gi"},
-                 {"name": "ephemeral-storage", "nominalQuota": "3Gi"}]}]}]}},
-        {"apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "LocalQueue",
-         "metadata": {"name": name, "namespace": PETAL_NAMESPACE}, "spec": {"clusterQueue": name}},
-        namespace=PETAL_NAMESPACE,
-    )  # fmt: skip
-    yield name
-    cluster.kubectl("-n", PETAL_NAMESPACE, "delete", "localqueue", name, check=False)
-    cluster.kubectl("delete", "clusterqueue", name, check=False)
+    with cluster.queue("gang", "topology-flavor", {"cpu": "300m", "memory": "6Gi", "ephemeral-storage": "3Gi"}) as name:
+        yield name
 
 
 def timestamp(text: str) -> datetime:
