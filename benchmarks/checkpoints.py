@@ -62,14 +62,14 @@ def run(args) -> dict:
     output = parse_url(OUTPUT)
     storage.ensure_bucket(output)
     state = training_state(args.arch)
-    size = len(checkpoint.serialize(state))
     writer = checkpoint.Writer(storage, output, keep=2, log=lambda line: None)
     stall = {"sync": [], "async": []}
-    landed, peak = [], {"sync": 0, "async": 0}
+    landed, peak, size = [], {"sync": 0, "async": 0}, 0
 
     def in_loop(name: str) -> None:
+        nonlocal size
         started = time.perf_counter()
-        checkpoint.save(storage, output, state, name, False, keep=2)
+        size = checkpoint.save(storage, output, state, name, False, keep=2)
         stall["sync"].append(time.perf_counter() - started)
 
     def in_background(name: str) -> None:
